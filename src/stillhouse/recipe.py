@@ -1,0 +1,274 @@
+"""Recipes: YAML validated by pydantic into a DAG of typed stages.
+
+A recipe names its models (`models:`) and its stages (`stages:`); each stage has a `type`
+and fields of its own. Fields that refer to other things hold names: a model field names an
+entry of `models:` or a stage that produces a model; a data field names a stage. Unknown
+keys, wrong types, unknown stage types, models, tasks or references are rejected with one
+line that names the key and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import StillhouseError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Split(Strict):
+    size: int = Field(gt=0)
+    seed: int = 0
+
+
+class TasksStage(Strict):
+    """Procedural problems with verifiers (reasoning-gym), as a train and a held-out split."""
+
+    type: Literal["tasks"]
+    task: str
+    config: dict[str, Any] = {}
+    train: Split
+    eval: Split
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from .verify.reasoning_gym import task_names
+
+        if v not in task_names():
+            raise ValueError(f"unknown task '{v}'")
+        return v
+
+
+class RejectionStage(Strict):
+    """Teacher samples answers; the task's verifier keeps the correct ones."""
+
+    type: Literal["rejection"]
+    teacher: str
+    tasks: str
+    samples: int = Field(4, ge=0)
+    greedy_first: bool = True
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, gt=0)
+    keep_per_problem: int = Field(4, gt=0)
+    top_k_logprobs: int = Field(0, ge=0)
+    system_prompt: str | None = None
+    batch_size: int = Field(64, gt=0)
+    seed: int = 0
+
+
+class PruneStage(Strict):
+    """Depth-pruned copy of a model: keep the most important blocks, measured on calibration text."""
+
+    type: Literal["prune"]
+    model: str
+    calibration: str  # a dataset stage whose prompts+completions are the calibration text
+    layers: int = Field(gt=0)
+    method: Literal["cosine", "loss"] = "cosine"
+    calibration_size: int = Field(64, gt=0)
+    protect: list[int] = []
+
+
+class TrainStage(Strict):
+    """SFT on teacher text plus token-level KL to the teacher's logits."""
+
+    type: Literal["train"]
+    student: str
+    data: str
+    teacher: str | None = None  # online teacher; without it the dataset's cached top-k is used
+    teacher_signal: Literal["cached", "online"] = "cached"
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(256, gt=1)
+    sft_weight: float = Field(0.5, ge=0)
+    kd_weight: float = Field(0.5, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+
+
+class EvalStage(Strict):
+    """Held-out accuracy, decode speed, size and KL to the teacher for several models."""
+
+    type: Literal["eval"]
+    tasks: str
+    teacher: str
+    models: dict[str, str]  # label -> model reference; the teacher is evaluated first as "teacher"
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0)
+    speed_batch: int = Field(16, gt=0)
+    system_prompt: str | None = None
+
+
+class ReportStage(Strict):
+    """A terminal table, report.md and a chart from evaluations and training histories."""
+
+    type: Literal["report"]
+    evals: list[str]
+    training: list[str] = []
+    title: str | None = None
+
+
+Stage = Annotated[
+    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage], Field(discriminator="type")
+]
+
+# Which artifact kind each stage type writes, and which of its fields name other things.
+STAGE_KIND = {"tasks": "dataset", "rejection": "dataset", "prune": "model", "train": "model", "eval": "eval", "report": "report"}
+MODEL_FIELDS = {"rejection": ["teacher"], "prune": ["model"], "train": ["student", "teacher"], "eval": ["teacher"]}
+DATA_FIELDS = {"rejection": ["tasks"], "prune": ["calibration"], "train": ["data"], "eval": ["tasks"], "report": []}
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    models: dict[str, str] = {}
+    stages: dict[str, Stage]
+
+    def refs(self, name: str) -> list[tuple[str, str, str]]:
+        """(field, referenced name, expected: model|data|eval|model-stage) for one stage."""
+        st = self.stages[name]
+        out = []
+        for f in MODEL_FIELDS.get(st.type, []):
+            v = getattr(st, f)
+            if v is not None:
+                out.append((f, v, "model"))
+        for f in DATA_FIELDS.get(st.type, []):
+            out.append((f, getattr(st, f), "data"))
+        if st.type == "eval":
+            out += [(f"models.{k}", v, "model") for k, v in st.models.items()]
+        if st.type == "report":
+            out += [(f"evals[{i}]", v, "eval") for i, v in enumerate(st.evals)]
+            out += [(f"training[{i}]", v, "train") for i, v in enumerate(st.training)]
+        return out
+
+    def stage_deps(self, name: str) -> list[str]:
+        return [ref for _, ref, _ in self.refs(name) if ref in self.stages]
+
+    def order(self) -> list[str]:
+        """Stages in dependency order (stable: recipe order among independent stages)."""
+        done: list[str] = []
+        visiting: set[str] = set()
+
+        def visit(n: str, path: list[str]):
+            if n in done:
+                return
+            if n in visiting:
+                raise StillhouseError(f"recipe has a cycle: {' -> '.join(path + [n])}")
+            visiting.add(n)
+            for d in self.stage_deps(n):
+                visit(d, path + [n])
+            visiting.discard(n)
+            done.append(n)
+
+        for n in self.stages:
+            visit(n, [])
+        return done
+
+
+def _check_refs(recipe: Recipe) -> None:
+    from . import models as model_specs
+
+    for name, spec in recipe.models.items():
+        if name in recipe.stages:
+            raise ValueError(f"models.{name}: name is also a stage")
+        _check_model_spec(spec, f"models.{name}", model_specs)
+    for sname in recipe.stages:
+        for field, ref, expected in recipe.refs(sname):
+            key = f"stages.{sname}.{field}"
+            if ref in recipe.stages:
+                produced = STAGE_KIND[recipe.stages[ref].type]
+                want = {"model": "model", "data": "dataset", "eval": "eval", "train": "model"}[expected]
+                if produced != want:
+                    raise ValueError(f"{key}: stage '{ref}' produces a {produced}, not a {want}")
+                if expected == "train" and recipe.stages[ref].type != "train":
+                    raise ValueError(f"{key}: stage '{ref}' is not a train stage")
+                if expected == "data" and sname != ref and recipe.stages[sname].type in ("rejection", "eval") and recipe.stages[ref].type != "tasks":
+                    raise ValueError(f"{key}: stage '{ref}' is not a tasks stage")
+            elif expected == "model" and ref in recipe.models:
+                continue
+            elif expected == "model":
+                _check_model_spec(ref, key, model_specs)
+            else:
+                raise ValueError(f"{key}: unknown stage '{ref}'")
+
+
+def _check_model_spec(spec: str, key: str, model_specs) -> None:
+    """Cheap validation of a model spec (no loading): built-in, existing path, or hub id."""
+    import re
+
+    p = Path(spec).expanduser()
+    if spec in model_specs.BUILTINS:
+        return
+    if p.suffix == ".gguf" or spec.startswith((".", "/", "~")):
+        if not p.exists():
+            raise ValueError(f"{key}: model path not found: {spec}")
+        return
+    if p.exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
+        return
+    raise ValueError(f"{key}: unknown model '{spec}' (built-ins: {', '.join(model_specs.BUILTINS)})")
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    # pydantic puts the discriminator value in the path of union members; keep it readable
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "union_tag_invalid":
+        msg = f"unknown stage type {err.get('input', {}).get('type')!r}" if isinstance(err.get("input"), dict) else msg
+    elif err["type"] == "union_tag_not_found":
+        msg = "stage needs a 'type'"
+    parts = [str(x) for x in err["loc"]]
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in ("tasks", "rejection", "prune", "train", "eval", "report"):
+        parts.pop(2)  # drop the discriminator tag pydantic inserts
+        loc = ".".join(parts)
+    return f"{loc}: {msg}"
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise StillhouseError(f"{source}: a recipe must be a YAML mapping")
+    try:
+        recipe = Recipe.model_validate(data)
+        _check_refs(recipe)
+        recipe.order()
+    except ValidationError as e:
+        raise StillhouseError(f"{source}: {_format_validation_error(e)}") from None
+    except ValueError as e:
+        raise StillhouseError(f"{source}: {e}") from None
+    if not recipe.stages:
+        raise StillhouseError(f"{source}: stages: a recipe needs at least one stage")
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise StillhouseError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise StillhouseError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+    return parse_recipe(data, str(path))
+
+
+def builtin_recipe(name: str) -> Path:
+    path = Path(__file__).parent / "recipes" / f"{name}.yaml"
+    if not path.is_file():
+        raise StillhouseError(f"no built-in recipe '{name}'")
+    return path

@@ -1,0 +1,41 @@
+"""The teacher interface: messages in, completions out. Backends differ only behind this line."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+Messages = list[dict]  # [{"role": "user", "content": "..."}]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end of turn) or "length"
+    prompt_tokens: int
+    stop_token: int | None = None  # the end-of-turn token that ended it, if any
+    # Teacher top-k log-probs for each of token_ids (+ stop_token): the offline KD signal.
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Teacher(Protocol):
+    name: str
+
+    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+        """Return `params.n` completions for each prompt, in prompt order."""
+        ...

@@ -1,0 +1,171 @@
+"""In-process transformers backend: batched generation with left padding and the KV cache.
+
+Prompts are sorted by token length before batching so each batch pads only to its own
+longest prompt (padding to a fixed length costs ~3x on CPU).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from ..progress import progress
+from .base import Completion, Messages, SamplingParams
+
+
+def render_chat(tokenizer, messages: Messages) -> str:
+    """The exact prompt text the model sees (chat template + generation prompt)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # Base models without a template: plain concatenation, answer follows the last message.
+    return "\n".join(m["content"] for m in messages) + "\n"
+
+
+class HFTeacher:
+    def __init__(self, model, tokenizer, name: str = "hf", batch_size: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.batch_size = batch_size
+        self.stats = {"generated_tokens": 0, "seconds": 0.0}
+
+    def _stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None:
+                ids.add(tid)
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif isinstance(gen_eos, list):
+            ids.update(gen_eos)
+        return sorted(i for i in ids if i is not None)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[Messages],
+        params: SamplingParams,
+        description: str = "Generating",
+        top_k_logprobs: int = 0,
+    ) -> list[list[Completion]]:
+        texts = [render_chat(self.tokenizer, m) for m in prompts]
+        return self.generate_text(texts, params, description, top_k_logprobs)
+
+    @torch.inference_mode()
+    def generate_text(
+        self, texts: list[str], params: SamplingParams, description: str = "Generating", top_k_logprobs: int = 0
+    ) -> list[list[Completion]]:
+        """Generate for already-rendered prompt texts.
+
+        With `top_k_logprobs=k`, each completion also carries the teacher's top-k log-probs
+        (at temperature 1) for every generated token and the stop token: the offline teacher
+        signal for KD, obtained from the decoding pass at no extra forward cost.
+        """
+        tok = self.tokenizer
+        encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+        stop_ids = self._stop_ids()
+        pad = tok.pad_token_id
+        out: list[list[Completion] | None] = [None] * len(texts)
+        # Each batch holds batch_size rows, i.e. batch_size // n distinct prompts.
+        per_batch = max(1, self.batch_size // max(1, params.n))
+        batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
+        start = time.perf_counter()
+        with progress(description, total=len(texts)) as advance:
+            for b, idx in enumerate(batches):
+                # n samples of a prompt are n adjacent rows (greedy generate allows one per row)
+                batch = [encoded[i] for i in idx for _ in range(params.n)]
+                width = max(len(x) for x in batch)
+                input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])
+                attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
+                kwargs = dict(
+                    max_new_tokens=params.max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=pad,
+                    eos_token_id=stop_ids,
+                    return_dict_in_generate=True,
+                    output_logits=top_k_logprobs > 0,
+                )
+                # Sampling runs as greedy decoding over Gumbel-perturbed logits: the same
+                # distribution as multinomial sampling, which is very slow on CPU at 50k vocab.
+                if params.temperature > 0:
+                    gen_seed = torch.Generator().manual_seed(params.seed * 100_003 + b)
+                    kwargs["logits_processor"] = LogitsProcessorList(
+                        [GumbelSampler(params.temperature, params.top_p, gen_seed)]
+                    )
+                gen = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
+                new = gen.sequences[:, width:].tolist()
+                topk = _topk_per_step(gen.logits, top_k_logprobs) if top_k_logprobs > 0 else None
+                for j, i in enumerate(idx):
+                    comps = []
+                    for r in range(j * params.n, (j + 1) * params.n):
+                        ids, reason = _trim(new[r], stop_ids)
+                        self.stats["generated_tokens"] += len(ids)
+                        c = Completion(
+                            text=tok.decode(ids, skip_special_tokens=True),
+                            token_ids=ids,
+                            finish_reason=reason,
+                            prompt_tokens=len(encoded[i]),
+                            stop_token=new[r][len(ids)] if reason == "stop" else None,
+                        )
+                        if topk is not None:
+                            n_scored = len(ids) + (reason == "stop")
+                            c.topk_ids = topk[0][r, :n_scored].tolist()
+                            c.topk_logprobs = topk[1][r, :n_scored].tolist()
+                        comps.append(c)
+                    out[i] = comps
+                elapsed = time.perf_counter() - start
+                advance(len(idx), info=f"{self.stats['generated_tokens'] / max(elapsed, 1e-9):.0f} tok/s")
+        self.stats["seconds"] += time.perf_counter() - start
+        return out  # type: ignore[return-value]
+
+
+def _topk_per_step(step_logits: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, steps, k] ids and log-probs of the k most likely tokens at each decoding step."""
+    ids, lps = [], []
+    for logits in step_logits:
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        v, i = lp.topk(k, dim=-1)
+        ids.append(i)
+        lps.append(v)
+    return torch.stack(ids, 1), torch.stack(lps, 1)
+
+
+def _trim(seq: list[int], stop_ids: list[int]) -> tuple[list[int], str]:
+    """Cut a generated row at its first stop token; report why it ended."""
+    for k, t in enumerate(seq):
+        if t in stop_ids:
+            return seq[:k], "stop"
+    return seq, "length"
+
+
+class GumbelSampler(LogitsProcessor):
+    """argmax(logits / T + Gumbel noise) is an exact sample from softmax(logits / T)."""
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            scores = top_p_filter(scores, self.top_p)
+        u = torch.rand(scores.shape, generator=self.generator).clamp_(1e-20, 1.0)
+        return scores - torch.log(-torch.log(u))
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the smallest set whose probability reaches top_p."""
+    sorted_scores, idx = scores.sort(dim=-1, descending=True)
+    cum = sorted_scores.softmax(-1).cumsum(-1)
+    drop_sorted = cum - sorted_scores.softmax(-1) >= top_p  # keep the token that crosses top_p
+    drop = drop_sorted.scatter(-1, idx, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))

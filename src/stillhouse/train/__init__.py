@@ -1,0 +1,1 @@
+"""Students, losses and the training loop."""
