@@ -72,7 +72,7 @@ class PruneStage(Strict):
     calibration: str  # a dataset stage whose prompts+completions are the calibration text
     layers: int = Field(gt=0)
     method: Literal["cosine", "loss"] = "cosine"
-    calibration_size: int = Field(64, gt=0)
+    calibration_size: int = Field(32, gt=0)
     protect: list[int] = []
 
 
@@ -95,6 +95,8 @@ class TrainStage(Strict):
     kd_weight: float = Field(0.5, ge=0)
     temperature: float = Field(1.0, gt=0)
     grad_clip: float = Field(1.0, ge=0)
+    heal_epochs: float = Field(0.0, ge=0)  # logit-only KD on all teacher text (failed answers too) first
+    heal_lr: float = Field(2e-4, gt=0)
     seed: int = 0
 
 
@@ -224,7 +226,7 @@ def _format_validation_error(e: ValidationError) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     # pydantic puts the discriminator value in the path of union members; keep it readable
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "union_tag_invalid":

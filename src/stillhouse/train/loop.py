@@ -151,9 +151,9 @@ def train(student, examples: list[Example], cfg: TrainConfig, pad_id: int, teach
             elapsed = time.perf_counter() - start
             rec = {
                 "step": step + 1,
-                "loss": float(loss),
-                "sft": float(sft),
-                "kl": float(kl),
+                "loss": loss.item(),
+                "sft": sft.item(),
+                "kl": kl.item(),
                 "lr": lr,
                 "tokens": tokens_seen,
                 "tokens_per_s": tokens_seen / max(elapsed, 1e-9),

