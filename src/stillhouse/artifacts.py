@@ -65,6 +65,7 @@ class ArtifactWriter:
 
     path: Path
     kind: str
+    id: str
     counts: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
@@ -111,7 +112,7 @@ class ArtifactStore:
         final = self.path_for(kind, aid)
         start = time.perf_counter()
         with atomic_dir(final) as tmp:
-            writer = ArtifactWriter(tmp, kind)
+            writer = ArtifactWriter(tmp, kind, aid)
             yield writer
             manifest: dict[str, Any] = {
                 "id": aid,

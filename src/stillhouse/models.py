@@ -223,7 +223,7 @@ def resolve(spec: str) -> tuple[Path | str, ModelIdentity]:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise StillhouseError(f"model directory has no config.json: {spec}")
-        source = "artifact" if (path.parent / "manifest.json").exists() else "hf-dir"
+        source = "artifact" if (path / "manifest.json").exists() else "hf-dir"
         return path, ModelIdentity(str(path.resolve()), weights_hash(path), _read_card_license(path), source)
     if _looks_like_path(spec) or path.exists():
         raise StillhouseError(f"model path not found: {spec}")

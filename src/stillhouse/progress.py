@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+console = Console(stderr=True, quiet=os.environ.get("STILLHOUSE_QUIET", "") not in ("", "0"))
 
 
 def _quiet() -> bool:

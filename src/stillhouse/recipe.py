@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import StillhouseError
 
@@ -44,6 +44,16 @@ class TasksStage(Strict):
         if v not in task_names():
             raise ValueError(f"unknown task '{v}'")
         return v
+
+    @model_validator(mode="after")
+    def _known_config(self):
+        from .verify.reasoning_gym import make_dataset
+
+        try:  # building a one-problem generator checks the config keys and values cheaply
+            make_dataset(self.task, self.config, 1, 0)
+        except StillhouseError as e:
+            raise ValueError(str(e)) from None
+        return self
 
 
 class RejectionStage(Strict):
@@ -250,6 +260,8 @@ def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
     except ValidationError as e:
         raise StillhouseError(f"{source}: {_format_validation_error(e)}") from None
     except ValueError as e:
+        raise StillhouseError(f"{source}: {e}") from None
+    except StillhouseError as e:
         raise StillhouseError(f"{source}: {e}") from None
     if not recipe.stages:
         raise StillhouseError(f"{source}: stages: a recipe needs at least one stage")

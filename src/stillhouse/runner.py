@@ -35,7 +35,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     # Imported lazily so `stillhouse show` and recipe validation never import torch.
     from .data.stages import run_rejection, run_tasks
     from .eval.stages import run_eval
-    from .report import run_report
+    from .eval.report import run_report
     from .train.stages import run_prune, run_train
 
     return {

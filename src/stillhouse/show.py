@@ -6,7 +6,9 @@ import json
 
 from rich.table import Table
 
-from .progress import console
+from rich.console import Console
+
+console = Console()  # stdout, so `stillhouse show ID > file` works
 
 
 def render_manifest(art) -> None:

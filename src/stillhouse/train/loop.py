@@ -69,8 +69,13 @@ def collate(examples: list[Example], pad_id: int):
         targets[r, first - 1 : n - 1] = ids[r, first:n]
     cached = None
     if all(e.topk_ids is not None for e in examples):
-        rows_ids = [row for e in examples for row in e.topk_ids[: len(e.input_ids) - max(e.n_prompt, 1)]]
-        rows_lp = [row for e in examples for row in e.topk_logprobs[: len(e.input_ids) - max(e.n_prompt, 1)]]
+        # row j of an example's cache scores token n_prompt + j; with n_prompt == 0 the
+        # first token has no predicting position, so its row is skipped
+        def rows(e, table):
+            return table[max(e.n_prompt, 1) - e.n_prompt : len(e.input_ids) - e.n_prompt]
+
+        rows_ids = [row for e in examples for row in rows(e, e.topk_ids)]
+        rows_lp = [row for e in examples for row in rows(e, e.topk_logprobs)]
         cached = (torch.tensor(rows_ids, dtype=torch.long), torch.tensor(rows_lp, dtype=torch.float32))
     return ids, attn, predict, targets[predict], cached
 

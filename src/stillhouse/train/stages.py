@@ -35,7 +35,7 @@ def _save_model(ctx, model, tokenizer, base_models: list[dict]) -> None:
     ctx.out.counts["layers"] = model.config.num_hidden_layers
     # the card is generated from what the manifest will say (teachers, metrics)
     manifest_view = {
-        "id": out.parent.name, "stage": ctx.config.type, "parents": [a.id for a in ctx.inputs.values()],
+        "id": ctx.out.id, "stage": ctx.config.type, "parents": [a.id for a in ctx.inputs.values()],
         "teachers": ctx.out.teachers, "metrics": ctx.out.metrics,
     }
     write_text_atomic(out / "README.md", model_card(ctx.name, manifest_view, base_models))

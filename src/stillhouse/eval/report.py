@@ -6,9 +6,9 @@ import json
 
 from rich.table import Table
 
-from .eval.stages import load_results
-from .fsutil import write_text_atomic
-from .progress import console
+from .stages import load_results
+from ..fsutil import write_text_atomic
+from ..progress import console
 
 
 def _fmt(v, spec: str = ".3f") -> str:
