@@ -234,3 +234,13 @@ def test_top_p_filter_rows_are_independent():
     out = top_p_filter(scores, 0.8)
     assert torch.isfinite(out[0]).tolist() == [True, False, False, False]  # p(first) ~ 0.87
     assert torch.isfinite(out[1]).sum().item() == 4  # uniform: needs all four to reach 0.8
+
+
+def test_shared_prompt_prefill_matches_separate_decoding(teacher, tiny):
+    """n > 1 encodes each prompt once and copies its KV cache: every copy must decode like n = 1."""
+    prompts = _prompts(tiny.tokenizer)
+    single = teacher.generate_text(prompts, SamplingParams(max_new_tokens=8))
+    shared = teacher.generate_text(prompts, SamplingParams(max_new_tokens=8, n=3))
+    for one, many in zip(single, shared):
+        assert len(many) == 3
+        assert all(c.token_ids == one[0].token_ids for c in many)

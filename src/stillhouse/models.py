@@ -149,9 +149,18 @@ def _read_card_license(model_dir: Path) -> str:
     return "unknown"
 
 
+def _quiet_transformers() -> None:
+    """stillhouse shows its own progress; transformers' per-tensor bars would only add noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _from_dir(model_dir: Path, trust_remote_code: bool, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
@@ -168,6 +177,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, license: str = "unknown") -> Pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src_dir, name = str(gguf_path.parent), gguf_path.name
+    _quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
         gmodel = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)

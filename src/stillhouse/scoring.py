@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def _decoder(model):
+def decoder(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
@@ -25,7 +25,7 @@ def lm_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def selected_logits(model, input_ids, attention_mask, positions) -> torch.Tensor:
     """Logits [N, vocab] at the N True entries of `positions` ([B, L] bool), row-major order."""
-    hidden = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return lm_logits(model, hidden[positions])
 
 

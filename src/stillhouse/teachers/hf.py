@@ -44,6 +44,24 @@ class HFTeacher:
             ids.update(gen_eos)
         return sorted(i for i in ids if i is not None)
 
+    def _prefill(self, input_ids: torch.Tensor, attn: torch.Tensor):
+        """KV cache of all but each prompt's last token (generate feeds that one itself).
+
+        Positions follow generate's own rule for left padding (cumsum of the mask), and only
+        the decoder runs: no LM head over prompt positions.
+        """
+        from transformers import DynamicCache
+
+        from ..scoring import decoder
+
+        pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
+        cache = DynamicCache(config=self.model.config)
+        decoder(self.model)(
+            input_ids=input_ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
+            past_key_values=cache, use_cache=True,
+        )
+        return cache
+
     @torch.inference_mode()
     def generate(
         self,
@@ -77,11 +95,18 @@ class HFTeacher:
         start = time.perf_counter()
         with progress(description, total=len(texts)) as advance:
             for b, idx in enumerate(batches):
-                # n samples of a prompt are n adjacent rows (greedy generate allows one per row)
-                batch = [encoded[i] for i in idx for _ in range(params.n)]
+                batch = [encoded[i] for i in idx]
                 width = max(len(x) for x in batch)
                 input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in batch])
                 attn = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
+                cache = None
+                if params.n > 1:
+                    # n samples of a prompt are n adjacent rows; the prompt is encoded once
+                    # and its KV cache copied n times, instead of n identical prefills
+                    cache = self._prefill(input_ids, attn)
+                    cache.batch_repeat_interleave(params.n)
+                    input_ids = input_ids.repeat_interleave(params.n, dim=0)
+                    attn = attn.repeat_interleave(params.n, dim=0)
                 kwargs = dict(
                     max_new_tokens=params.max_new_tokens,
                     do_sample=False,
@@ -100,6 +125,8 @@ class HFTeacher:
                     kwargs["logits_processor"] = LogitsProcessorList(
                         [GumbelSampler(params.temperature, params.top_p, gen_seed)]
                     )
+                if cache is not None:
+                    kwargs["past_key_values"] = cache
                 gen = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
                 new = gen.sequences[:, width:].tolist()
                 topk = _topk_per_step(gen.logits, top_k_logprobs) if top_k_logprobs > 0 else None
