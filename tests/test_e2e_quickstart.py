@@ -15,7 +15,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from stillhouse.api import run_recipe
-from stillhouse.data.io import read_rows
+from stillhouse.records import read_rows
 from stillhouse.recipe import builtin_recipe, load_recipe
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from stillhouse.train.losses import cross_entropy, forward_kl, per_token_kl, sparse_forward_kl
+from stillhouse.eval.metrics import per_token_kl
+from stillhouse.train.losses import cross_entropy, forward_kl, sparse_forward_kl
 
 N, V = 11, 17
 

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from stillhouse import models
 from stillhouse.api import run_recipe
-from stillhouse.data.io import read_rows
+from stillhouse.records import read_rows
 from stillhouse.recipe import load_recipe
 from stillhouse.teachers.hf import render_chat
 from stillhouse.train.loop import Example, TrainConfig, train

@@ -6,7 +6,7 @@ from ..errors import EmptyDatasetError
 from ..teachers.hf import HFTeacher
 from ..verify.reasoning_gym import ReasoningGymVerifier, problems
 from .dedup import drop_overlap, exact_dedup
-from .io import read_rows, write_rows
+from ..records import read_rows, write_rows
 
 
 def run_tasks(ctx) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..data.io import read_rows, write_rows
+from ..records import read_rows, write_rows
 from ..errors import EmptyDatasetError
 from ..fsutil import dir_size, write_json_atomic
 from ..verify.reasoning_gym import ReasoningGymVerifier

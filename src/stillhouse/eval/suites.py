@@ -11,8 +11,7 @@ from ..progress import progress
 from ..scoring import right_pad, selected_logits
 from ..teachers.base import SamplingParams
 from ..teachers.hf import HFTeacher, render_chat
-from ..train.losses import per_token_kl
-from .metrics import mean
+from .metrics import mean, per_token_kl
 
 
 def messages_for(record: dict, system_prompt: str | None = None) -> list[dict]:

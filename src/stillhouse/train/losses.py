@@ -49,16 +49,6 @@ def forward_kl(
     return total / n * temperature**2
 
 
-def per_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """KL(p_teacher || p_student) for each of N positions (T = 1), for evaluation."""
-    out = []
-    for sl in _chunks(student_logits.size(0), chunk):
-        s = F.log_softmax(student_logits[sl].float(), dim=-1)
-        t = F.log_softmax(teacher_logits[sl].float(), dim=-1)
-        out.append((t.exp() * (t - s)).sum(-1))
-    return torch.cat(out) if out else student_logits.new_zeros(0)
-
-
 def sparse_forward_kl(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,

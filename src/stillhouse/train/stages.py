@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from .. import models as model_specs
-from ..data.io import read_rows
+from ..records import read_rows
 from ..errors import EmptyDatasetError, StillhouseError
 from ..fsutil import write_text_atomic
 from ..lineage import merge_teachers, model_card

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import StillhouseError
+from .errors import StillhouseError
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
