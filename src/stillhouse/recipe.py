@@ -35,6 +35,9 @@ class TasksStage(Strict):
     config: dict[str, Any] = {}
     train: Split
     eval: Split
+    # Repeats are part of a generator's distribution (small tasks repeat their easy cases);
+    # removing them shifts training away from what the held-out split measures.
+    dedup: bool = False
 
     @field_validator("task")
     @classmethod

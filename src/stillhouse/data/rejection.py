@@ -97,8 +97,10 @@ def rejection_sample(
     greedy_passed = 0
     if greedy_first:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
-        outs = teacher.generate_text([prompt_texts[i] for i in todo], params, "Teacher greedy pass", top_k_logprobs)
-        absorb(todo, outs, params, 0)
+        # greedy decoding is deterministic: a repeated prompt is decoded once
+        unique = list(dict.fromkeys(prompt_texts[i] for i in todo))
+        by_text = dict(zip(unique, teacher.generate_text(unique, params, "Teacher greedy pass", top_k_logprobs)))
+        absorb(todo, [by_text[prompt_texts[i]] for i in todo], params, 0)
         greedy_passed = sum(1 for i in todo if kept[i])
         todo = [i for i in todo if not kept[i]]
     if samples > 0 and todo:

@@ -13,7 +13,9 @@ def run_tasks(ctx) -> None:
     c = ctx.config
     held_out = problems(c.task, c.config, c.eval.size, c.eval.seed)
     train = problems(c.task, c.config, c.train.size, c.train.seed)
-    train, n_dup = exact_dedup(train, key="question")
+    n_dup = 0
+    if c.dedup:
+        train, n_dup = exact_dedup(train, key="question")
     # reasoning-gym seeds item i with (seed + i): close seeds overlap, so decontaminate always
     train, n_overlap = drop_overlap(train, held_out, key="question")
     if not train:
