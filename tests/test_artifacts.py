@@ -67,6 +67,7 @@ def test_create_writes_manifest_with_documented_fields(tmp_path):
     assert m["config"] == cfg
     assert m["parents"] == ["parent1"]
     assert m["stillhouse_version"] == __version__
+    assert m["code_version"].startswith(__version__ + "+")
     assert m["teachers"] == [{"spec": "t", "license": "mit"}]
     assert m["counts"] == {"train": 4}
     assert m["metrics"] == {"coverage": 0.5}

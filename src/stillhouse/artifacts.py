@@ -9,6 +9,8 @@ version), so a stage whose id already exists is reused instead of recomputed.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -24,8 +26,20 @@ KINDS = ("dataset", "model", "logit_cache", "eval", "report")
 MANIFEST = "manifest.json"
 
 
-def artifact_id(kind: str, stage: str, config: dict, parents: list[str], code_version: str = __version__) -> str:
+@functools.lru_cache(maxsize=1)
+def source_fingerprint() -> str:
+    """The release plus a fingerprint of the package's sources: edited code never reuses stale artifacts."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def artifact_id(kind: str, stage: str, config: dict, parents: list[str], code_version: str | None = None) -> str:
     """Content id: the same inputs, config and code give the same id, and so the same artifact."""
+    code_version = code_version or source_fingerprint()
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}")
     return sha256_json({"kind": kind, "stage": stage, "config": config, "parents": sorted(parents), "code": code_version})[:20]
@@ -124,6 +138,7 @@ class ArtifactStore:
                 "parents": parents,
                 "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "stillhouse_version": __version__,
+                "code_version": source_fingerprint(),
                 "duration_s": round(time.perf_counter() - start, 2),
                 "teachers": writer.teachers,
                 "counts": writer.counts,

@@ -11,8 +11,8 @@ from ..fsutil import write_text_atomic
 from ..progress import console
 
 
-def _fmt(v, spec: str = ".3f") -> str:
-    return "-" if v is None else format(v, spec)
+def _fmt(v, spec: str = ".3f", suffix: str = "") -> str:
+    return "-" if v is None else format(v, spec) + suffix
 
 
 def table_rows(results: dict) -> list[dict]:
@@ -40,7 +40,7 @@ def markdown_table(rows: list[dict], n_problems: int) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['params_m']:.1f}M | {r['pass_at_1']:.3f} | {_fmt(r['pass_vs_teacher'], '.2f')} "
-            f"| {r['decode_tok_s']:.0f} | {_fmt(r['speedup'], '.2f')}x | {_fmt(r['kl_to_teacher'])} |"
+            f"| {r['decode_tok_s']:.0f} | {_fmt(r['speedup'], '.2f', 'x')} | {_fmt(r['kl_to_teacher'])} |"
         )
     return "\n".join(lines)
 
@@ -51,7 +51,7 @@ def print_table(rows: list[dict], title: str) -> None:
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         t.add_row(r["model"], str(r["layers"]), f"{r['params_m']:.1f}M", f"{r['pass_at_1']:.3f}", _fmt(r["pass_vs_teacher"], ".2f"),
-                  f"{r['decode_tok_s']:.0f}", _fmt(r["speedup"], ".2f") + ("x" if r["speedup"] else ""), _fmt(r["kl_to_teacher"]))
+                  f"{r['decode_tok_s']:.0f}", _fmt(r["speedup"], ".2f", "x"), _fmt(r["kl_to_teacher"]))
     console.print(t)
 
 
@@ -74,7 +74,7 @@ def chart(rows: list[dict], histories: dict[str, list[dict]], path) -> None:
     colors = ["#4c72b0" if r["role"] == "teacher" else "#dd8452" for r in rows]
     axes[0].bar(names, [r["pass_at_1"] for r in rows], color=colors)
     axes[0].set_title("held-out pass@1 (greedy)")
-    axes[0].set_ylim(0, 1)
+    axes[0].set_ylim(0, min(1.0, max(r["pass_at_1"] for r in rows) * 1.25 + 0.02))
     axes[1].bar(names, [r["decode_tok_s"] for r in rows], color=colors)
     axes[1].set_title("decode tokens/s (batch 16)")
     for ax in axes[:2]:
