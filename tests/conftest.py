@@ -168,3 +168,15 @@ def pytest_configure(config):
     # Also declared in pyproject.toml; registering here keeps `--strict-markers` happy if the
     # tests are run from another rootdir.
     config.addinivalue_line("markers", "slow: uses the real packaged models (seconds to minutes)")
+
+
+def assert_report(art, labels=("teacher", "pruned", "distilled")) -> str:
+    """A report artifact holds the comparison table for `labels` and a real PNG chart; returns report.md."""
+    md = art.file("report.md").read_text()
+    assert "| model | layers | params |" in md
+    for label in labels:
+        assert f"| {label} |" in md
+    assert "![results](chart.png)" in md
+    png = art.file("chart.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    return md

@@ -18,6 +18,8 @@ from stillhouse.api import run_recipe
 from stillhouse.records import read_rows
 from stillhouse.recipe import builtin_recipe, load_recipe
 
+from conftest import assert_report
+
 pytestmark = pytest.mark.slow
 
 STAGES = ["problems", "traces", "pruned", "distilled", "evaluation", "report"]
@@ -118,14 +120,7 @@ def test_eval_results(quickstart_run):
 
 
 def test_report(quickstart_run):
-    art = quickstart_run["first"]["report"]
-    md = art.file("report.md").read_text()
-    assert "| model | layers | params |" in md
-    for label in ("teacher", "pruned", "distilled"):
-        assert f"| {label} |" in md
-    assert "![results](chart.png)" in md
-    png = art.file("chart.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    assert_report(quickstart_run["first"]["report"])
 
 
 def test_second_run_reuses_everything(quickstart_run):

@@ -27,7 +27,7 @@ from stillhouse.teachers.hf import render_chat
 from stillhouse.train.loop import Example, TrainConfig, train
 from stillhouse.verify.reasoning_gym import ReasoningGymVerifier, problems
 
-from conftest import build_tiny_model, build_tokenizer
+from conftest import assert_report, build_tiny_model, build_tokenizer
 
 TASK_CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 TRAIN = {"size": 8, "seed": 1}
@@ -254,15 +254,8 @@ def test_eval_results(pipeline):
 
 
 def test_report(pipeline):
-    art = pipeline["results"]["report"]
-    md = art.file("report.md").read_text()
-    assert "| model | layers | params |" in md
-    for label in ("teacher", "pruned", "distilled"):
-        assert f"| {label} |" in md
-    assert "![results](chart.png)" in md
+    md = assert_report(pipeline["results"]["report"])
     assert pipeline["results"]["evaluation"].id in md
-    png = art.file("chart.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
 
 
 def test_rerun_reuses_every_stage(pipeline):
