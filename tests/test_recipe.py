@@ -30,7 +30,7 @@ def test_quickstart_validates_and_orders():
     assert r.name == "quickstart"
     assert r.order() == QUICKSTART_ORDER
     assert r.models == {"teacher": "smollm2-135m-instruct"}
-    assert r.stages["pruned"].layers == 12
+    assert r.stages["pruned"].layers <= 15  # at most half of SmolLM2-135M's 30 blocks
     assert r.stages["traces"].top_k_logprobs > 0
     assert r.stage_deps("distilled") == ["pruned", "traces"]
     assert r.stage_deps("evaluation") == ["problems", "pruned", "distilled"]

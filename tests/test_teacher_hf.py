@@ -244,3 +244,14 @@ def test_shared_prompt_prefill_matches_separate_decoding(teacher, tiny):
     for one, many in zip(single, shared):
         assert len(many) == 3
         assert all(c.token_ids == one[0].token_ids for c in many)
+
+
+def test_prompts_get_a_bos_unless_the_template_already_starts_with_it():
+    from types import SimpleNamespace
+
+    from stillhouse.teachers.hf import needs_special_tokens
+
+    base = SimpleNamespace(bos_token="<bos>")
+    assert needs_special_tokens(base, "The capital of France is")  # raw text for a base model
+    assert not needs_special_tokens(base, "<bos><start_of_turn>user\nhi")  # a rendered template
+    assert needs_special_tokens(SimpleNamespace(bos_token=None), "anything")  # nothing to double

@@ -11,7 +11,7 @@ import hashlib
 from typing import Callable
 
 from ..teachers.base import Completion, SamplingParams
-from ..teachers.hf import render_chat
+from ..teachers.hf import encode_prompt, render_chat
 
 
 def template_hash(tokenizer) -> str:
@@ -68,7 +68,7 @@ def rejection_sample(
     tok = teacher.tokenizer
     msgs = [([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": r["question"]}] for r in records]
     prompt_texts = [render_chat(tok, m) for m in msgs]
-    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+    prompt_ids = [encode_prompt(tok, t) for t in prompt_texts]
     tpl = template_hash(tok)
     kept: dict[int, list[dict]] = {i: [] for i in range(len(records))}
     failed: dict[int, list[dict]] = {i: [] for i in range(len(records))}

@@ -23,6 +23,20 @@ def render_chat(tokenizer, messages: Messages) -> str:
     return "\n".join(m["content"] for m in messages) + "\n"
 
 
+def needs_special_tokens(tokenizer, text: str) -> bool:
+    """Whether encoding `text` should add the tokenizer's special tokens (its BOS).
+
+    A rendered chat template usually starts with the BOS already; raw text for a base model
+    (Gemma, Llama) does not, and those models degrade badly without it.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=needs_special_tokens(tokenizer, text))["input_ids"]
+
+
 class HFTeacher:
     def __init__(self, model, tokenizer, name: str = "hf", batch_size: int = 32):
         self.model = model
@@ -84,7 +98,7 @@ class HFTeacher:
         signal for KD, obtained from the decoding pass at no extra forward cost.
         """
         tok = self.tokenizer
-        encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        encoded = [encode_prompt(tok, t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
         stop_ids = self._stop_ids()
         pad = tok.pad_token_id

@@ -28,7 +28,10 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def _calibration_batch(tokenizer, texts: list[str], max_length: int = 256):
     tokenizer.padding_side = "right"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False)
+    from ..teachers.hf import needs_special_tokens
+
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+                    add_special_tokens=needs_special_tokens(tokenizer, texts[0]))
     tokenizer.padding_side = "left"
     return enc
 
