@@ -123,3 +123,27 @@ def test_builtin_smollm2_converts_once_and_reloads_fast(smollm_cache):
     assert lm.model.config.num_hidden_layers == 30
     assert lm.identity == ident
     assert state_fingerprint(lm.model) == info["fingerprint"]
+
+
+@pytest.mark.slow
+def test_builtin_gemma3_assembles_converts_and_needs_its_bos(tmp_path, monkeypatch):
+    """gemma3-270m: the four chunk packages are joined (sha256-checked), converted once, and
+    raw prompts to this base model get its BOS (without it Gemma degenerates)."""
+    monkeypatch.setenv("STILLHOUSE_CACHE", str(tmp_path))
+    from stillhouse.teachers.base import SamplingParams
+    from stillhouse.teachers.hf import HFTeacher, encode_prompt
+
+    lm = models.load("gemma3-270m")
+    assert lm.identity.license == "gemma-terms-of-use"
+    assert lm.identity.weights_sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert lm.model.config.num_hidden_layers == 18
+    assert (tmp_path / "gguf" / "gemma-3-270m-q4_k_m.gguf").is_file()
+    ids = encode_prompt(lm.tokenizer, "The capital of France is")
+    assert ids[0] == lm.tokenizer.bos_token_id
+    out = HFTeacher(lm.model, lm.tokenizer).generate_text(["The capital of France is"], SamplingParams(max_new_tokens=8))
+    words = out[0][0].text.split()
+    assert len(words) >= 3 and len(set(words)) > 2, out[0][0].text  # not a repeated-token collapse
+    t0 = time.perf_counter()
+    again = models.load("gemma3-270m")
+    assert time.perf_counter() - t0 < 10
+    assert again.identity == lm.identity
