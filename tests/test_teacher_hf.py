@@ -255,3 +255,10 @@ def test_prompts_get_a_bos_unless_the_template_already_starts_with_it():
     assert needs_special_tokens(base, "The capital of France is")  # raw text for a base model
     assert not needs_special_tokens(base, "<bos><start_of_turn>user\nhi")  # a rendered template
     assert needs_special_tokens(SimpleNamespace(bos_token=None), "anything")  # nothing to double
+
+
+def test_one_token_prompts_sample_without_a_shared_prefill(teacher, tiny):
+    tok = tiny.tokenizer
+    one = tok.convert_ids_to_tokens([tok("x", add_special_tokens=False)["input_ids"][0]])[0]
+    out = teacher.generate_text([tok.convert_tokens_to_string([one])], SamplingParams(max_new_tokens=3, n=2, temperature=1.0))
+    assert len(out) == 1 and len(out[0]) == 2

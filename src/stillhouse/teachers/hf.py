@@ -117,8 +117,9 @@ class HFTeacher:
                 if params.n > 1:
                     # n samples of a prompt are n adjacent rows; the prompt is encoded once
                     # and its KV cache copied n times, instead of n identical prefills
-                    cache = self._prefill(input_ids, attn)
-                    cache.batch_repeat_interleave(params.n)
+                    if width > 1:
+                        cache = self._prefill(input_ids, attn)
+                        cache.batch_repeat_interleave(params.n)
                     input_ids = input_ids.repeat_interleave(params.n, dim=0)
                     attn = attn.repeat_interleave(params.n, dim=0)
                 kwargs = dict(
