@@ -10,7 +10,7 @@ from ..models import param_count
 from ..progress import progress
 from ..scoring import right_pad, selected_logits
 from ..teachers.base import SamplingParams
-from ..teachers.hf import HFTeacher, encode_prompt, needs_special_tokens, render_chat
+from ..teachers.hf import HFTeacher, encode_batch, encode_prompt, render_chat
 from .metrics import mean, per_token_kl
 
 
@@ -38,8 +38,7 @@ def greedy_accuracy(model, tokenizer, records, verifier, *, max_new_tokens=32, b
 @torch.inference_mode()
 def decode_tokens_per_s(model, tokenizer, prompts: list[str], *, batch_size=16, new_tokens=32, repeats=2) -> float:
     """Decode throughput at a batch size: best of `repeats` runs forcing exactly `new_tokens` tokens."""
-    enc = tokenizer(prompts[:batch_size], return_tensors="pt", padding=True,
-                    add_special_tokens=needs_special_tokens(tokenizer, prompts[0]))
+    enc = encode_batch(tokenizer, prompts[:batch_size])
     n = enc["input_ids"].size(0)
     model.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     best = 0.0

@@ -37,6 +37,11 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=needs_special_tokens(tokenizer, text))["input_ids"]
 
 
+def encode_batch(tokenizer, texts: list[str], **kwargs):
+    """Tokenise a padded batch with the same BOS rule as `encode_prompt` (judged on the first text)."""
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=needs_special_tokens(tokenizer, texts[0]), **kwargs)
+
+
 class HFTeacher:
     def __init__(self, model, tokenizer, name: str = "hf", batch_size: int = 32):
         self.model = model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields, replace
 
 from .. import models as model_specs
 from ..records import read_rows
@@ -14,16 +15,12 @@ from . import students
 from .loop import Example, TrainConfig, train
 
 
-def _identity_dict(ident: model_specs.ModelIdentity) -> dict:
-    return ident.to_dict()
-
-
 def _base_models_of(ctx, ref: str) -> list[dict]:
     """Weight lineage: a stage-made model passes on its own base models, an outside one is the base."""
     if ref in ctx.runner.results:
         art = ctx.runner.results[ref]
-        return art.manifest.get("base_models", []) or [_identity_dict(ctx.identity(ref))]
-    return [_identity_dict(ctx.identity(ref))]
+        return art.manifest.get("base_models", []) or [ctx.identity(ref).to_dict()]
+    return [ctx.identity(ref).to_dict()]
 
 
 def _save_model(ctx, model, tokenizer, base_models: list[dict]) -> None:
@@ -101,17 +98,13 @@ def run_train(ctx) -> None:
     # The student is loaded fresh (not from the runner's cache): training changes it in place.
     student_lm = model_specs.load(ctx.runner.spec_of(c.student))
     tok = student_lm.tokenizer
+    # every TrainConfig field has a same-named field on the stage
+    cfg = TrainConfig(**{f.name: getattr(c, f.name) for f in fields(TrainConfig)})
     history = []
     if c.heal_epochs > 0:
-        heal_cfg = TrainConfig(epochs=c.heal_epochs, lr=c.heal_lr, batch_size=c.batch_size, max_length=c.max_length,
-                               sft_weight=0.0, kd_weight=1.0, temperature=c.temperature, seed=c.seed)
+        heal_cfg = replace(cfg, epochs=c.heal_epochs, lr=c.heal_lr, sft_weight=0.0, kd_weight=1.0)
         history += [{**h, "phase": "heal"} for h in train(student_lm.model, _examples(rows, cached), heal_cfg, tok.pad_token_id,
                                                           teacher=teacher_model, description="Healing (logit KD on all teacher text)")]
-    cfg = TrainConfig(
-        epochs=c.epochs, lr=c.lr, min_lr_ratio=c.min_lr_ratio, warmup_ratio=c.warmup_ratio, weight_decay=c.weight_decay,
-        batch_size=c.batch_size, max_length=c.max_length, sft_weight=c.sft_weight, kd_weight=c.kd_weight,
-        temperature=c.temperature, grad_clip=c.grad_clip, seed=c.seed,
-    )
     history += [{**h, "phase": "task"} for h in train(student_lm.model, _examples(verified, cached), cfg, tok.pad_token_id,
                                                       teacher=teacher_model, description="Distilling (SFT + KD on verified data)")]
     # Teacher shares: SFT targets come from the data's teachers, KD from the KD teacher (or the

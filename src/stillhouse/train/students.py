@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ..errors import StillhouseError
 from ..progress import progress
+from ..scoring import selected_logits
+from ..teachers.hf import encode_batch
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -28,10 +30,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 def _calibration_batch(tokenizer, texts: list[str], max_length: int = 256):
     tokenizer.padding_side = "right"
-    from ..teachers.hf import needs_special_tokens
-
-    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                    add_special_tokens=needs_special_tokens(tokenizer, texts[0]))
+    enc = encode_batch(tokenizer, texts, truncation=True, max_length=max_length)
     tokenizer.padding_side = "left"
     return enc
 
@@ -67,9 +66,12 @@ def cosine_importance(model, tokenizer, texts: list[str]) -> list[float]:
 
 @torch.inference_mode()
 def _calibration_loss(model, enc, labels) -> float:
-    out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
-    logits = out.logits[:, :-1].float()
-    return float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100))
+    """Mean next-token cross-entropy over labelled tokens; only their predicting positions
+    go through the LM head."""
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = labels[:, 1:] != -100
+    logits = selected_logits(model, enc["input_ids"], enc["attention_mask"], positions)
+    return float(F.cross_entropy(logits.float(), labels[:, 1:][labels[:, 1:] != -100]))
 
 
 def loss_importance(model, tokenizer, texts: list[str], prompt_lengths: list[int] | None = None) -> list[float]:
