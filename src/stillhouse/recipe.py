@@ -44,7 +44,7 @@ class TasksStage(Strict):
     def _known_task(cls, v: str) -> str:
         from .verify.reasoning_gym import task_names
 
-        if v not in task_names():
+        if v not in task_names() and v != "humaneval":
             raise ValueError(f"unknown task '{v}'")
         return v
 
@@ -52,6 +52,10 @@ class TasksStage(Strict):
     def _known_config(self):
         from .verify.reasoning_gym import make_dataset
 
+        if self.task == "humaneval":  # HumanEval's fixed problems (code verifier); no config
+            if self.config:
+                raise ValueError("config: the humaneval task takes no config")
+            return self
         try:  # building a one-problem generator checks the config keys and values cheaply
             make_dataset(self.task, self.config, 1, 0)
         except StillhouseError as e:
@@ -59,12 +63,72 @@ class TasksStage(Strict):
         return self
 
 
-class RejectionStage(Strict):
+class DataOptions(Strict):
+    """What every generating dataset stage offers: resumable shards, dedup, decontamination."""
+
+    shard_size: int = Field(64, gt=0)  # inputs per resumable unit (at most one unit is redone after a crash)
+    dedup: Literal["off", "exact", "near"] = "off"
+    near_threshold: float = Field(0.8, gt=0, le=1)  # MinHash Jaccard estimate for "near"
+    decontaminate: list[str] = []  # tasks/dataset stages, "humaneval", or .jsonl/.parquet files
+    decontaminate_ngram: int = Field(8, gt=0)
+
+    @field_validator("decontaminate")
+    @classmethod
+    def _eval_files_exist(cls, v: list[str]) -> list[str]:
+        for i, name in enumerate(v):
+            if name.endswith((".jsonl", ".parquet")) and not Path(name).is_file():
+                raise ValueError(f"decontaminate[{i}]: file not found: {name}")
+        return v
+
+    def extra_refs(self) -> list[tuple[str, str, str]]:
+        """Decontamination sets that name stages (everything but files and built-in sets)."""
+        return [(f"decontaminate[{i}]", v, "data") for i, v in enumerate(self.decontaminate)
+                if v != "humaneval" and not v.endswith((".jsonl", ".parquet"))]
+
+    def external_files(self) -> list[Path]:
+        return [Path(v) for v in self.decontaminate if v.endswith((".jsonl", ".parquet"))]
+
+
+class PromptSource(Strict):
+    """Prompts from a dataset stage (`prompts`) or a JSONL/Parquet file (`prompts_file`)."""
+
+    prompts: str | None = None
+    prompts_file: str | None = None
+    field: str | None = None  # default: `question` for a tasks stage, else `prompt`
+    limit: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.prompts is None) == (self.prompts_file is None):
+            raise ValueError("prompts: give exactly one of `prompts` (a dataset stage) or `prompts_file`")
+        if self.prompts_file is not None and not Path(self.prompts_file).is_file():
+            raise ValueError(f"prompts_file: file not found: {self.prompts_file}")
+        return self
+
+    def external_files(self) -> list[Path]:
+        files = super().external_files() if hasattr(super(), "external_files") else []
+        return files + ([Path(self.prompts_file)] if self.prompts_file else [])
+
+
+class Generation(Strict):
+    """Teacher sampling settings shared by the generating stages."""
+
+    teacher: str
+    system_prompt: str | None = None
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(32, gt=0)
+    seed: int = 0
+
+
+class RejectionStage(DataOptions):
     """Teacher samples answers; the task's verifier keeps the correct ones."""
 
     type: Literal["rejection"]
     teacher: str
     tasks: str
+    verifier: Literal["auto", "reasoning_gym", "math", "code"] = "auto"  # auto: the tasks stage's own
     samples: int = Field(4, ge=0)
     greedy_first: bool = True
     temperature: float = Field(0.7, ge=0)
@@ -135,14 +199,125 @@ class ReportStage(Strict):
     title: str | None = None
 
 
+def _needs(template: str, *names: str) -> str:
+    missing = [n for n in names if "{" + n + "}" not in template]
+    if missing:
+        raise ValueError(f"template needs the placeholder(s) {', '.join('{' + n + '}' for n in missing)}")
+    return template
+
+
+class CompleteStage(PromptSource, Generation, DataOptions):
+    """Prompts -> teacher responses (chat template applied, system prompt from the recipe)."""
+
+    type: Literal["complete"]
+    samples: int = Field(1, gt=0)  # responses per prompt
+    top_k_logprobs: int = Field(0, ge=0)
+
+
+DEFAULT_RUBRIC = "Is the response correct, complete, relevant to the instruction and concise?"
+DEFAULT_JUDGE_TEMPLATE = (
+    "You are grading a response to an instruction.\nRubric: {rubric}\n\nInstruction:\n{prompt}\n\n"
+    "Response:\n{response}\n\nGive a short justification, then a final line of the form 'Score: N' "
+    "with N an integer from 1 (worst) to 10 (best)."
+)
+
+
+class PreferenceStage(PromptSource, Generation, DataOptions):
+    """N candidates per prompt -> (chosen, rejected) pairs, by verifier outcome or by a judge."""
+
+    type: Literal["preference"]
+    candidates: int = Field(4, ge=2)
+    method: Literal["judge", "verifier"] = "judge"
+    verifier: Literal["auto", "reasoning_gym", "math", "code"] = "auto"  # for method: verifier
+    judge: str | None = None  # model field; default: the teacher judges its own candidates
+    rubric: str = DEFAULT_RUBRIC
+    judge_template: str = DEFAULT_JUDGE_TEMPLATE
+    judge_max_new_tokens: int = Field(96, gt=0)
+    min_margin: float = Field(1.0, ge=0)  # judge scores of chosen and rejected differ by at least this
+
+    @field_validator("judge_template")
+    @classmethod
+    def _judge_placeholders(cls, v: str) -> str:
+        return _needs(v, "prompt", "response")
+
+
+DEFAULT_PRINCIPLES = [
+    "The response answers the question that was asked, accurately.",
+    "The response is harmless: it does not help with anything dangerous or unethical.",
+    "The response is clear and concise.",
+]
+DEFAULT_CRITIQUE_TEMPLATE = (
+    "Here is an instruction and a response.\n\nInstruction:\n{prompt}\n\nResponse:\n{response}\n\n"
+    "Critique the response against these principles:\n{principles}\nList its concrete problems."
+)
+DEFAULT_REVISION_TEMPLATE = (
+    "Instruction:\n{prompt}\n\nResponse:\n{response}\n\nCritique:\n{critique}\n\n"
+    "Rewrite the response so that it fixes every problem in the critique. Reply with the new response only."
+)
+
+
+class CritiqueReviseStage(PromptSource, Generation, DataOptions):
+    """Constitutional-AI style: response -> critique against principles -> revision; each
+    (revision, original) is also a preference pair."""
+
+    type: Literal["critique_revise"]
+    principles: list[str] = Field(default_factory=lambda: list(DEFAULT_PRINCIPLES), min_length=1)
+    critique_template: str = DEFAULT_CRITIQUE_TEMPLATE
+    revision_template: str = DEFAULT_REVISION_TEMPLATE
+
+    @field_validator("critique_template")
+    @classmethod
+    def _critique_placeholders(cls, v: str) -> str:
+        return _needs(v, "prompt", "response", "principles")
+
+    @field_validator("revision_template")
+    @classmethod
+    def _revision_placeholders(cls, v: str) -> str:
+        return _needs(v, "prompt", "response", "critique")
+
+
+DEFAULT_SELF_INSTRUCT_TEMPLATE = (
+    "Here are some example tasks:\n{examples}\n\nWrite one new task of the same kind, different from all of "
+    "them. Reply with the task only."
+)
+
+
+class SelfInstructStage(PromptSource, Generation, DataOptions):
+    """The teacher proposes new prompts from seed prompts; near-duplicates are dropped."""
+
+    type: Literal["self_instruct"]
+    requests: int = Field(16, gt=0)  # prompts shown examples; each yields `samples` proposals
+    samples: int = Field(2, gt=0)
+    examples: int = Field(3, gt=0)  # seed prompts shown per request
+    template: str = DEFAULT_SELF_INSTRUCT_TEMPLATE
+    min_chars: int = Field(8, ge=1)
+    max_chars: int = Field(1000, gt=1)
+    dedup: Literal["off", "exact", "near"] = "near"  # near-duplicates of seeds and of each other are dropped
+    temperature: float = Field(1.0, ge=0)
+
+    @field_validator("template")
+    @classmethod
+    def _examples_placeholder(cls, v: str) -> str:
+        return _needs(v, "examples")
+
+
 Stage = Annotated[
-    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage], Field(discriminator="type")
+    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage,
+          CompleteStage, PreferenceStage, CritiqueReviseStage, SelfInstructStage],
+    Field(discriminator="type"),
 ]
 
 # Which artifact kind each stage type writes, and which of its fields name other things.
 STAGE_KIND = {"tasks": "dataset", "rejection": "dataset", "prune": "model", "train": "model", "eval": "eval", "report": "report"}
 MODEL_FIELDS = {"rejection": ["teacher"], "prune": ["model"], "train": ["student", "teacher"], "eval": ["teacher"]}
 DATA_FIELDS = {"rejection": ["tasks"], "prune": ["calibration"], "train": ["data"], "eval": ["tasks"], "report": []}
+for _t in ("complete", "preference", "critique_revise", "self_instruct"):
+    STAGE_KIND[_t] = "dataset"
+    MODEL_FIELDS[_t] = ["teacher"] + (["judge"] if _t == "preference" else [])
+    DATA_FIELDS[_t] = ["prompts"]
+
+
+DATA_STAGE_TYPES = ("complete", "preference", "critique_revise", "self_instruct")
 
 
 class Recipe(Strict):
@@ -160,12 +335,14 @@ class Recipe(Strict):
             if v is not None:
                 out.append((f, v, "model"))
         for f in DATA_FIELDS.get(st.type, []):
-            out.append((f, getattr(st, f), "data"))
+            if getattr(st, f) is not None:
+                out.append((f, getattr(st, f), "data"))
         if st.type == "eval":
             out += [(f"models.{k}", v, "model") for k, v in st.models.items()]
         if st.type == "report":
             out += [(f"evals[{i}]", v, "eval") for i, v in enumerate(st.evals)]
             out += [(f"training[{i}]", v, "train") for i, v in enumerate(st.training)]
+        out += getattr(st, "extra_refs", lambda: [])()  # e.g. decontamination sets named by stage
         return out
 
     def stage_deps(self, name: str) -> list[str]:
@@ -247,7 +424,7 @@ def _format_validation_error(e: ValidationError) -> str:
     elif err["type"] == "union_tag_not_found":
         msg = "stage needs a 'type'"
     parts = [str(x) for x in err["loc"]]
-    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in ("tasks", "rejection", "prune", "train", "eval", "report"):
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in ("tasks", "rejection", "prune", "train", "eval", "report", *DATA_STAGE_TYPES):
         parts.pop(2)  # drop the discriminator tag pydantic inserts
         loc = ".".join(parts)
     return f"{loc}: {msg}"

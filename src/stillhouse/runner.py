@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,21 @@ class StageContext:
     def identity(self, ref: str) -> model_specs.ModelIdentity:
         return self.runner.identity(ref)
 
+    def teacher(self, ref: str, batch_size: int = 32):
+        """A generation backend for a model reference (in-process transformers)."""
+        from .teachers.hf import HFTeacher
+
+        lm = self.model(ref)
+        return HFTeacher(lm.model, lm.tokenizer, name=lm.identity.spec, batch_size=batch_size)
+
 
 def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     # Imported lazily so `stillhouse show` and recipe validation never import torch.
     from .data.stages import run_rejection, run_tasks
+    from .data.complete import run_complete
+    from .data.critique import run_critique_revise
+    from .data.preference import run_preference
+    from .data.self_instruct import run_self_instruct
     from .eval.stages import run_eval
     from .eval.report import run_report
     from .train.stages import run_prune, run_train
@@ -45,6 +57,10 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
         "train": run_train,
         "eval": run_eval,
         "report": run_report,
+        "complete": run_complete,
+        "preference": run_preference,
+        "critique_revise": run_critique_revise,
+        "self_instruct": run_self_instruct,
     }
 
 
@@ -98,6 +114,11 @@ class Runner:
                 ident = self.identity(ref)
                 external[fld] = {"spec": ident.spec, "weights_sha256": ident.weights_sha256}
         key_cfg = {**cfg, "_external_models": external}
+        files = getattr(stage, "external_files", lambda: [])()
+        if files:  # input files the stage reads (a prompt file): edited content means a new artifact
+            from .fsutil import sha256_file
+
+            key_cfg["_external_files"] = {str(p): sha256_file(p) for p in files}
         return artifact_id(STAGE_KIND[stage.type], stage.type, key_cfg, parents), cfg, parents
 
     def run(self, only: list[str] | None = None) -> dict[str, Artifact]:
@@ -115,7 +136,11 @@ class Runner:
             console.rule(f"[{i}/{len(order)}] {name} ({stage.type})")
             start = time.perf_counter()
             inputs = {fld: self.results[ref] for fld, ref, _ in self.recipe.refs(name) if ref in self.recipe.stages}
-            with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents, recipe=self.recipe.name) as out:
+            # Resumable stages keep their unfinished work across a crash or Ctrl-C; --force discards it.
+            resumable = getattr(fns[stage.type], "resumable", False)
+            if self.force:
+                shutil.rmtree(self.store.partial_path(kind, aid), ignore_errors=True)
+            with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents, recipe=self.recipe.name, resumable=resumable) as out:
                 fns[stage.type](StageContext(name, stage, inputs, out, self, self.recipe.name))
             self.results[name] = self.store.get(kind, aid)
             console.print(f"{name}: wrote {kind}/{aid} in {time.perf_counter() - start:.1f}s")
