@@ -18,6 +18,7 @@ machines or thread counts, as they would for an uninterrupted run).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -134,9 +135,10 @@ def run_units(
                 advance(1, info=f"{records} records")
     except KeyboardInterrupt:
         done = sum(shards.done(u) for u in range(len(units)))
-        console.print(
+        # printed even when progress output is quiet: the user needs to know nothing was lost
+        print(
             f"{stage}: interrupted; {done} of {len(units)} shards ({shards.records()} records) are kept in "
-            f"{work_dir}. Run the same command again to continue."
+            f"{work_dir}. Run the same command again to continue.", file=sys.stderr,
         )
         raise
     return shards
