@@ -70,7 +70,7 @@ class DataOptions(Strict):
     dedup: Literal["off", "exact", "near"] = "off"
     near_threshold: float = Field(0.8, gt=0, le=1)  # MinHash Jaccard estimate for "near"
     decontaminate: list[str] = []  # tasks/dataset stages, "humaneval", or .jsonl/.parquet files
-    decontaminate_ngram: int = Field(8, gt=0)
+    decontaminate_ngram: int = Field(13, gt=0)  # the usual 13-gram; shorter eval texts match whole
 
     @field_validator("decontaminate")
     @classmethod
@@ -307,17 +307,15 @@ Stage = Annotated[
     Field(discriminator="type"),
 ]
 
+DATA_STAGE_TYPES = ("complete", "preference", "critique_revise", "self_instruct")
 # Which artifact kind each stage type writes, and which of its fields name other things.
 STAGE_KIND = {"tasks": "dataset", "rejection": "dataset", "prune": "model", "train": "model", "eval": "eval", "report": "report"}
 MODEL_FIELDS = {"rejection": ["teacher"], "prune": ["model"], "train": ["student", "teacher"], "eval": ["teacher"]}
 DATA_FIELDS = {"rejection": ["tasks"], "prune": ["calibration"], "train": ["data"], "eval": ["tasks"], "report": []}
-for _t in ("complete", "preference", "critique_revise", "self_instruct"):
+for _t in DATA_STAGE_TYPES:
     STAGE_KIND[_t] = "dataset"
     MODEL_FIELDS[_t] = ["teacher"] + (["judge"] if _t == "preference" else [])
     DATA_FIELDS[_t] = ["prompts"]
-
-
-DATA_STAGE_TYPES = ("complete", "preference", "critique_revise", "self_instruct")
 
 
 class Recipe(Strict):

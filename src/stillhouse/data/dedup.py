@@ -33,8 +33,7 @@ def drop_overlap(rows: list[dict], held_out: list[dict], key: str) -> tuple[list
 
 # -- near duplicates: MinHash signatures, banded LSH ---------------------------------------
 # Written here with numpy (a few dozen lines) rather than adding a dependency. Hashes are
-# crc32-based, never Python's salted hash(), so the same data dedups the same way on every run.
-_MERSENNE = (1 << 61) - 1
+# crc32 and splitmix64, never Python's salted hash(), so the same data dedups the same way on every run.
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
@@ -61,16 +60,21 @@ def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
 
 
 class MinHasher:
+    """`num_perm` independent hash functions (splitmix64 of the shingle xor a per-function seed);
+    the signature is each function's minimum over the shingles. A linear (a*x + b) mod p with
+    small a is not enough here: its minimum favours small x and biases the estimate low."""
+
     def __init__(self, num_perm: int = 64, seed: int = 1):
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, 1 << 32, num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, num_perm, dtype=np.uint64)
+        self.seeds = np.random.default_rng(seed).integers(0, np.iinfo(np.uint64).max, num_perm, dtype=np.uint64)
 
     def signature(self, text: str) -> np.ndarray:
         x = np.fromiter(shingles(text), dtype=np.uint64)
-        # (a*x + b) mod p per permutation; a, x < 2^32 so a*x fits in uint64
-        h = (self.a[:, None] * x[None, :] + self.b[:, None]) % _MERSENNE
-        return h.min(axis=1).astype(np.uint32)
+        with np.errstate(over="ignore"):  # wrap-around multiplication is the point
+            z = self.seeds[:, None] ^ x[None, :]
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        return z.min(axis=1)
 
 
 class NearDuplicates:

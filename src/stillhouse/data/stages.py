@@ -90,13 +90,12 @@ def run_rejection(ctx) -> None:
     rates = {k: v for s in stats for k, v in s.pop("pass_rates").items()}
     write_rows(ctx.out.path / "pass_rates.parquet", [{"problem_id": k, "pass_rate": v} for k, v in rates.items()])
     filt = record_filter(ctx, key=lambda r: r["question"] + "\n" + r["completion"], prompt=lambda r: r["question"])
-    try:
-        finish_dataset(ctx, shards, filt, "verified teacher answers")
-    except EmptyDatasetError:
+    if shards.records() == 0:
         raise EmptyDatasetError(
             f"stage '{ctx.name}': no teacher answer passed verification on {len(records)} problems "
             f"(try more samples, a higher temperature or an easier task)"
-        ) from None
+        )
+    finish_dataset(ctx, shards, filt, "verified teacher answers")
     ctx.out.metrics.update(_sum_stats(stats, len(records)), teacher_generated_tokens=teacher_tokens(stats))
     ctx.out.teachers.append({**ctx.identity(c.teacher).to_dict(), "role": "data", "token_share": 1.0})
     ctx.out.extra["task"] = tasks.manifest["task"]
