@@ -129,6 +129,7 @@ class RejectionStage(DataOptions):
     teacher: str
     tasks: str
     verifier: Literal["auto", "reasoning_gym", "math", "code"] = "auto"  # auto: the tasks stage's own
+    shard_size: int = Field(256, gt=0)  # problems per resumable unit; larger units batch the sampling pass better
     samples: int = Field(4, ge=0)
     greedy_first: bool = True
     temperature: float = Field(0.7, ge=0)
