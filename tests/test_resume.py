@@ -138,3 +138,15 @@ def test_resumable_artifact_keeps_its_work_dir_across_a_failure(tmp_path):
         with store.create("dataset", "def", stage="s", name="y", config={}, parents=[]) as out:
             raise RuntimeError
     assert list((tmp_path / "dataset").iterdir()) == [tmp_path / "dataset" / "abc"]
+
+
+def test_a_second_run_of_the_same_stage_is_refused_while_the_first_writes(tmp_path):
+    from stillhouse.errors import StillhouseError
+
+    def work(u, items):
+        with pytest.raises(StillhouseError, match="being written by another stillhouse run"):
+            run_units("s", tmp_path, [[1]], lambda u, i: ([], {}), "t")
+        return [{"id": str(x)} for x in items], {}
+
+    run_units("s", tmp_path, [[1, 2]], work, "t")
+    assert Shards(tmp_path).records() == 2

@@ -17,6 +17,8 @@ machines or thread counts, as they would for an uninterrupted run).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import sys
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import StillhouseError
 from ..fsutil import write_json_atomic
 from ..progress import console, progress
 from ..records import write_rows
@@ -53,6 +56,17 @@ class Shards:
 
     def _shard(self, unit: int) -> Path:
         return self.dir / f"unit-{unit:06d}.parquet"
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Exclusive right to add shards: two runs of the same stage must not interleave. The
+        kernel drops the lock when its holder dies, so a killed run never blocks the next one."""
+        with open(self.dir / ".lock", "w") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StillhouseError(f"{self.dir.parent} is being written by another stillhouse run; wait for it or stop it") from None
+            yield
 
     def done(self, unit: int) -> bool:
         return self._marker(unit).is_file()
@@ -126,7 +140,7 @@ def run_units(
         console.print(f"{stage}: resuming, {len(units) - len(todo)} of {len(units)} shards already done")
     records = shards.records()
     try:
-        with progress(description, total=len(units)) as advance:
+        with shards.writing(), progress(description, total=len(units)) as advance:
             advance(len(units) - len(todo))
             for u in todo:
                 rows, stats = work(u, units[u])
