@@ -150,3 +150,25 @@ def test_a_second_run_of_the_same_stage_is_refused_while_the_first_writes(tmp_pa
 
     run_units("s", tmp_path, [[1, 2]], work, "t")
     assert Shards(tmp_path).records() == 2
+
+
+def test_user_errors_discard_the_work_dir_unless_raised_while_generating(tmp_path):
+    from stillhouse.errors import EmptyDatasetError, StillhouseError
+
+    store = ArtifactStore(tmp_path)
+    kw = dict(stage="complete", name="x", config={}, parents=[], resumable=True)
+    with pytest.raises(EmptyDatasetError):
+        with store.create("dataset", "empty", **kw) as out:
+            run_units("s", out.path, [[1]], lambda u, i: ([], {}), "t")
+            raise EmptyDatasetError("nothing left")  # a rerun would fail the same way
+    assert not store.partial_path("dataset", "empty").exists()
+
+    def dead_endpoint(u, items):
+        if u == 1:
+            raise StillhouseError("endpoint http://localhost:1 unreachable")
+        return [{"id": str(u)}], {}
+
+    with pytest.raises(StillhouseError, match="unreachable"):
+        with store.create("dataset", "dead", **kw) as out:
+            run_units("s", out.path, [[1], [2]], dead_endpoint, "t")
+    assert Shards(store.partial_path("dataset", "dead")).records() == 1  # kept for the rerun

@@ -126,10 +126,18 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def _resumable_dir(self, final: Path, tmp: Path) -> Iterator[Path]:
-        """Like atomic_dir, but the work directory has a fixed name and survives a failure, so a
-        rerun of the same stage (same id) continues it."""
+        """Like atomic_dir, but the work directory has a fixed name and survives a crash or
+        Ctrl-C, so a rerun of the same stage (same id) continues it.
+
+        A user error (bad input, nothing left to write) discards it, as a rerun would fail the
+        same way, unless the error is marked `resumable` (a teacher that failed mid-run)."""
         tmp.mkdir(parents=True, exist_ok=True)
-        yield tmp
+        try:
+            yield tmp
+        except StillhouseError as e:
+            if not getattr(e, "resumable", False):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

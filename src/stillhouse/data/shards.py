@@ -65,7 +65,9 @@ class Shards:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise StillhouseError(f"{self.dir.parent} is being written by another stillhouse run; wait for it or stop it") from None
+                busy = StillhouseError(f"{self.dir.parent} is being written by another stillhouse run; wait for it or stop it")
+                busy.resumable = True  # the other run's work: never discard it
+                raise busy from None
             yield
 
     def done(self, unit: int) -> bool:
@@ -147,11 +149,16 @@ def run_units(
                 shards.write(u, rows, stats)
                 records += len(rows)
                 advance(1, info=f"{records} records")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StillhouseError) as e:
+        if getattr(e, "resumable", False):
+            raise  # another run holds the lock
+        if isinstance(e, StillhouseError):
+            e.resumable = True  # e.g. an endpoint that went away: keep the shards for a rerun
         done = sum(shards.done(u) for u in range(len(units)))
         # printed even when progress output is quiet: the user needs to know nothing was lost
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by an error"
         print(
-            f"{stage}: interrupted; {done} of {len(units)} shards ({shards.records()} records) are kept in "
+            f"{stage}: {what}; {done} of {len(units)} shards ({shards.records()} records) are kept in "
             f"{work_dir}. Run the same command again to continue.", file=sys.stderr,
         )
         raise
