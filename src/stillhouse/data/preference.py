@@ -15,7 +15,7 @@ from .prompts import (
     completion_columns, fill, generate, load_prompts, messages, provenance, template_hash, teacher_tokens,
 )
 from .shards import run_units, unit_seed, units_of
-from .verifiers import verifier_for
+from ..verify.choose import verifier_for
 
 MAX_RECORDED_FAILURES = 50  # judge answers kept verbatim in the manifest (all are counted)
 

@@ -57,7 +57,7 @@ def run_rejection(ctx) -> None:
     from .prompts import provenance, teacher_tokens
     from .rejection import rejection_sample, template_hash
     from .shards import run_units, unit_seed, units_of
-    from .verifiers import verifier_for
+    from ..verify.choose import verifier_for
 
     c = ctx.config
     tasks = ctx.inputs["tasks"]

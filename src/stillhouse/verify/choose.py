@@ -1,4 +1,6 @@
-"""Which verifier checks a stage's records: the tasks stage's own, or one the recipe names."""
+"""Which verifier checks a set of records: the tasks stage's own, or one a recipe names.
+
+Shared by the data engine (rejection, preference) and usable by evaluation alike."""
 
 from __future__ import annotations
 
@@ -24,17 +26,17 @@ def verifier_for(choice: str, manifest: dict | None, records: list[dict], stage:
     if choice == "reasoning_gym":
         if not task.get("name") or task.get("verifier") in ("code", "math"):
             raise StillhouseError(f"stages.{stage}.verifier: reasoning_gym needs a reasoning-gym tasks stage")
-        from ..verify.reasoning_gym import ReasoningGymVerifier
+        from .reasoning_gym import ReasoningGymVerifier
 
         return ReasoningGymVerifier(task["name"], task.get("config", {}))
     if choice == "math":
         if records and "answer" not in records[0]:
             raise StillhouseError(f"stages.{stage}.verifier: math needs an `answer` field in the records")
-        from ..verify.math import MathVerifier
+        from .math import MathVerifier
 
         return MathVerifier()
     if records and "test" not in records[0]:
         raise StillhouseError(f"stages.{stage}.verifier: code needs a `test` field in the records")
-    from ..verify.code import CodeVerifier
+    from .code import CodeVerifier
 
     return CodeVerifier()
