@@ -190,7 +190,7 @@ def test_preference_by_verifier_and_nothing_to_pair_is_an_error(tmp_path, monkey
     assert rows and all(r["chosen_score"] == 1.0 and r["rejected_score"] == 0.0 for r in rows)
     assert all(r["chosen"] == f"The answer is {_sum(r['question'])}" for r in rows)
     stages["pairs"]["seed"] = 1
-    with pytest.raises(EmptyDatasetError, match="no preference pairs left .*skipped_tie=10"):
+    with pytest.raises(EmptyDatasetError, match=r"no preference pairs left \(skipped_tie=10\)$"):
         _run(tmp_path, stages, ScriptedTeacher(lambda t, j: "The answer is 0"), monkeypatch)
 
 
@@ -343,3 +343,14 @@ def test_complete_decontaminates_against_a_tasks_held_out_split(tmp_path, monkey
                ScriptedTeacher(lambda t, j: "fine"), monkeypatch)["a"]
     assert [r["question"] for r in read_rows(art.file("data.parquet"))] == ["an unrelated question about birds"]
     assert art.manifest["counts"]["removed_eval_overlap"] == 3
+
+
+def test_a_judge_that_never_scores_fails_with_counts_and_an_example(tmp_path, monkeypatch):
+    teacher = ScriptedTeacher(lambda t, j: "I think it is quite good overall" if "Response:" in t else f"c{j}")
+    prompts = _prompt_file(tmp_path, ["one question", "two questions"])
+    with pytest.raises(EmptyDatasetError) as e:
+        _run(tmp_path, {"pairs": {"type": "preference", "teacher": "t", "prompts_file": prompts, "candidates": 2}},
+             teacher, monkeypatch)
+    msg = str(e.value)
+    assert "skipped_unparsed=2, judge_unparsed=4" in msg and "I think it is quite good overall" in msg and "\n" not in msg
+    assert not list((tmp_path / "ws" / "dataset").iterdir())  # nothing half-written, not even the work dir

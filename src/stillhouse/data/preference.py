@@ -98,7 +98,9 @@ def run_preference(ctx) -> None:
     filt = record_filter(ctx, key=lambda r: r["question"] + "\n" + r["chosen"], prompt=lambda r: r["question"])
     skipped = {"skipped_unparsed": total("skipped_unparsed"), "skipped_tie": total("skipped_tie"),
                "judge_unparsed": total("judge_unparsed")}
-    finish_dataset(ctx, shards, filt, "preference pairs", skipped)
+    # if nothing is left, the error shows what the judge said (the manifest that would list it is not written)
+    example = {"first_unparsed_answer": repr(" ".join(failures[0]["answer"].split())[:100])} if failures else {}
+    finish_dataset(ctx, shards, filt, "preference pairs", {**skipped, **example})
     ctx.out.counts.update(prompts=len(prompts), **skipped)
     ctx.out.metrics["teacher_generated_tokens"] = teacher_tokens(stats)
     if failures:
