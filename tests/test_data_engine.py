@@ -259,6 +259,8 @@ def test_clean_proposal():
     assert clean_proposal("1. Task: Do X.\n\nMore") == "Do X."
     assert clean_proposal('- "Quoted task"') == "Quoted task"
     assert clean_proposal("New instruction: summarise {this}") == "summarise {this}"
+    assert clean_proposal("Why is the moon bright?\n2. What is the capital of France\n3. x") == "Why is the moon bright?"
+    assert clean_proposal("Write code that:\nreads a file\nand counts words") == "Write code that:\nreads a file\nand counts words"
 
 
 # -- rejection on shards: code and maths verifiers -----------------------------------------

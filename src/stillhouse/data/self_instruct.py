@@ -20,9 +20,16 @@ from .shards import run_units, unit_seed, units_of
 _LABEL = re.compile(r"^\s*(?:[-*•]|\d+[.):]|(?:new\s+)?(?:task|instruction|question|prompt)\s*\d*\s*:)\s*", re.I)
 
 
+_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+
+
 def clean_proposal(text: str) -> str:
-    """The proposed task alone: first paragraph, without list markers, labels or quotes."""
+    """The proposed task alone: first paragraph (first item, if the model wrote a list),
+    without list markers, labels or quotes."""
     para = text.strip().split("\n\n")[0].strip()
+    lines = para.splitlines()
+    if len(lines) > 1 and any(_ITEM.match(line) for line in lines[1:]):
+        para = lines[0]  # a list of tasks: the first is the proposal
     for _ in range(2):  # "1. Task: ..." has two labels
         para = _LABEL.sub("", para, count=1)
     return para.strip().strip('"“”\'`').strip()
