@@ -143,6 +143,8 @@ def validate_registry() -> None:
         for f in ("name", "kind", "commercial", "outputs_make_derivative", "rules", "checked"):
             if f not in t:
                 raise StillhouseError(f"terms.yaml: {tid}: missing '{f}'")
+        if t["outputs_make_derivative"] not in ("yes", "no", "unclear") or t["commercial"] not in ("allowed", "conditional", "forbidden", "unclear"):
+            raise StillhouseError(f"terms.yaml: {tid}: outputs_make_derivative/commercial has an unknown value (quote yes/no: YAML reads them as booleans)")
         for r in t["rules"]:
             for f in ("id", "kind", "text", "clause", "reaches", "uncertain", "blocks"):
                 if f not in r:
