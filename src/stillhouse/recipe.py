@@ -149,14 +149,18 @@ class ImportStage(Strict):
     system_prompt: str | None = None
     sha256: str | None = None  # of the file; filled in when the recipe loads, so edits give a new artifact
 
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).expanduser().is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
     @model_validator(mode="after")
     def _hash_file(self):
         from .fsutil import sha256_file
 
-        p = Path(self.path).expanduser()
-        if not p.is_file():
-            raise ValueError(f"path: file not found: {self.path}")
-        digest = sha256_file(p)
+        digest = sha256_file(Path(self.path).expanduser())
         if self.sha256 is not None and self.sha256 != digest:
             raise ValueError(f"sha256: {self.path} has changed (hash {digest[:12]}..., recipe says {self.sha256[:12]}...)")
         self.sha256 = digest
