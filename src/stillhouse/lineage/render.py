@@ -138,10 +138,13 @@ def _matplotlib(lin: Lineage, path: Path, fmt: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 3.2 * width), max(3, 1.4 * len(rows))))
     pos = {k: ((i + 0.5) / len(r) * width, -d) for d, r in rows.items() for i, k in enumerate(r)}
     shares = {s.key: s.share for s in teacher_shares(lin)}
-    for e in lin.edges:
-        (x0, y0), (x1, y1) = pos[e.parent], pos[e.child]
+    roles: dict[tuple[str, str], list[str]] = {}
+    for e in lin.edges:  # one arrow per pair, labelled with every role (a model can be teacher and base)
+        roles.setdefault((e.parent, e.child), []).append(e.role)
+    for (parent, child), rs in roles.items():
+        (x0, y0), (x1, y1) = pos[parent], pos[child]
         ax.annotate("", xy=(x1, y1 - 0.18), xytext=(x0, y0 + 0.18), arrowprops={"arrowstyle": "->", "color": "#555"})
-        ax.text((x0 + x1) / 2, (y0 + y1) / 2, e.role, fontsize=7, color="#555", ha="center")
+        ax.text((x0 + x1) / 2, (y0 + y1) / 2, ", ".join(rs), fontsize=7, color="#555", ha="center")
     for k, (x, y) in pos.items():
         n = lin.nodes[k]
         label = n.label + ("\n" + lookup(n.license)["id"] if n.external else f"\n{n.manifest['stage']}")

@@ -16,6 +16,7 @@ contribution keeps the path it travelled, so `--from` can show *how* a model owe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..errors import StillhouseError
 from .graph import UNKNOWN_ORIGIN, Lineage, Node, model_key, origin_node
@@ -71,9 +72,8 @@ def _sources(lin: Lineage, node: Node) -> list[tuple[str, float]]:
         out = []
         for t in teachers:
             w = float(t.get("token_share", 1.0))
-            if t.get("source") == "artifact":
-                key = next((k for k in lin.parents(node.key, "teacher") if not lin.nodes[k].external and k == _artifact_key(t)), None)
-                out.append((key or _artifact_key(t), w))
+            if t.get("source") == "artifact":  # a model of the workspace: its directory name is its id
+                out.append((_artifact_key(t), w))
             else:
                 out.append((model_key(t), w))
         return out
@@ -146,5 +146,7 @@ def matches(share: Share, spec: str) -> bool:
     """Whether a teacher is the model `spec` names: its spec, a path ending, or its weights hash."""
     ident = share.node.identity
     s = spec.strip()
+    if Path(s).expanduser().exists():  # a path given relative to here
+        s = str(Path(s).expanduser().resolve())
     cand = {str(ident.get("spec")), share.node.label, str(ident.get("weights_sha256"))}
     return s in cand or any(c.rstrip("/").endswith("/" + s) for c in cand) or (len(s) >= 8 and str(ident.get("weights_sha256", "")).startswith(s))
