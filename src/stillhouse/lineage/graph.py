@@ -10,7 +10,6 @@ reaches a student through an intermediate model.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -174,12 +173,3 @@ def load_lineage(store: ArtifactStore, ref: str | None = None, *, pending: dict 
     edges = list(dict.fromkeys(edges))
     return Lineage(root, nodes, edges)
 
-
-def read_manifest(path: Path) -> dict:
-    """A manifest file, with the one-line errors lineage promises."""
-    if not path.is_file():
-        raise StillhouseError(f"manifest missing: {path}")
-    try:
-        return check_manifest(json.loads(path.read_text()), path)
-    except json.JSONDecodeError as e:
-        raise StillhouseError(f"corrupt manifest {path}: {e}") from None
