@@ -281,3 +281,20 @@ def test_cli_lineage_outputs(tmp_path, capsys):
     assert (tmp_path / "g.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "README.md").read_text().startswith("---")
     main(["lineage", "s", "-w", ws, "--graph", str(tmp_path / "g.dot")])
     assert "digraph lineage" in (tmp_path / "g.dot").read_text()
+
+
+def test_graph_goes_through_graphviz_when_dot_is_installed(tmp_path, monkeypatch):
+    """With `dot` on PATH the DOT source is piped to it (a stand-in `dot` here records its input)."""
+    from stillhouse.lineage.render import draw, to_dot
+
+    _two_teacher_workspace(tmp_path / "ws")
+    fake = tmp_path / "bin" / "dot"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n# usage: dot -Tfmt -o OUT < source\ncat > "$3"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    lin = load_lineage(ArtifactStore(tmp_path / "ws"), "s")
+    assert draw(lin, tmp_path / "g.svg") == "dot"
+    assert (tmp_path / "g.svg").read_text() == to_dot(lin)
+    with pytest.raises(StillhouseError, match="unsupported picture format '.gif'"):
+        draw(lin, tmp_path / "g.gif")
