@@ -11,7 +11,7 @@ from rich.tree import Tree
 
 from ..errors import StillhouseError
 from ..fsutil import write_text_atomic
-from .graph import Lineage, Node
+from .graph import UNKNOWN_ORIGIN, Lineage, Node
 from .shares import Share, teacher_shares
 from .terms import lookup, obligations
 
@@ -19,6 +19,8 @@ COLOURS = {"dataset": "#cfe2ff", "model": "#d1e7dd", "eval": "#fff3cd", "report"
 
 
 def describe(node: Node) -> str:
+    if node.key == UNKNOWN_ORIGIN:
+        return "unknown origin (not declared: its terms cannot be checked)"
     if node.external:
         ident = node.identity
         what = "declared origin" if node.kind == "origin" else f"{ident.get('source', 'outside')} model"
