@@ -34,7 +34,7 @@ def run_lineage(ref: str, workspace: Path, *, as_json=False, prov=False, graph=N
     elif terms:
         print_terms(lin)
     elif graph is None and card is None:
-        out.print(tree(lin))
+        Console().print(tree(lin))  # a tree wraps long labels instead of cropping them
         shares = teacher_shares(lin)
         if shares:
             out.print("\n[bold]Original teachers[/bold] (share of the training signal, path):")

@@ -23,8 +23,8 @@ def describe(node: Node) -> str:
         return "unknown origin (not declared: its terms cannot be checked)"
     if node.external:
         ident = node.identity
-        what = "declared origin" if node.kind == "origin" else f"{ident.get('source', 'outside')} model"
-        sha = f" sha256 {str(ident.get('weights_sha256'))[:12]}" if ident.get("weights_sha256") else ""
+        what = "declared origin" if node.kind == "origin" else ident.get("source", "outside")
+        sha = f", sha256 {str(ident.get('weights_sha256'))[:12]}" if ident.get("weights_sha256") else ""
         return f"{node.label} ({what}, {lookup(node.license)['id']}{sha})"
     m = node.manifest
     return f"{node.label}: {m['kind']} {node.key} ({m['stage']})"
