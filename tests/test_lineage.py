@@ -298,3 +298,15 @@ def test_graph_goes_through_graphviz_when_dot_is_installed(tmp_path, monkeypatch
     assert (tmp_path / "g.svg").read_text() == to_dot(lin)
     with pytest.raises(StillhouseError, match="unsupported picture format '.gif'"):
         draw(lin, tmp_path / "g.gif")
+
+
+def test_a_teacher_from_another_workspace_is_walked_there(tmp_path):
+    other = tmp_path / "other"
+    data_by(other, "d_t2", T2)
+    trained(other, "m", {"d_t2": 100})
+    here = tmp_path / "here"
+    data_by(here, "d_m", model_teacher(other, "m"))
+    trained(here, "s", {"d_m": 50})
+    lin = load_lineage(ArtifactStore(here), "s")
+    (sh,) = teacher_shares(lin)
+    assert sh.spec == "teacher-t2" and [lin.nodes[k].label for k in sh.paths[0][0]] == ["s", "d_m", "m", "d_t2", "teacher-t2"]

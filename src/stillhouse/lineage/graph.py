@@ -90,14 +90,16 @@ class _Resolver:
 
     def __init__(self, store: ArtifactStore):
         self.store = store
+        self.roots = [store.root]  # plus the workspaces of teachers that live elsewhere
 
     def by_id(self, aid: str, needed_by: str) -> Artifact:
-        for kind in KINDS:
-            p = self.store.root / kind / aid
-            if p.is_dir():
-                if not (p / MANIFEST).is_file():
-                    raise StillhouseError(f"artifact {aid} (needed by {needed_by}) has no {MANIFEST}: {p}")
-                return _open(p)
+        for root in self.roots:
+            for kind in KINDS:
+                p = root / kind / aid
+                if p.is_dir():
+                    if not (p / MANIFEST).is_file():
+                        raise StillhouseError(f"artifact {aid} (needed by {needed_by}) has no {MANIFEST}: {p}")
+                    return _open(p)
         raise StillhouseError(f"artifact {aid} (needed by {needed_by}) not found in {self.store.root}: manifest missing or workspace moved")
 
     def teacher_artifact(self, ident: dict, needed_by: str) -> Artifact:
@@ -106,7 +108,9 @@ class _Resolver:
         for kind in KINDS:
             if (self.store.root / kind / p.name / MANIFEST).is_file():
                 return _open(self.store.root / kind / p.name)
-        if (p / MANIFEST).is_file():
+        if (p / MANIFEST).is_file():  # a model of another workspace: its ancestors live there
+            if p.parent.parent not in self.roots:
+                self.roots.append(p.parent.parent)
             return _open(p)
         raise StillhouseError(f"teacher artifact {p.name} (needed by {needed_by}) not found in {self.store.root} or at {p}")
 
