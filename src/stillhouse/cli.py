@@ -96,6 +96,25 @@ def list_models():
         typer.echo(f"{b.name:24} {b.license:20} {b.description} (package {b.package})")
 
 
+@app.command()
+def lineage(
+    artifact: str = typer.Argument(..., help="Artifact directory, id or id prefix."),
+    workspace: Path = WorkspaceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Ancestry, teacher shares and obligations as JSON."),
+    prov: bool = typer.Option(False, "--prov", help="W3C PROV-JSON (validated before it is printed)."),
+    graph: Optional[Path] = typer.Option(None, "--graph", help="Write a picture: .png/.svg/.pdf (Graphviz if present, else matplotlib) or .dot."),
+    from_spec: Optional[str] = typer.Option(None, "--from", help="Is this model distilled from SPEC? yes/no with paths and share (exit 1 if no)."),
+    terms: bool = typer.Option(False, "--terms", help="Obligations inherited through every path, with teacher and clause."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Write a refreshed model card (with evaluations found in the workspace)."),
+):
+    """Where an artifact came from: stages, teachers with their share of the training signal, terms."""
+    from .lineage.cli import run_lineage
+
+    code = run_lineage(artifact, workspace, as_json=as_json, prov=prov, graph=graph, from_spec=from_spec, terms=terms, card=card)
+    if code:
+        raise SystemExit(code)  # click would swallow typer.Exit's code outside standalone mode
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

@@ -37,6 +37,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     from .eval.stages import run_eval
     from .eval.report import run_report
     from .train.stages import run_prune, run_train
+    from .data.imports import run_import, run_mix
 
     return {
         "tasks": run_tasks,
@@ -45,6 +46,8 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
         "train": run_train,
         "eval": run_eval,
         "report": run_report,
+        "import": run_import,
+        "mix": run_mix,
     }
 
 
@@ -101,6 +104,9 @@ class Runner:
         return artifact_id(STAGE_KIND[stage.type], stage.type, key_cfg, parents), cfg, parents
 
     def run(self, only: list[str] | None = None) -> dict[str, Artifact]:
+        from .lineage.policy import check_policy
+
+        policy_notes = check_policy(self.recipe)  # refuses before any model loads
         fns = _stage_functions()
         order = self.recipe.order()
         for i, name in enumerate(order, 1):
@@ -116,6 +122,7 @@ class Runner:
             start = time.perf_counter()
             inputs = {fld: self.results[ref] for fld, ref, _ in self.recipe.refs(name) if ref in self.recipe.stages}
             with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents, recipe=self.recipe.name) as out:
+                out.extra.update(policy_notes.get(name, {}))
                 fns[stage.type](StageContext(name, stage, inputs, out, self, self.recipe.name))
             self.results[name] = self.store.get(kind, aid)
             console.print(f"{name}: wrote {kind}/{aid} in {time.perf_counter() - start:.1f}s")
