@@ -124,6 +124,10 @@ class EvalStage(Strict):
     batch_size: int = Field(32, gt=0)
     speed_batch: int = Field(16, gt=0)
     system_prompt: str | None = None
+    suites: list[str] = []  # more suites beside the tasks' held-out split (see eval/suites.py)
+    samples: int = Field(1, gt=0)  # > 1: sampled completions per problem for pass@k
+    memory: bool = True  # peak RSS of each model in a fresh process
+    perplexity_text: str | None = None  # held-out text (.txt or .jsonl with "text") for perplexity
 
 
 class ReportStage(Strict):
