@@ -131,7 +131,7 @@ class EvalStage(Strict):
 
 
 class ReportStage(Strict):
-    """A terminal table, report.md and a chart from evaluations and training histories."""
+    """A terminal table, report.md and a self-contained report.html (charts inlined) from evaluations and training histories."""
 
     type: Literal["report"]
     evals: list[str]

@@ -160,6 +160,7 @@ def evaluate_models(candidates: list[Candidate], suites: list[Suite], s: EvalSet
         for label, m in models.items():
             if label != teacher_label:
                 m["vs_teacher"] = {k: fraction_of(m.get(k), t.get(k)) for k in RELATIVE}
+                m["pass_at_1_diff_ci"] = paired_diff_ci(all_rows, label, teacher_label, s)
                 # the names the first reports used
                 m["pass_at_1_vs_teacher"] = m["vs_teacher"]["pass_at_1"]
                 m["speedup_vs_teacher"] = m["vs_teacher"]["decode_tok_per_s"]
@@ -167,6 +168,14 @@ def evaluate_models(candidates: list[Candidate], suites: list[Suite], s: EvalSet
     results = {"suites": [su.describe() for su in suites], "teacher": teacher_label, "models": models,
                "settings": {k: v for k, v in asdict(s).items()}}
     return results, all_rows
+
+
+def paired_diff_ci(rows: list[dict], label: str, teacher_label: str, s: EvalSettings) -> list[float]:
+    """Bootstrap interval of (model pass@1 - teacher pass@1) over the same problems: if it spans 0,
+    the difference may be noise."""
+    teacher = {(r["suite"], r["id"]): r["passed"] for r in rows if r["model"] == teacher_label}
+    diffs = [float(r["passed"]) - float(teacher[(r["suite"], r["id"])]) for r in rows if r["model"] == label]
+    return list(bootstrap_ci(diffs, resamples=s.bootstrap, seed=s.seed))
 
 
 def write_results(out, results: dict, rows: list[dict]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import EmptyDatasetError
@@ -47,7 +46,3 @@ def _local_dir(spec: str) -> Path | None:
 
     target = resolve(spec)[0]
     return target if isinstance(target, Path) else None
-
-
-def load_results(artifact) -> dict:
-    return json.loads(artifact.file("results.json").read_text())
