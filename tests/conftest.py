@@ -176,7 +176,7 @@ def assert_report(art, labels=("teacher", "pruned", "distilled")) -> str:
     import re
 
     md = art.file("report.md").read_text()
-    assert "| model | params | layers | pass@1" in md
+    assert "| model | pass@1" in md and "| model | params | layers |" in md
     for label in labels:
         assert re.search(rf"\| (\*\*)?{re.escape(label)}(\*\*)? \|", md), label
     for png in ("pareto.png",):

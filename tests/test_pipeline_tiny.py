@@ -54,7 +54,7 @@ def _recipe(teacher_dir: Path, distill_epochs: float = 2) -> dict:
                                  "temperature": 2.0},
             "evaluation": {"type": "eval", "tasks": "problems", "teacher": "teacher",
                            "models": {"teacher": "teacher", "pruned": "pruned", "distilled": "distilled"},
-                           "max_new_tokens": 4, "batch_size": 4, "speed_batch": 4},
+                           "max_new_tokens": 4, "batch_size": 4, "speed_batch": 4, "memory": False},
             "report": {"type": "report", "evals": ["evaluation"], "training": ["distilled"]},
         },
     }

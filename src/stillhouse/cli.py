@@ -111,11 +111,11 @@ def _eval_settings(batch_size, speed_batch, samples, temperature, memory, perple
 
 def _comparison(models, suite, workspace, force, teacher, **settings) -> None:
     from .eval.compare import run_comparison
-    from .eval.report import comparison_table, load_results, print_table, table_rows
+    from .eval.report import load_results, print_tables, table_rows
     from .progress import console
 
     art, reused = run_comparison(list(models), list(suite), workspace, _eval_settings(**settings), teacher=teacher, force=force)
-    print_table(comparison_table(table_rows(load_results(art))), ", ".join(suite))
+    print_tables(table_rows(load_results(art)), ", ".join(suite))
     console.print(f"{'Reused' if reused else 'Wrote'} eval artifact {art.path} (report: stillhouse report {art.id} -w {workspace})")
 
 

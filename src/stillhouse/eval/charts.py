@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import io
 
-TEACHER, STUDENT = "#4c72b0", "#dd8452"
+TEACHER = "#4c72b0"
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+
+
+def human_count(n: float) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    for div, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if n >= div:
+            return f"{n / div:.{1 if div == 1e9 else 0}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def colors_for(rows: list[dict]) -> list[str]:
+    """The teacher in blue, each other model its own colour: the same in every chart of a report."""
+    others = iter(PALETTE[1:] * 4)
+    return [TEACHER if r["role"] == "teacher" else next(others) for r in rows]
 
 
 def _plt():
@@ -41,12 +61,11 @@ def pareto(rows: list[dict], source: str | None = None) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     pts = [(r["decode_tok_s"], r["pass_at_1"]) for r in rows]
     biggest = max(r["params"] for r in rows) or 1
-    for r, (x, y) in zip(rows, pts):
-        color = TEACHER if r["role"] == "teacher" else STUDENT
+    for r, (x, y), color in zip(rows, pts, colors_for(rows)):
         lo, hi = r.get("ci") or (y, y)
         ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="none", ecolor=color, alpha=0.5, capsize=3)
         ax.scatter(x, y, s=80 + 900 * r["params"] / biggest, color=color, alpha=0.75, edgecolor="black", linewidth=0.6)
-        ax.annotate(f"{r['model']} ({r['params'] / 1e6:.0f}M)", (x, y), textcoords="offset points", xytext=(8, 8), fontsize=9)
+        ax.annotate(f"{r['model']} ({human_count(r['params'])})", (x, y), textcoords="offset points", xytext=(8, 8), fontsize=9)
     front = pareto_frontier(pts)
     if len(front) > 1:
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="#888888", lw=1, label="Pareto front")
@@ -92,7 +111,7 @@ def pass_rates(suites: list[str], models: list[dict], source: str | None = None)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 1.4 * len(suites) * max(1, len(models)) / 2), 3.8))
     width = 0.8 / max(1, len(models))
-    for j, m in enumerate(models):
+    for j, (m, color) in enumerate(zip(models, colors_for(models))):
         xs, ys, errs = [], [], [[], []]
         for i, su in enumerate(suites):
             r = m["suites"].get(su)
@@ -103,7 +122,6 @@ def pass_rates(suites: list[str], models: list[dict], source: str | None = None)
             ys.append(r["pass_at_1"])
             errs[0].append(r["pass_at_1"] - lo)
             errs[1].append(hi - r["pass_at_1"])
-        color = TEACHER if m["role"] == "teacher" else PALETTE[(j + 1) % len(PALETTE)]
         ax.bar(xs, ys, width=width * 0.95, color=color, label=m["model"], yerr=errs, capsize=3, ecolor="#333333")
     ax.set_xticks(range(len(suites)), suites)
     ax.set_ylabel("pass@1 (greedy)")

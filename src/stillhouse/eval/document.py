@@ -77,7 +77,7 @@ body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;ba
 main{max-width:1180px;margin:0 auto;padding:24px 32px 48px;background:#fff;min-height:100vh}
 h1{font-size:26px;margin:8px 0 4px}h2{font-size:19px;margin:32px 0 10px;border-bottom:1px solid #e3e6ea;padding-bottom:4px}
 p{line-height:1.5;margin:8px 0}.intro{color:#57606a}
-table{border-collapse:collapse;font-size:13px;margin:8px 0;width:100%}
+table{border-collapse:collapse;font-size:13px;margin:10px 0}
 th,td{border:1px solid #d8dee4;padding:5px 8px;white-space:nowrap}th{background:#f0f3f6;text-align:left}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even) td{background:#fafbfc}
 .scroll{overflow-x:auto}figure{margin:10px 0}img{max-width:100%;border:1px solid #e3e6ea}

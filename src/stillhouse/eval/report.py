@@ -72,32 +72,55 @@ def _verdict(diff_ci) -> str:
     return " noise" if lo <= 0 <= hi else (" better" if lo > 0 else " worse")
 
 
-def comparison_table(rows: list[dict]) -> Table:
-    """Rows models, columns metrics; a student's figures also as a fraction of the teacher's."""
+def _teacher_pass(rows: list[dict]) -> float | None:
+    return next((x["pass_at_1"] for x in rows if x["role"] == "teacher"), None)
+
+
+def _name(r: dict) -> str:
+    return f"**{r['model']}**" if r["role"] == "teacher" else r["model"]
+
+
+def accuracy_table(rows: list[dict]) -> Table:
+    """Rows models: accuracy with its interval, and closeness to the teacher."""
     n = rows[0]["n"]
-    b = rows[0]["speed_batch"]
-    headers = ["model", "params", "layers", f"pass@1 (n={n}) [95% CI]", "vs teacher: difference [95% CI]", "agrees with teacher",
-               "KL to teacher", "decode tok/s (batch 1)", f"decode tok/s (batch {b})", "time to first token", "disk", "peak RSS",
-               "perplexity"]
-    out = []
+    headers = ["model", f"pass@1 (n={n}) [95% CI]", "vs teacher", "difference to teacher [95% CI]",
+               "agrees with teacher", "KL to teacher", "perplexity"]
+    t_pass, out = _teacher_pass(rows), []
     for r in rows:
         vs = r["vs"] if r["role"] != "teacher" else {}
         ci = f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else ""
-        diff = (f"{r['pass_at_1'] - next(x['pass_at_1'] for x in rows if x['role'] == 'teacher'):+.3f} "
-                f"[{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}]{_verdict(r['diff_ci'])}") if r["diff_ci"] else "-"
-        kl = _fmt(r["kl"]) if r["kl"] is not None or not r["kl_note"] else "n/a (tokenizers differ)"
+        diff = (f"{r['pass_at_1'] - t_pass:+.3f} [{r['diff_ci'][0]:+.3f}, {r['diff_ci'][1]:+.3f}]{_verdict(r['diff_ci'])}"
+                if r["diff_ci"] and t_pass is not None else "-")
+        kl = "n/a (tokenizers differ)" if r["kl"] is None and r["kl_note"] else _fmt(r["kl"])
+        out.append([_name(r), f"{r['pass_at_1']:.3f}{ci}", _fmt(vs.get("pass_at_1"), ".2f", "x"), diff,
+                    _fmt(r["agreement"], ".3f"), kl, _fmt(r["ppl"], ".2f")])
+    return Table(headers, out, [False] + [True] * (len(headers) - 1))
+
+
+def speed_table(rows: list[dict]) -> Table:
+    """Rows models: size, speed and memory; a student's figures also as a fraction of the teacher's."""
+    from .charts import human_bytes, human_count
+
+    b = rows[0]["speed_batch"]
+    headers = ["model", "params", "layers", "decode tok/s (batch 1)", f"decode tok/s (batch {b})", "time to first token",
+               "disk", "peak RSS"]
+    out = []
+    for r in rows:
+        vs = r["vs"] if r["role"] != "teacher" else {}
         out.append([
-            f"**{r['model']}**" if r["role"] == "teacher" else r["model"],
-            f"{r['params_m']:.1f}M{_x(vs.get('params'))}", str(r["layers"] or "-"),
-            f"{r['pass_at_1']:.3f}{ci}{_x(vs.get('pass_at_1'))}", diff, _fmt(r["agreement"], ".3f"), kl,
+            _name(r), human_count(r["params"]) + _x(vs.get("params")), str(r["layers"] or "-"),
             _fmt(r["decode_tok_s_b1"], ".0f") + _x(vs.get("decode_tok_per_s_b1")),
             f"{r['decode_tok_s']:.0f}{_x(vs.get('decode_tok_per_s'))}",
             _fmt(None if r["ttft_s"] is None else r["ttft_s"] * 1000, ".1f", " ms") + _x(vs.get("ttft_s")),
-            _fmt(None if r["disk"] is None else r["disk"] / 1e6, ".0f", " MB") + _x(vs.get("disk_bytes")),
-            _fmt(None if r["rss"] is None else r["rss"] / 1e6, ".0f", " MB") + _x(vs.get("peak_rss_bytes")),
-            _fmt(r["ppl"], ".2f"),
+            ("-" if r["disk"] is None else human_bytes(r["disk"])) + _x(vs.get("disk_bytes")),
+            ("-" if r["rss"] is None else human_bytes(r["rss"])) + _x(vs.get("peak_rss_bytes")),
         ])
     return Table(headers, out, [False] + [True] * (len(headers) - 1))
+
+
+def print_tables(rows: list[dict], title: str) -> None:
+    print_table(accuracy_table(rows), f"{title}: accuracy")
+    print_table(speed_table(rows), f"{title}: speed and size")
 
 
 def print_table(table: Table, title: str) -> None:
@@ -205,13 +228,13 @@ def build_document(src: Sources, title: str, names: dict[str, str] | None = None
         rows = table_rows(res)
         suites = _suite_names(res)
         label = (names or {}).get(ev.id) or ev.manifest.get("name") or "evaluation"
-        table = comparison_table(rows)
         teacher = res.get("teacher")
-        blocks = [table]
+        blocks = [accuracy_table(rows), speed_table(rows)]
         if teacher:
-            blocks.append(f"Students are compared with **{teacher}** on the same problems. A figure in parentheses is the "
-                          "student's as a fraction of the teacher's. Intervals are 95% bootstrap intervals over problems; "
-                          "the difference interval is paired (same problems), and 'noise' means it includes zero.")
+            blocks.append(f"Students are compared with **{teacher}** on the same problems; 'vs teacher' and the figures "
+                          "in parentheses are the student's as a fraction of the teacher's. Intervals are 95% bootstrap "
+                          "intervals over problems; the difference interval is paired (same problems), and 'noise' means "
+                          "it includes zero. Speeds are best-of-two wall-clock runs on the machine that ran the evaluation.")
         blocks.append(Figure(f"pass-rates-{ev.id[:8]}.png", charts.pass_rates(suites, rows, f"eval artifact {ev.id}"),
                              "pass rate per task"))
         sections.append(Section(f"{label}: {', '.join(suites)}", blocks, f"eval artifact `{ev.id}` (results.json)"))
@@ -273,7 +296,7 @@ def run_report(ctx) -> None:
     names = {a.id: n for n, a in ctx.runner.results.items()}
     doc = build_document(src, title, names)
     for ev in src.evals:
-        print_table(comparison_table(table_rows(load_results(ev))), f"{title} ({names.get(ev.id, ev.id)})")
+        print_tables(table_rows(load_results(ev)), f"{title} ({names.get(ev.id, ev.id)})")
     write_document(doc, ctx.out.path)
     ctx.out.metrics["models"] = {r["model"]: {k: r[k] for k in ("pass_at_1", "decode_tok_s", "params_m", "kl")}
                                  for ev in src.evals for r in table_rows(load_results(ev))}
