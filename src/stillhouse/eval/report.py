@@ -118,16 +118,18 @@ def speed_table(rows: list[dict]) -> Table:
     return Table(headers, out, [False] + [True] * (len(headers) - 1))
 
 
-def print_tables(rows: list[dict], title: str) -> None:
-    print_table(accuracy_table(rows), f"{title}: accuracy")
-    print_table(speed_table(rows), f"{title}: speed and size")
+def print_tables(rows: list[dict], title: str, out=None) -> None:
+    print_table(accuracy_table(rows), f"{title}: accuracy", out)
+    print_table(speed_table(rows), f"{title}: speed and size", out)
 
 
-def print_table(table: Table, title: str) -> None:
+def print_table(table: Table, title: str, out=None) -> None:
+    """On `out` (a rich Console; default: the progress console on stderr)."""
     from rich.table import Table as RichTable
 
     from ..progress import console
 
+    console = out or console
     t = RichTable(title=title)
     for i, h in enumerate(table.headers):
         t.add_column(h, justify="right" if table.numeric[i] else "left", overflow="fold")
