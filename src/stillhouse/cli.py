@@ -110,12 +110,15 @@ def _eval_settings(batch_size, speed_batch, samples, temperature, memory, perple
 
 
 def _comparison(models, suite, workspace, force, teacher, **settings) -> None:
+    from .eval.suites import parse_suite
+
+    suites = [parse_suite(s) for s in suite]  # a bad suite is reported before torch is even imported
     from .eval.compare import run_comparison
     from .eval.report import load_results, print_tables, table_rows
 
     from rich.console import Console
 
-    art, reused = run_comparison(list(models), list(suite), workspace, _eval_settings(**settings), teacher=teacher, force=force)
+    art, reused = run_comparison(list(models), suites, workspace, _eval_settings(**settings), teacher=teacher, force=force)
     stdout = Console() if sys.stdout.isatty() else Console(width=200)  # the tables are the command's output
     print_tables(table_rows(load_results(art)), ", ".join(suite), stdout)
     typer.echo(f"{'Reused' if reused else 'Wrote'} eval artifact {art.path} (report: stillhouse report {art.id} -w {workspace})")

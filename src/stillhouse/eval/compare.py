@@ -72,6 +72,24 @@ def read_texts(path: str) -> list[str]:
     return texts
 
 
+def preflight(spec: str, target) -> None:
+    """Cheap checks that a local model will load (config parses, safetensors headers read), so a
+    broken student fails before the teacher spends minutes being evaluated."""
+    if not isinstance(target, Path):
+        return
+    try:
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(target)
+        for f in sorted(target.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [""])[0]
+        raise StillhouseError(f"model '{spec}' failed to load: {type(e).__name__}: {msg}") from None
+
+
 def load_candidate(c: Candidate):
     try:
         return c.load()
@@ -202,18 +220,20 @@ def _label_for(spec: str, path, taken: set[str]) -> str:
     return label
 
 
-def run_comparison(specs: list[str], suite_specs: list[str], workspace: Path, settings: EvalSettings,
+def run_comparison(specs: list[str], suites: list[Suite | str], workspace: Path, settings: EvalSettings,
                    *, teacher: bool = True, force: bool = False):
-    """Evaluate `specs` (the first is the teacher when `teacher`) as one `eval` artifact; reused if it exists."""
+    """Evaluate `specs` (the first is the teacher when `teacher`) on `suites` (Suite objects or
+    specs) as one `eval` artifact; reused if it exists."""
     from .. import models as model_specs
     from ..artifacts import MANIFEST, Artifact, ArtifactStore, artifact_id
     from .suites import parse_suite
 
     if not specs:
         raise StillhouseError("no model to evaluate")
-    if not suite_specs:
+    if not suites:
         raise StillhouseError("no suite given (--suite rg:TASK, humaneval or jsonl:PATH)")
-    suites = [parse_suite(sp) for sp in suite_specs]  # bad suites fail before any model loads
+    suites = [parse_suite(su) if isinstance(su, str) else su for su in suites]  # bad suites fail before any model loads
+    suite_specs = [su.spec for su in suites]
     names = [su.name for su in suites]
     if len(set(names)) != len(names):
         raise StillhouseError(f"two suites share a name: {', '.join(names)}")
@@ -222,6 +242,7 @@ def run_comparison(specs: list[str], suite_specs: list[str], workspace: Path, se
     cands, taken, parents, ident = [], set(), [], []
     for i, spec in enumerate(specs):
         target, identity = model_specs.resolve(spec)
+        preflight(spec, target)
         path = Path(target) if not isinstance(target, str) else None
         art_id = Artifact.open(path).id if path is not None and (path / MANIFEST).is_file() else None
         if art_id:
