@@ -111,6 +111,7 @@ class TrainStage(Strict):
     heal_epochs: float = Field(0.0, ge=0)  # logit-only KD on all teacher text (failed answers too) first
     heal_lr: float = Field(2e-4, gt=0)
     seed: int = 0
+    log_to: list[Literal["tensorboard"]] = []  # training curves also for these trackers (metrics.jsonl always)
 
 
 class EvalStage(Strict):
