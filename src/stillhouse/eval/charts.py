@@ -100,8 +100,13 @@ def training_curves(histories: dict[str, list[dict]], source: str | None = None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].set_yscale("log")
-    axes[1].set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    for ax in axes[:2]:  # losses span orders of magnitude; plain 1-2-5 labels read better than 6x10^0
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     axes[0].legend(fontsize=8)
     return _png(fig, source)
 
