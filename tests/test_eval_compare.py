@@ -171,6 +171,16 @@ def test_perplexity_of_a_text_file(tiny_models, tmp_path):
         run_comparison([tiny_models["teacher"]], [RG], tmp_path / "ws", EvalSettings(perplexity_file=str(tmp_path / "nope.txt")))
 
 
+def test_edited_jsonl_is_a_new_evaluation(tiny_models, tmp_path):
+    f = tmp_path / "qa.jsonl"
+    f.write_text('{"prompt": "2+2?", "answer": "4"}\n')
+    spec = f"jsonl:{f},max_new_tokens=2"
+    first, _ = run_comparison([tiny_models["student"]], [spec], tmp_path / "ws", FAST, teacher=False)
+    f.write_text('{"prompt": "2+3?", "answer": "5"}\n')
+    second, reused = run_comparison([tiny_models["student"]], [spec], tmp_path / "ws", FAST, teacher=False)
+    assert not reused and second.id != first.id
+
+
 # -- reports --------------------------------------------------------------------------------
 def test_report_from_a_comparison(tiny_models, tmp_path):
     ws = tmp_path / "ws"
@@ -196,8 +206,7 @@ def test_cli_compare_and_report(tiny_models, tmp_path):
     first = run_cli(args, tmp_path, tmp_path / "cache")
     assert first.returncode == 0, first.stderr
     assert "Wrote eval artifact" in first.stdout + first.stderr
-    second = run_cli(args, tmp_path, tmp_path / "cache")
-    assert second.returncode == 0 and "Reused eval artifact" in second.stdout + second.stderr
+    assert "speed and size" in first.stdout and "student" in first.stdout  # the tables are the output, on stdout
     rep = run_cli(["report", str(ws), "-w", str(ws), "--out", str(tmp_path / "out")], tmp_path, tmp_path / "cache")
     assert rep.returncode == 0, rep.stderr
     assert (tmp_path / "out" / "report.html").is_file() and (tmp_path / "out" / "pareto.png").is_file()

@@ -102,7 +102,9 @@ def training_curves(histories: dict[str, list[dict]], source: str | None = None)
         ax.grid(alpha=0.3)
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-    for ax in axes[:2]:  # losses span orders of magnitude; plain 1-2-5 labels read better than 6x10^0
+    for ax, key in zip(axes[:2], ("loss", "kl")):  # losses span orders of magnitude; plain 1-2-5 labels read better than 6x10^0
+        if not any((h.get(key) or 0) > 0 for hist in histories.values() for h in hist):
+            continue  # e.g. KL is 0 throughout an SFT-only run: nothing to put on a log axis
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))

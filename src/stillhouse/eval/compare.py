@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import StillhouseError
-from ..fsutil import dir_size, sha256_file, write_json_atomic
+from ..fsutil import dir_size, sha256_file, sha256_json, write_json_atomic
 from ..models import param_count
 from ..records import write_rows
 from ..teachers.base import SamplingParams
@@ -233,7 +233,6 @@ def run_comparison(specs: list[str], suites: list[Suite | str], workspace: Path,
     if not suites:
         raise StillhouseError("no suite given (--suite rg:TASK, humaneval or jsonl:PATH)")
     suites = [parse_suite(su) if isinstance(su, str) else su for su in suites]  # bad suites fail before any model loads
-    suite_specs = [su.spec for su in suites]
     names = [su.name for su in suites]
     if len(set(names)) != len(names):
         raise StillhouseError(f"two suites share a name: {', '.join(names)}")
@@ -252,7 +251,9 @@ def run_comparison(specs: list[str], suites: list[Suite | str], workspace: Path,
         cands.append(Candidate(label, spec, role, lambda spec=spec: model_specs.load(spec), art_id, path,
                                {"license": identity.license, "source": identity.source}))
         ident.append({"label": label, "role": role, "spec": identity.spec, "weights_sha256": identity.weights_sha256})
-    config = {"models": ident, "suites": suite_specs, "settings": settings.identity()}
+    # the problems themselves, not only their specs: an edited JSONL file is a new evaluation
+    config = {"models": ident, "suites": [{"spec": su.spec, "records_sha256": sha256_json(su.records)} for su in suites],
+              "settings": settings.identity()}
     store = ArtifactStore(workspace)
     aid = artifact_id("eval", "compare", config, parents)
     existing = store.get("eval", aid)

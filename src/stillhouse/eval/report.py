@@ -23,6 +23,11 @@ def _fmt(v, spec: str = ".3f", suffix: str = "") -> str:
     return "-" if v is None else format(v, spec) + suffix
 
 
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def _x(v) -> str:
     return "" if v is None else f" ({v:.2f}x)"
 
@@ -251,8 +256,11 @@ def build_document(src: Sources, title: str, names: dict[str, str] | None = None
         hists = {((names or {}).get(t.id) or t.manifest.get("name") or t.id): read_history(t) for t in src.trainings}
         blocks = []
         for t in src.trainings:
-            m = t.manifest.get("metrics", {})
-            n = len(read_history(t))
+            hist = read_history(t)
+            n = len(hist)
+            tail = hist[-10:]  # the manifest's own summary when there is one, else the last steps'
+            m = {"final_loss": _mean_of(tail, "loss"), "final_kl": _mean_of(tail, "kl"), "tokens_per_s": _mean_of(tail, "tokens_per_s"),
+                 **{k: v for k, v in t.manifest.get("metrics", {}).items() if v is not None}}
             blocks.append(f"`{(names or {}).get(t.id) or t.manifest.get('name')}`: {n} steps, final loss {_fmt(m.get('final_loss'))}, "
                           f"KL to teacher {_fmt(m.get('final_kl'))}, {_fmt(m.get('tokens_per_s'), '.0f')} training tokens/s.")
         if any(hists.values()):
