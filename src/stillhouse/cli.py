@@ -37,6 +37,8 @@ def _run_recipe(path: Path, workspace: Path, force: bool) -> None:
     report = last.path / "report.md"
     if report.exists():
         console.print(f"Report: {report}")
+    if (last.path / "report.html").exists():
+        console.print(f"HTML report: {last.path / 'report.html'}")
 
 
 @app.command()
@@ -113,6 +115,94 @@ def lineage(
     code = run_lineage(artifact, workspace, as_json=as_json, prov=prov, graph=graph, from_spec=from_spec, terms=terms, card=card)
     if code:
         raise SystemExit(code)  # click would swallow typer.Exit's code outside standalone mode
+SuiteOpt = typer.Option(..., "--suite", "-s", help="rg:TASK[,key=value..], humaneval[,size=N] or jsonl:PATH[,verifier=NAME]; repeatable.")
+
+
+def _eval_settings(batch_size, speed_batch, samples, temperature, memory, perplexity):
+    from .eval.compare import EvalSettings
+
+    return EvalSettings(batch_size=batch_size, speed_batches=tuple(sorted({1, speed_batch})), samples=samples,
+                        temperature=temperature, ks=tuple(k for k in (1, 5, 10) if k <= samples), memory=memory,
+                        perplexity_file=str(perplexity) if perplexity else None)
+
+
+def _comparison(models, suite, workspace, force, teacher, **settings) -> None:
+    from .eval.suites import parse_suite
+
+    suites = [parse_suite(s) for s in suite]  # a bad suite is reported before torch is even imported
+    from .eval.compare import run_comparison
+    from .eval.report import load_results, print_tables, table_rows
+
+    from rich.console import Console
+
+    art, reused = run_comparison(list(models), suites, workspace, _eval_settings(**settings), teacher=teacher, force=force)
+    stdout = Console() if sys.stdout.isatty() else Console(width=200)  # the tables are the command's output
+    print_tables(table_rows(load_results(art)), ", ".join(suite), stdout)
+    typer.echo(f"{'Reused' if reused else 'Wrote'} eval artifact {art.path} (report: stillhouse report {art.id} -w {workspace})")
+
+
+_EVAL_OPTS = dict(
+    batch_size=typer.Option(32, help="Generation batch size."),
+    speed_batch=typer.Option(16, help="Decode speed is measured at batch 1 and at this batch size."),
+    samples=typer.Option(1, help="Sampled completions per problem for pass@k (k = 1, 5, 10 up to this)."),
+    temperature=typer.Option(0.8, help="Sampling temperature for --samples > 1."),
+    memory=typer.Option(True, help="Measure each model's peak RSS in a fresh process."),
+    perplexity=typer.Option(None, help="Held-out text for perplexity: .txt (blank-line separated) or .jsonl with 'text'."),
+)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model spec: built-in name, directory, .gguf or artifact."),
+    suite: list[str] = SuiteOpt,
+    workspace: Path = WorkspaceOpt,
+    force: bool = typer.Option(False, "--force", help="Re-evaluate even if this evaluation exists."),
+    batch_size: int = _EVAL_OPTS["batch_size"], speed_batch: int = _EVAL_OPTS["speed_batch"],
+    samples: int = _EVAL_OPTS["samples"], temperature: float = _EVAL_OPTS["temperature"],
+    memory: bool = _EVAL_OPTS["memory"], perplexity: Optional[Path] = _EVAL_OPTS["perplexity"],
+):
+    """Evaluate one model on suites; the result is an eval artifact (rerunning is free)."""
+    _comparison([model], suite, workspace, force, False, batch_size=batch_size, speed_batch=speed_batch,
+                samples=samples, temperature=temperature, memory=memory, perplexity=perplexity)
+
+
+@app.command()
+def compare(
+    teacher: str = typer.Argument(..., help="The teacher's model spec."),
+    students: list[str] = typer.Argument(..., help="One or more student model specs."),
+    suite: list[str] = SuiteOpt,
+    workspace: Path = WorkspaceOpt,
+    force: bool = typer.Option(False, "--force", help="Re-evaluate even if this comparison exists."),
+    batch_size: int = _EVAL_OPTS["batch_size"], speed_batch: int = _EVAL_OPTS["speed_batch"],
+    samples: int = _EVAL_OPTS["samples"], temperature: float = _EVAL_OPTS["temperature"],
+    memory: bool = _EVAL_OPTS["memory"], perplexity: Optional[Path] = _EVAL_OPTS["perplexity"],
+):
+    """Teacher and students on the same problems: one table, students also as a fraction of the teacher."""
+    _comparison([teacher, *students], suite, workspace, force, True, batch_size=batch_size, speed_batch=speed_batch,
+                samples=samples, temperature=temperature, memory=memory, perplexity=perplexity)
+
+
+@app.command()
+def report(
+    targets: list[str] = typer.Argument(..., help="Workspace directory, or eval / trained-model / report artifacts (path or id)."),
+    workspace: Path = WorkspaceOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also copy report.html, report.md and the PNGs here."),
+    title: Optional[str] = typer.Option(None, help="Report title."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if this report exists."),
+):
+    """A self-contained HTML report (and the same as Markdown) from evaluations and training runs."""
+    import shutil
+
+    from .eval.report import make_report
+
+    art = make_report(list(targets), workspace, title=title, force=force)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in art.path.iterdir():
+            if f.suffix in (".html", ".md", ".png"):
+                shutil.copy2(f, out / f.name)
+    where = out or art.path
+    typer.echo(f"Report: {where / 'report.html'} (Markdown: {where / 'report.md'})")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -112,6 +112,7 @@ class TrainStage(Strict):
     heal_epochs: float = Field(0.0, ge=0)  # logit-only KD on all teacher text (failed answers too) first
     heal_lr: float = Field(2e-4, gt=0)
     seed: int = 0
+    log_to: list[Literal["tensorboard"]] = []  # training curves also for these trackers (metrics.jsonl always)
 
 
 class EvalStage(Strict):
@@ -125,10 +126,14 @@ class EvalStage(Strict):
     batch_size: int = Field(32, gt=0)
     speed_batch: int = Field(16, gt=0)
     system_prompt: str | None = None
+    suites: list[str] = []  # more suites beside the tasks' held-out split (see eval/suites.py)
+    samples: int = Field(1, gt=0)  # > 1: sampled completions per problem for pass@k
+    memory: bool = True  # peak RSS of each model in a fresh process
+    perplexity_text: str | None = None  # held-out text (.txt or .jsonl with "text") for perplexity
 
 
 class ReportStage(Strict):
-    """A terminal table, report.md and a chart from evaluations and training histories."""
+    """A terminal table, report.md and a self-contained report.html (charts inlined) from evaluations and training histories."""
 
     type: Literal["report"]
     evals: list[str]

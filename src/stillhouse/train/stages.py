@@ -13,6 +13,7 @@ from ..lineage import pending_card, record_training_signal
 from ..progress import status
 from . import students
 from .loop import Example, TrainConfig, train
+from .tracking import export_history
 
 
 def _base_models_of(ctx, ref: str) -> list[dict]:
@@ -119,6 +120,7 @@ def run_train(ctx) -> None:
     with open(ctx.out.path / "metrics.jsonl", "w") as f:
         for h in history:
             f.write(json.dumps(h) + "\n")
+    export_history(history, ctx.out.path, c.log_to, ctx.name)
     _save_model(ctx, student_lm.model, tok, _base_models_of(ctx, c.student))
 
 
