@@ -38,5 +38,5 @@ class ResponseCache:
     def put(self, key: str, value: dict) -> None:
         write_json_atomic(self._path(key), value)
 
-    def __len__(self) -> int:
+    def count(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0

@@ -229,7 +229,7 @@ class OpenAITeacher:
         # everything in the body but the prompt and model is a sampling parameter
         key_params = {k: v for k, v in body.items() if k not in ("model", "messages", "prompt")}
         key = response_key(self.model, endpoint, prompt, key_params)
-        data = self.cache.get(key) if self.cache else None
+        data = self.cache.get(key) if self.cache is not None else None
         if data is not None:
             self.usage.cached += 1
             u = data.get("usage") or {}
@@ -244,7 +244,7 @@ class OpenAITeacher:
             self.usage.prompt_tokens += u.get("prompt_tokens", 0)
             self.usage.completion_tokens += u.get("completion_tokens", 0)
             self.usage.cost_usd += self.price.cost(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put(key, {"choices": data["choices"], "usage": u})
         comps = [self._completion(c, data) for c in sorted(data["choices"], key=lambda c: c.get("index", 0))]
         self.stats["generated_tokens"] += sum(len(c.token_ids) for c in comps)
