@@ -206,3 +206,9 @@ def test_hf_teacher_declaration_is_a_model_everywhere(tiny_model_dir):
     assert type(t).__name__ == "HFTeacher" and t.batch_size == 4
     assert runner.teacher("local", batch_size=2).batch_size == 2
     assert runner.teacher(str(tiny_model_dir)).tokenizer is not None  # a plain spec keeps working
+
+
+def test_show_renders_an_api_teacher(both_runs, capsys):
+    main(["show", str(both_runs["api"]["traces"].path)])
+    out = capsys.readouterr().out
+    assert "openai:arith" in out and "arith-terms" in out and "teacher_usage" in out

@@ -47,12 +47,15 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: s
 
     from ..progress import console
 
-    sock = _bind(host, port)
-    console.print(f"stillhouse serve: loading {model}")
-    os.environ["STILLHOUSE_QUIET"] = "1"  # no per-batch progress bars in a server log
-    app = build_app(model, **kwargs)
-    console.print(f"stillhouse serve: {model} at http://{host}:{sock.getsockname()[1]}/v1")
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    sock = _bind(host, port)  # first: a busy port fails before a model loads
+    try:
+        console.print(f"stillhouse serve: loading {model}")
+        os.environ["STILLHOUSE_QUIET"] = "1"  # no per-batch progress bars in a server log
+        app = build_app(model, **kwargs)
+        console.print(f"stillhouse serve: {model} at http://{host}:{sock.getsockname()[1]}/v1")
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    finally:
+        sock.close()
 
 
 class ServerThread:

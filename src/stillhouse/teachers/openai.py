@@ -31,6 +31,7 @@ from ..progress import progress
 from .base import Completion, Messages, SamplingParams
 from .cache import ResponseCache, response_key
 from .ratelimit import AdaptiveLimit, TokenBucket, backoff_delay, parse_retry_after
+from .tokens import end_of_turn_ids
 
 _TOKEN_ID = re.compile(r"token_id:(\d+)")
 
@@ -324,7 +325,7 @@ class OpenAITeacher:
         if entries and all(i is not None for i in ids):
             topk = [[_token_id(t) for t, _ in top] for _, _, top in entries]
             topk_lp = [[lp for _, lp in top] for _, _, top in entries]
-            stops = self._stop_ids()
+            stops = end_of_turn_ids(self.tokenizer)
             if finish == "stop" and ids and ids[-1] in stops:
                 c.stop_token = ids[-1]
                 c.token_ids = ids[:-1]
@@ -344,16 +345,6 @@ class OpenAITeacher:
             c.extra["token_ids_source"] = "re-encoded"
         return c
 
-    def _stop_ids(self) -> set[int]:
-        tok = self.tokenizer
-        if tok is None:
-            return set()
-        ids = {tok.eos_token_id}
-        for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
-            tid = tok.convert_tokens_to_ids(t)
-            if isinstance(tid, int) and tid != tok.unk_token_id:
-                ids.add(tid)
-        return {i for i in ids if i is not None}
 
 
 def _read_key(env: str | None, name: str) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..errors import StillhouseError
 from .base import Completion, Messages, SamplingParams
+from .tokens import end_of_turn_ids
 
 
 def _import_vllm():
@@ -68,15 +69,6 @@ class VLLMTeacher:
     def identity(self):
         return self._identity
 
-    def _stop_ids(self) -> set[int]:
-        tok = self.tokenizer
-        ids = {tok.eos_token_id}
-        for t in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
-            tid = tok.convert_tokens_to_ids(t)
-            if isinstance(tid, int) and tid != tok.unk_token_id:
-                ids.add(tid)
-        return {i for i in ids if i is not None}
-
     def generate(self, prompts: list[Messages], params: SamplingParams, description: str = "Generating", top_k_logprobs: int = 0):
         from .hf import render_chat
 
@@ -88,7 +80,7 @@ class VLLMTeacher:
         start = time.perf_counter()
         sp = self._vllm.SamplingParams(**sampling_kwargs(params, top_k_logprobs))
         outs = self.llm.generate(texts, sp)
-        stops = self._stop_ids()
+        stops = end_of_turn_ids(self.tokenizer)
         result = [[to_completion(o, len(r.prompt_token_ids), stops, top_k_logprobs) for o in r.outputs] for r in outs]
         self.stats["generated_tokens"] += sum(len(c.token_ids) for cs in result for c in cs)
         self.stats["seconds"] += time.perf_counter() - start
