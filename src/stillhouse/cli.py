@@ -205,6 +205,22 @@ def report(
     typer.echo(f"Report: {where / 'report.html'} (Markdown: {where / 'report.md'})")
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Model spec: built-in name, HF directory, .gguf file or hub id."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Most concurrent requests generated as one batch."),
+    faults: Optional[str] = typer.Option(None, help="Inject faults, e.g. 429=0.1,500=0.1,slow=0.05,cut=0.05 (fractions of requests)."),
+    seed: int = typer.Option(0, help="Seed of the fault injection."),
+    served_name: Optional[str] = typer.Option(None, "--served-name", help="Model name clients send (default: MODEL)."),
+):
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from .serve import serve as run_server
+
+    run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     try:
         app(args=argv, standalone_mode=False)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import StillhouseError
 from .lineage.policy import Origin, Policy
+from .teachers.config import BACKENDS, TeacherConfig
 
 
 class Strict(BaseModel):
@@ -199,6 +200,7 @@ class Recipe(Strict):
     name: str
     description: str = ""
     models: dict[str, str] = {}
+    teachers: dict[str, TeacherConfig] = {}  # named teacher backends a stage's `teacher:` may name
     stages: dict[str, Stage]
     policy: Policy | None = None  # licence/terms policy, checked before any compute (lineage/policy.py)
 
@@ -252,6 +254,7 @@ def _check_refs(recipe: Recipe) -> None:
         if name in recipe.stages:
             raise ValueError(f"models.{name}: name is also a stage")
         _check_model_spec(spec, f"models.{name}", model_specs)
+    _check_teachers(recipe, model_specs)
     for sname in recipe.stages:
         for field, ref, expected in recipe.refs(sname):
             key = f"stages.{sname}.{field}"
@@ -266,10 +269,35 @@ def _check_refs(recipe: Recipe) -> None:
                     raise ValueError(f"{key}: stage '{ref}' is not a tasks stage")
             elif expected == "model" and ref in recipe.models:
                 continue
+            elif expected == "model" and ref in recipe.teachers:
+                _check_teacher_use(recipe, sname, field, ref, key)
             elif expected == "model":
                 _check_model_spec(ref, key, model_specs)
             else:
                 raise ValueError(f"{key}: unknown stage '{ref}'")
+
+
+# Stage fields that need local weights (logits, scoring), not only generated text.
+WHITE_BOX_FIELDS = {("train", "teacher"), ("eval", "teacher")}
+
+
+def _check_teachers(recipe: Recipe, model_specs) -> None:
+    for name, t in recipe.teachers.items():
+        if name in recipe.stages or name in recipe.models:
+            raise ValueError(f"teachers.{name}: name is also a {'stage' if name in recipe.stages else 'model'}")
+        for fld in ("model", "tokenizer"):
+            spec = getattr(t, fld, None)
+            if spec and (t.backend != "openai" or fld == "tokenizer"):
+                _check_model_spec(spec, f"teachers.{name}.{fld}", model_specs)
+
+
+def _check_teacher_use(recipe: Recipe, sname: str, field: str, ref: str, key: str) -> None:
+    stage_type = recipe.stages[sname].type
+    backend = recipe.teachers[ref].backend
+    if field != "teacher" and backend != "hf":
+        raise ValueError(f"{key}: '{ref}' is a {backend} teacher, not a model")
+    if (stage_type, field) in WHITE_BOX_FIELDS and backend != "hf":
+        raise ValueError(f"{key}: teacher '{ref}' ({backend}) only generates text; this stage needs its logits (backend: hf)")
 
 
 def _check_model_spec(spec: str, key: str, model_specs) -> None:
@@ -300,7 +328,15 @@ def _format_validation_error(e: ValidationError) -> str:
     elif err["type"] == "union_tag_not_found":
         msg = "stage needs a 'type'"
     parts = [str(x) for x in err["loc"]]
-    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in ("tasks", "rejection", "prune", "train", "eval", "report", "import", "mix"):
+    if parts[:1] == ["teachers"]:
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown backend (known: {', '.join(BACKENDS)})"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"teacher needs a 'backend' ({', '.join(BACKENDS)})"
+        if len(parts) >= 3 and parts[2] in BACKENDS:
+            parts.pop(2)
+        loc = ".".join(parts)
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KIND:
         parts.pop(2)  # drop the discriminator tag pydantic inserts
         loc = ".".join(parts)
     return f"{loc}: {msg}"
