@@ -12,6 +12,8 @@ import contextlib
 import functools
 import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -118,14 +120,42 @@ class ArtifactStore:
                     out.append(Artifact.open(d))
         return out
 
+    def partial_path(self, kind: str, aid: str) -> Path:
+        """Where a resumable stage keeps its unfinished work (hidden: never read as an artifact)."""
+        return self.root / kind / f".{aid}.partial"
+
+    @contextlib.contextmanager
+    def _resumable_dir(self, final: Path, tmp: Path) -> Iterator[Path]:
+        """Like atomic_dir, but the work directory has a fixed name and survives a crash or
+        Ctrl-C, so a rerun of the same stage (same id) continues it.
+
+        A user error (bad input, nothing left to write) discards it, as a rerun would fail the
+        same way, unless the error is marked `resumable` (a teacher that failed mid-run)."""
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+        except StillhouseError as e:
+            if not getattr(e, "resumable", False):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
     @contextlib.contextmanager
     def create(
-        self, kind: str, aid: str, *, stage: str, name: str, config: dict, parents: list[str], recipe: str | None = None
+        self, kind: str, aid: str, *, stage: str, name: str, config: dict, parents: list[str], recipe: str | None = None,
+        resumable: bool = False,
     ) -> Iterator[ArtifactWriter]:
-        """Write a new artifact atomically; the manifest is written last, then the rename."""
+        """Write a new artifact atomically; the manifest is written last, then the rename.
+
+        With `resumable`, the work directory is `partial_path(kind, aid)` and is kept if the
+        block fails or the process dies, for the stage to continue on the next run.
+        """
         final = self.path_for(kind, aid)
         start = time.perf_counter()
-        with atomic_dir(final) as tmp:
+        work = self._resumable_dir(final, self.partial_path(kind, aid)) if resumable else atomic_dir(final)
+        with work as tmp:
             writer = ArtifactWriter(tmp, kind, aid)
             yield writer
             manifest: dict[str, Any] = {

@@ -223,7 +223,12 @@ def serve(
 
 def main(argv: Optional[list[str]] = None) -> None:
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130), which click returns (not raises) outside standalone mode
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except StillhouseError as e:
         print(f"stillhouse: error: {e}", file=sys.stderr)
         sys.exit(2)

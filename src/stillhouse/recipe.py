@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.config import (  # the data-engine stages' fields live with the data engine
+    DATA_STAGE_TYPES, CompleteStage, CritiqueReviseStage, DataOptions, PreferenceStage, SelfInstructStage,
+)
 from .errors import StillhouseError
 from .lineage.policy import Origin, Policy
 from .teachers.config import BACKENDS, TeacherConfig
@@ -46,7 +49,7 @@ class TasksStage(Strict):
     def _known_task(cls, v: str) -> str:
         from .verify.reasoning_gym import task_names
 
-        if v not in task_names():
+        if v not in task_names() and v != "humaneval":
             raise ValueError(f"unknown task '{v}'")
         return v
 
@@ -54,6 +57,10 @@ class TasksStage(Strict):
     def _known_config(self):
         from .verify.reasoning_gym import make_dataset
 
+        if self.task == "humaneval":  # HumanEval's fixed problems (code verifier); no config
+            if self.config:
+                raise ValueError("config: the humaneval task takes no config")
+            return self
         try:  # building a one-problem generator checks the config keys and values cheaply
             make_dataset(self.task, self.config, 1, 0)
         except StillhouseError as e:
@@ -61,12 +68,14 @@ class TasksStage(Strict):
         return self
 
 
-class RejectionStage(Strict):
+class RejectionStage(DataOptions):
     """Teacher samples answers; the task's verifier keeps the correct ones."""
 
     type: Literal["rejection"]
     teacher: str
     tasks: str
+    verifier: Literal["auto", "reasoning_gym", "math", "code"] = "auto"  # auto: the tasks stage's own
+    shard_size: int = Field(256, gt=0)  # problems per resumable unit; larger units batch the sampling pass better
     samples: int = Field(4, ge=0)
     greedy_first: bool = True
     temperature: float = Field(0.7, ge=0)
@@ -183,7 +192,8 @@ class MixStage(Strict):
 
 
 Stage = Annotated[
-    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, ImportStage, MixStage],
+    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, ImportStage, MixStage,
+          CompleteStage, PreferenceStage, CritiqueReviseStage, SelfInstructStage],
     Field(discriminator="type"),
 ]
 
@@ -194,6 +204,10 @@ DATA_FIELDS = {"rejection": ["tasks"], "prune": ["calibration"], "train": ["data
 # lineage stages (issue 6): imported data and mixes
 STAGE_KIND.update({"import": "dataset", "mix": "dataset"})
 MODEL_FIELDS.update({"import": ["tokenizer"], "mix": ["tokenizer"]})
+for _t in DATA_STAGE_TYPES:
+    STAGE_KIND[_t] = "dataset"
+    MODEL_FIELDS[_t] = ["teacher"] + (["judge"] if _t == "preference" else [])
+    DATA_FIELDS[_t] = ["prompts"]
 
 
 class Recipe(Strict):
@@ -213,7 +227,8 @@ class Recipe(Strict):
             if v is not None:
                 out.append((f, v, "model"))
         for f in DATA_FIELDS.get(st.type, []):
-            out.append((f, getattr(st, f), "data"))
+            if getattr(st, f) is not None:
+                out.append((f, getattr(st, f), "data"))
         if st.type == "eval":
             out += [(f"models.{k}", v, "model") for k, v in st.models.items()]
         if st.type == "report":
@@ -221,6 +236,7 @@ class Recipe(Strict):
             out += [(f"training[{i}]", v, "train") for i, v in enumerate(st.training)]
         if st.type == "mix":
             out += [(f"datasets[{i}]", v, "data") for i, v in enumerate(st.datasets)]
+        out += getattr(st, "extra_refs", lambda: [])()  # e.g. decontamination sets named by stage
         return out
 
     def stage_deps(self, name: str) -> list[str]:

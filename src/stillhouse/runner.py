@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ class StageContext:
 def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     # Imported lazily so `stillhouse show` and recipe validation never import torch.
     from .data.stages import run_rejection, run_tasks
+    from .data.complete import run_complete
+    from .data.critique import run_critique_revise
+    from .data.preference import run_preference
+    from .data.self_instruct import run_self_instruct
     from .eval.stages import run_eval
     from .eval.report import run_report
     from .train.stages import run_prune, run_train
@@ -61,6 +66,10 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
         "report": run_report,
         "import": run_import,
         "mix": run_mix,
+        "complete": run_complete,
+        "preference": run_preference,
+        "critique_revise": run_critique_revise,
+        "self_instruct": run_self_instruct,
     }
 
 
@@ -135,6 +144,11 @@ class Runner:
 
                     external[fld]["teacher"] = key_fields(self.recipe.teachers[ref])
         key_cfg = {**cfg, "_external_models": external}
+        files = getattr(stage, "external_files", lambda: [])()
+        if files:  # input files the stage reads (a prompt file): edited content means a new artifact
+            from .fsutil import sha256_file
+
+            key_cfg["_external_files"] = {str(p): sha256_file(p) for p in files}
         return artifact_id(STAGE_KIND[stage.type], stage.type, key_cfg, parents), cfg, parents
 
     def run(self, only: list[str] | None = None) -> dict[str, Artifact]:
@@ -155,7 +169,11 @@ class Runner:
             console.rule(f"[{i}/{len(order)}] {name} ({stage.type})")
             start = time.perf_counter()
             inputs = {fld: self.results[ref] for fld, ref, _ in self.recipe.refs(name) if ref in self.recipe.stages}
-            with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents, recipe=self.recipe.name) as out:
+            # Resumable stages keep their unfinished work across a crash or Ctrl-C; --force discards it.
+            resumable = getattr(fns[stage.type], "resumable", False)
+            if self.force:
+                shutil.rmtree(self.store.partial_path(kind, aid), ignore_errors=True)
+            with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents, recipe=self.recipe.name, resumable=resumable) as out:
                 out.extra.update(policy_notes.get(name, {}))
                 ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
                 fns[stage.type](ctx)

@@ -108,6 +108,9 @@ def rejection_sample(
         outs = teacher.generate_text([prompt_texts[i] for i in todo], params, f"Teacher sampling x{samples}", top_k_logprobs)
         absorb(todo, outs, params, 1)
     rows = [r for i in range(len(records)) for r in kept[i] + failed[i]]
+    rates = {records[i]["id"]: passes[i] / max(1, attempts[i]) for i in range(len(records))}
+    for r in rows:
+        r["pass_rate"] = rates[r["problem_id"]]
     covered = sum(1 for i in kept if kept[i])
     stats = {
         "problems": len(records),
@@ -121,5 +124,6 @@ def rejection_sample(
         "passed_records": sum(len(k) for k in kept.values()),
         "teacher_generated_tokens": teacher.stats["generated_tokens"],
         "teacher_seconds": round(teacher.stats["seconds"], 2),
+        "pass_rates": rates,  # per problem: passing / all verified completions
     }
     return rows, stats

@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import random
+
 from ..errors import EmptyDatasetError, StillhouseError
-from ..verify.reasoning_gym import ReasoningGymVerifier, problems
+from ..verify.reasoning_gym import problems
 from .dedup import drop_overlap, exact_dedup
 from ..records import read_rows, write_rows
 
 
+def _humaneval_splits(c) -> tuple[list[dict], list[dict]]:
+    """HumanEval's fixed problems: the held-out split drawn first (by its seed), the training
+    split from the rest, so the two never share a problem."""
+    from ..verify.code import humaneval_problems
+
+    pool = [
+        {"id": p["task_id"], "task": "humaneval", "answer": p["canonical_solution"], **p,
+         "question": f"Complete this Python function.\n\n```python\n{p['prompt']}```"}
+        for p in humaneval_problems()
+    ]
+    random.Random(c.eval.seed).shuffle(pool)
+    held_out, rest = pool[: c.eval.size], pool[c.eval.size :]
+    random.Random(c.train.seed).shuffle(rest)
+    return rest[: c.train.size], held_out
+
+
 def run_tasks(ctx) -> None:
     c = ctx.config
-    held_out = problems(c.task, c.config, c.eval.size, c.eval.seed)
-    train = problems(c.task, c.config, c.train.size, c.train.seed)
+    if c.task == "humaneval":
+        train, held_out = _humaneval_splits(c)
+        verifier = "code"
+    else:
+        held_out = problems(c.task, c.config, c.eval.size, c.eval.seed)
+        train = problems(c.task, c.config, c.train.size, c.train.seed)
+        verifier = f"reasoning_gym:{c.task}"
     n_dup = 0
     if c.dedup:
         train, n_dup = exact_dedup(train, key="question")
@@ -24,37 +47,79 @@ def run_tasks(ctx) -> None:
     ctx.out.counts.update(train=len(train), eval=len(held_out), removed_duplicates=n_dup, removed_eval_overlap=n_overlap)
     if n_overlap:
         ctx.out.warnings.append(f"removed {n_overlap} training problems that also appear in the held-out split")
-    ctx.out.extra["task"] = {"name": c.task, "config": c.config, "verifier": f"reasoning_gym:{c.task}"}
+    ctx.out.extra["task"] = {"name": c.task, "config": c.config, "verifier": verifier}
 
 
 def run_rejection(ctx) -> None:
-    from .rejection import rejection_sample
+    """Rejection sampling in resumable shards of `shard_size` problems (see data/shards.py)."""
+    from ..teachers.base import SamplingParams
+    from .output import finish_dataset, record_filter
+    from .prompts import provenance, teacher_tokens
+    from .rejection import rejection_sample, template_hash
+    from .shards import run_units, unit_seed, units_of
+    from ..verify.choose import verifier_for
 
     c = ctx.config
     tasks = ctx.inputs["tasks"]
     records = read_rows(tasks.file("train.parquet"))
-    task = tasks.manifest["task"]
-    verifier = ReasoningGymVerifier(task["name"], task["config"])
+    verifier = verifier_for(c.verifier, tasks.manifest, records, ctx.name)
     teacher = ctx.teacher(c.teacher, batch_size=c.batch_size)
     if getattr(teacher, "tokenizer", None) is None:  # prompt and answer token ids are training data
         raise StillhouseError(
             f"stage '{ctx.name}': teacher '{c.teacher}' has no tokenizer; set `tokenizer:` (the served model's) in its teachers: entry"
         )
-    rows, stats = rejection_sample(
-        teacher, records, verifier,
-        samples=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-        greedy_first=c.greedy_first, keep_per_problem=c.keep_per_problem, top_k_logprobs=c.top_k_logprobs,
-        seed=c.seed, system_prompt=c.system_prompt,
-    )
-    if not rows:
+    tpl = template_hash(teacher.tokenizer)
+
+    def work(u: int, unit) -> tuple[list[dict], dict]:
+        before, secs = teacher.stats["generated_tokens"], teacher.stats["seconds"]
+        seed = unit_seed(c.seed, u)
+        rows, stats = rejection_sample(
+            teacher, list(unit), verifier,
+            samples=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+            greedy_first=c.greedy_first, keep_per_problem=c.keep_per_problem, top_k_logprobs=c.top_k_logprobs,
+            seed=seed, system_prompt=c.system_prompt,
+        )
+        params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, n=c.samples, seed=seed)
+        prov = provenance(ctx, c.teacher, teacher, params, tpl)
+        prov.pop("template_hash")
+        prov.pop("teacher")
+        for r in rows:
+            r.update(prov)
+        stats["teacher_generated_tokens"] = teacher.stats["generated_tokens"] - before  # the teacher's counters are cumulative
+        stats["teacher_seconds"] = round(teacher.stats["seconds"] - secs, 2)
+        return rows, stats
+
+    shards = run_units(ctx.name, ctx.out.path, units_of(records, c.shard_size), work, "Rejection sampling")
+    stats = shards.stats()
+    rates = {k: v for s in stats for k, v in s.pop("pass_rates").items()}
+    write_rows(ctx.out.path / "pass_rates.parquet", [{"problem_id": k, "pass_rate": v} for k, v in rates.items()])
+    filt = record_filter(ctx, key=lambda r: r["question"] + "\n" + r["completion"], prompt=lambda r: r["question"])
+    if shards.records() == 0:
         raise EmptyDatasetError(
             f"stage '{ctx.name}': no teacher answer passed verification on {len(records)} problems "
             f"(try more samples, a higher temperature or an easier task)"
         )
-    write_rows(ctx.out.path / "data.parquet", rows)
-    target_tokens = sum(len(r["completion_ids"]) for r in rows)
-    ctx.out.counts.update(records=len(rows), target_tokens=target_tokens, prompt_tokens=sum(len(r["prompt_ids"]) for r in rows))
-    ctx.out.metrics.update(stats)
-    ident = ctx.identity(c.teacher).to_dict()
-    ctx.out.teachers.append({**ident, "role": "data", "token_share": 1.0})
-    ctx.out.extra["task"] = task
+    finish_dataset(ctx, shards, filt, "verified teacher answers")
+    ctx.out.metrics.update(_sum_stats(stats, len(records)), teacher_generated_tokens=teacher_tokens(stats))
+    ctx.out.teachers.append({**ctx.identity(c.teacher).to_dict(), "role": "data", "token_share": 1.0})
+    ctx.out.extra["task"] = tasks.manifest["task"]
+
+
+run_rejection.resumable = True
+
+
+def _sum_stats(stats: list[dict], n_problems: int) -> dict:
+    """Per-shard rejection statistics as totals and rates over the whole stage."""
+    total = lambda k: sum(s.get(k) or 0 for s in stats)  # noqa: E731
+    greedy = [s["greedy_pass_rate"] * s["problems"] for s in stats if s.get("greedy_pass_rate") is not None]
+    return {
+        "problems": n_problems,
+        "problems_covered": total("problems_covered"),
+        "coverage": total("problems_covered") / max(1, n_problems),
+        "greedy_pass_rate": sum(greedy) / max(1, n_problems) if greedy else None,
+        "sampled_problems": total("sampled_problems"),
+        "completions": total("completions"),
+        "passed_completions": total("passed_completions"),
+        "passed_records": total("passed_records"),
+        "teacher_seconds": round(total("teacher_seconds"), 2),
+    }
