@@ -38,20 +38,23 @@ from pathlib import Path
 TEACHER = "smollm2-135m-instruct"
 STUDENT_LAYERS = 15
 TOP_K = 64
+DATA_VERSION = 2  # bump when chat_examples changes
 SYSTEMS = ["trl-gkd", "trl-sft", "sh-kd-cached", "sh-kd-online", "sh-sft"]
 
 
 # -- data ------------------------------------------------------------------------------------
 def chat_examples(n: int, seed: int = 0) -> list[dict]:
-    """Short arithmetic chats: about 50 tokens each with SmolLM2's template (system line included)."""
+    """Short arithmetic chats: about 50 tokens each with SmolLM2's template (a short system line
+    replaces its ~20-token default one)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         a, b, c = rng.randint(10, 99), rng.randint(10, 99), rng.randint(1, 30)
         ab = a + b
         out.append({
-            "prompt": [{"role": "user", "content": f"Add {a} and {b}, then subtract {c}."}],
-            "completion": [{"role": "assistant", "content": f"{a} + {b} = {ab}. {ab} - {c} = {ab - c}. The answer is {ab - c}."}],
+            "prompt": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": f"Add {a} and {b}, then subtract {c}."}],
+            "completion": [{"role": "assistant", "content": f"{a} + {b} - {c} = {ab - c}."}],
         })
     return out
 
@@ -70,11 +73,11 @@ def prepare(work: Path, n: int) -> dict:
     import torch
 
     from stillhouse import models
-    from stillhouse.scoring import selected_logits
+    from stillhouse.scoring import right_pad, selected_logits
     from stillhouse.train import students
 
     info_path = work / "prep.json"
-    if info_path.exists() and json.loads(info_path.read_text())["n"] == n:
+    if info_path.exists() and json.loads(info_path.read_text()).get("key") == [n, DATA_VERSION]:
         return json.loads(info_path.read_text())
     teacher = models.load(TEACHER)
     tok = teacher.tokenizer
@@ -87,16 +90,22 @@ def prepare(work: Path, n: int) -> dict:
     t0 = time.perf_counter()
     cache = []
     with torch.inference_mode():
-        for ids, n_prompt in enc:
-            x = torch.tensor([ids])
+        for s in range(0, len(enc), 16):
+            chunk = enc[s : s + 16]
+            x, attn = right_pad([ids for ids, _ in chunk], tok.pad_token_id)
             pos = torch.zeros_like(x, dtype=torch.bool)
-            pos[0, n_prompt - 1 : len(ids) - 1] = True
-            lp = torch.log_softmax(selected_logits(teacher.model, x, torch.ones_like(x), pos).float(), -1)
+            for r, (ids, n_prompt) in enumerate(chunk):
+                pos[r, n_prompt - 1 : len(ids) - 1] = True
+            lp = torch.log_softmax(selected_logits(teacher.model, x, attn, pos).float(), -1)
             top = lp.topk(TOP_K, dim=-1)
-            cache.append({"ids": top.indices.tolist(), "lp": [[round(v, 5) for v in r] for r in top.values.tolist()]})
+            rows_i, rows_v = top.indices.tolist(), top.values.tolist()
+            for ids, n_prompt in chunk:  # rows are row-major: each example's targets in turn
+                n = len(ids) - n_prompt
+                cache.append({"ids": rows_i[:n], "lp": [[round(v, 5) for v in r] for r in rows_v[:n]]})
+                rows_i, rows_v = rows_i[n:], rows_v[n:]
     cache_s = time.perf_counter() - t0
     (work / "data.json").write_text(json.dumps({"chats": data, "encoded": enc, "cache": cache}))
-    info = {"n": n, "cache_build_s": cache_s, "teacher_dir": str(models.resolve(TEACHER)[0]),
+    info = {"n": n, "key": [n, DATA_VERSION], "cache_build_s": cache_s, "teacher_dir": str(models.resolve(TEACHER)[0]),
             "tokens": sum(len(ids) for ids, _ in enc), "targets": sum(len(ids) - p for ids, p in enc)}
     info_path.write_text(json.dumps(info))
     return info

@@ -256,6 +256,38 @@ def _units(batch: list, objective: str) -> int:
     return len(batch) if objective == "dpo" else sum(n_targets(e) for e in batch)
 
 
+def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, accelerator, teacher=None, refs=None):
+    """Forward and backward over this process's micro-batches of one step's `batch`.
+
+    Each micro-batch's loss is its *sum* over target tokens (pairs for DPO) divided by the
+    whole step's count, so the accumulated gradient equals one big batch's mean gradient
+    whatever the split. Returns the summed log terms and the shapes processed here.
+    """
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    dpo = cfg.objective == "dpo"
+    # DDP averages gradients over processes; scaling by `world` turns that into a sum
+    scale = world / max(_units(batch, cfg.objective), 1)
+    logs: dict[str, torch.Tensor] = {}
+    counts = {"rows": 0, "padded": 0, "positions": 0, "tokens": 0}
+    micro = shard(batch, cfg.micro_batch_size, world, rank)
+    for i, mb in enumerate(micro):
+        weight = scale if mb else 0.0
+        mb = mb or batch[:1]  # an empty share still joins the gradient reduction, at weight 0
+        # gradients are reduced across processes once per step, after the last micro-batch
+        sync = accelerator.no_sync(scorer) if i < len(micro) - 1 else contextlib.nullcontext()
+        with sync:
+            if dpo:
+                loss, parts, c = _dpo_terms(scorer, mb, refs, pad_id, cfg, device)
+            else:
+                loss, parts, c = _distill_terms(scorer, teacher, mb, pad_id, cfg, device)
+            accelerator.backward(loss * weight)
+        if weight:
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v
+            counts = {k: counts[k] + c[k] for k in counts}
+    return logs, counts
+
+
 def train(
     student,
     examples: list,
@@ -284,7 +316,7 @@ def train(
     if not dpo and cfg.kd_weight > 0 and teacher is None and any(e.topk_ids is None for e in examples):
         raise ValueError("kd_weight > 0 needs a teacher model or a cached teacher signal on every example")
     accelerator = accelerator or Accelerator()
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    device = accelerator.device
     torch.manual_seed(cfg.seed)
     if dpo:
         items = [p for p in examples if p.chosen_ids and p.rejected_ids]
@@ -314,6 +346,7 @@ def train(
         with status(f"Resuming from {last}"):
             start_step, history = ckpt.load_checkpoint(last, accelerator.unwrap_model(scorer).model, opt, sched)
     if metrics_path and accelerator.is_main_process:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text("".join(json.dumps(h) + "\n" for h in history))
 
     student.train()
@@ -324,27 +357,8 @@ def train(
         for step in range(start_step, total):
             batch = plan[step]
             units = _units(batch, cfg.objective)
-            # DDP averages gradients over processes; scaling by `world` turns that into a sum
-            scale = world / max(units, 1)
             lr = sched.get_last_lr()[0]
-            logs: dict[str, torch.Tensor] = {}
-            counts = {"rows": 0, "padded": 0, "positions": 0, "tokens": 0}
-            micro = shard(batch, cfg.micro_batch_size, world, rank)
-            for i, mb in enumerate(micro):
-                weight = scale if mb else 0.0
-                mb = mb or batch[:1]  # an empty share still joins the gradient reduction, at weight 0
-                # gradients are reduced across processes once per step, after the last micro-batch
-                sync = accelerator.no_sync(scorer) if i < len(micro) - 1 else contextlib.nullcontext()
-                with sync:
-                    if dpo:
-                        loss, parts, c = _dpo_terms(scorer, mb, refs, pad_id, cfg, device)
-                    else:
-                        loss, parts, c = _distill_terms(scorer, teacher, mb, pad_id, cfg, device)
-                    accelerator.backward(loss * weight)
-                if weight:
-                    for k, v in parts.items():
-                        logs[k] = logs.get(k, 0.0) + v
-                    counts = {k: counts[k] + c[k] for k in counts}
+            logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, refs)
             grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.grad_clip) if cfg.grad_clip else None
             opt.step()
             sched.step()
