@@ -100,9 +100,9 @@ def prepare(work: Path, n: int) -> dict:
             top = lp.topk(TOP_K, dim=-1)
             rows_i, rows_v = top.indices.tolist(), top.values.tolist()
             for ids, n_prompt in chunk:  # rows are row-major: each example's targets in turn
-                n = len(ids) - n_prompt
-                cache.append({"ids": rows_i[:n], "lp": [[round(v, 5) for v in r] for r in rows_v[:n]]})
-                rows_i, rows_v = rows_i[n:], rows_v[n:]
+                k = len(ids) - n_prompt
+                cache.append({"ids": rows_i[:k], "lp": [[round(v, 5) for v in r] for r in rows_v[:k]]})
+                rows_i, rows_v = rows_i[k:], rows_v[k:]
     cache_s = time.perf_counter() - t0
     (work / "data.json").write_text(json.dumps({"chats": data, "encoded": enc, "cache": cache}))
     info = {"n": n, "key": [n, DATA_VERSION], "cache_build_s": cache_s, "teacher_dir": str(models.resolve(TEACHER)[0]),
