@@ -36,7 +36,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     from .data.stages import run_rejection, run_tasks
     from .eval.stages import run_eval
     from .eval.report import run_report
-    from .train.stages import run_prune, run_train
+    from .train.stages import run_prune, run_scratch, run_train
 
     return {
         "tasks": run_tasks,
@@ -45,6 +45,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
         "train": run_train,
         "eval": run_eval,
         "report": run_report,
+        "scratch": run_scratch,
     }
 
 
@@ -56,6 +57,7 @@ class Runner:
     results: dict[str, Artifact] = field(default_factory=dict)
     _loaded: dict[str, model_specs.LoadedModel] = field(default_factory=dict)
     _identities: dict[str, model_specs.ModelIdentity] = field(default_factory=dict)
+    resume: bool = False  # train stages continue from their latest checkpoint
 
     def __post_init__(self):
         self.store = ArtifactStore(self.workspace)

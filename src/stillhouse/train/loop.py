@@ -391,7 +391,8 @@ def train(
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
             done = step + 1
-            if checkpoint_dir and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
+            # the last step is checkpointed too, so a resumed multi-phase run skips finished phases
+            if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == total):
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     ckpt.save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(scorer).model, opt, sched, history)
