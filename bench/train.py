@@ -189,7 +189,9 @@ def trl_worker(system: str, work: Path, data: dict, info: dict, batch: int, lr: 
     common = dict(output_dir=str(work / f"out-{system}"), per_device_train_batch_size=batch, max_steps=steps,
                   learning_rate=lr, lr_scheduler_type="cosine", report_to="none", save_strategy="no",
                   logging_steps=max(1, steps // 4), use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-                  seed=0, max_length=512)
+                  seed=0, max_length=512,
+                  # TRL defaults to bf16 autocast; stillhouse trains in fp32, so both do here
+                  bf16=False, fp16=False)
     times: list[float] = []
 
     class Clock(TrainerCallback):
