@@ -77,8 +77,10 @@ def prepare(work: Path, n: int) -> dict:
     from stillhouse.train import students
 
     info_path = work / "prep.json"
-    if info_path.exists() and json.loads(info_path.read_text()).get("key") == [n, DATA_VERSION]:
-        return json.loads(info_path.read_text())
+    if info_path.exists():  # prepared data for at least n chats is reused (workers take the first n)
+        info = json.loads(info_path.read_text())
+        if info.get("key", [0, 0])[1] == DATA_VERSION and info["n"] >= n:
+            return info
     teacher = models.load(TEACHER)
     tok = teacher.tokenizer
     data = chat_examples(n)
@@ -142,12 +144,12 @@ def step_flops(cfg, history: list[dict], lm_head_rows_key: str = "positions") ->
     return total
 
 
-def worker(system: str, work: Path, batch: int, lr: float) -> dict:
-    import torch
-
+def worker(system: str, work: Path, batch: int, lr: float, steps: int) -> dict:
     data = json.loads((work / "data.json").read_text())
     info = json.loads((work / "prep.json").read_text())
-    steps = len(data["chats"]) // batch
+    n = steps * batch  # one pass over the first n chats
+    data = {k: v[:n] for k, v in data.items()}
+    info = {**info, "tokens": sum(len(ids) for ids, _ in data["encoded"])}
     result: dict = {"system": system, "steps": steps}
     if system.startswith("trl"):
         result.update(trl_worker(system, work, data, info, batch, lr, steps))
@@ -234,19 +236,19 @@ def main() -> int:
     os.environ.setdefault("STILLHOUSE_QUIET", "1")
     work = Path(args.workdir or Path(tempfile.gettempdir()) / "stillhouse-bench-train")
     if args.worker:
-        print("RESULT " + json.dumps(worker(args.worker, work, args.batch, args.lr)))
+        print("RESULT " + json.dumps(worker(args.worker, work, args.batch, args.lr, args.steps)))
         return 0
     work.mkdir(parents=True, exist_ok=True)
     info = prepare(work, args.steps * args.batch)
     peak = matmul_peak_flops()
-    print(f"data: {info['n']} chats, {info['tokens']} tokens ({info['tokens'] / info['n']:.1f}/chat), "
-          f"{info['targets']} targets; teacher top-{TOP_K} cache built in {info['cache_build_s']:.1f} s (one-off)")
+    print(f"data: the first {args.steps * args.batch} of {info['n']} prepared chats ({info['tokens'] / info['n']:.1f} tokens/chat, "
+          f"{info['targets'] / info['n']:.1f} of them targets); teacher top-{TOP_K} cache built in {info['cache_build_s']:.1f} s (one-off)")
     print(f"fp32 matmul peak (2048^3 GEMM, best of 8): {peak / 1e9:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}")
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeat):
         for system in args.systems.split(","):
             cmd = [sys.executable, __file__, "--worker", system, "--workdir", str(work),
-                   "--batch", str(args.batch), "--lr", str(args.lr)]
+                   "--batch", str(args.batch), "--lr", str(args.lr), "--steps", str(args.steps)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not line:

@@ -251,6 +251,22 @@ def _reference_logprobs(model, pairs: list[PreferencePair], pad_id: int, batch: 
     return refs
 
 
+def _clip_gradients(accelerator, model, max_norm: float) -> float:
+    """Clip to `max_norm`; returns the norm before clipping. Under plain or DDP training the
+    gradients are already identical on every process, so the norm is computed locally and the
+    gradients are only rescaled when they exceed the limit (rescaling every step by 1.0 cost
+    ~5% of a CPU step); sharded setups (FSDP, DeepSpeed) go through accelerate."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return float(norm)
+
+
 def _units(batch: list, objective: str) -> int:
     """What a step's loss is normalised by: target tokens (distill) or pairs (DPO)."""
     return len(batch) if objective == "dpo" else sum(n_targets(e) for e in batch)
@@ -359,7 +375,7 @@ def train(
             units = _units(batch, cfg.objective)
             lr = sched.get_last_lr()[0]
             logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, refs)
-            grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+            grad_norm = _clip_gradients(accelerator, scorer, cfg.grad_clip) if cfg.grad_clip else None
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
