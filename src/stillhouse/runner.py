@@ -54,7 +54,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     from .data.self_instruct import run_self_instruct
     from .eval.stages import run_eval
     from .eval.report import run_report
-    from .train.stages import run_prune, run_train
+    from .train.stages import run_prune, run_scratch, run_train
     from .data.imports import run_import, run_mix
 
     return {
@@ -70,6 +70,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
         "preference": run_preference,
         "critique_revise": run_critique_revise,
         "self_instruct": run_self_instruct,
+        "scratch": run_scratch,
     }
 
 
@@ -81,6 +82,7 @@ class Runner:
     results: dict[str, Artifact] = field(default_factory=dict)
     _loaded: dict[str, model_specs.LoadedModel] = field(default_factory=dict)
     _identities: dict[str, model_specs.ModelIdentity] = field(default_factory=dict)
+    resume: bool = False  # train stages continue from their latest checkpoint
 
     def __post_init__(self):
         self.store = ArtifactStore(self.workspace)
