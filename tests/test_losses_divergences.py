@@ -220,3 +220,23 @@ def test_mixture_is_weighted_sum_and_logs_each_term(pair):
     assert total.item() == pytest.approx(0.5 * cross_entropy(s, targets).item() + 0.5 * divergence("forward_kl", s, t).item(), rel=1e-6)
     with pytest.raises(ValueError, match="needs a teacher"):
         mixture([LossTerm("forward_kl")], s, targets, None)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padded_topk_rows_equal_shorter_rows(pair, name):
+    # a row with fewer entries, padded with -inf log-probs and a repeated id, is that shorter row
+    s, t = pair
+    sig = topk_with_rest(t, 6)
+    short = topk_with_rest(t[:1], 3)
+    ids = sig.ids.clone()
+    lps = sig.logprobs.clone()
+    rest = sig.rest.clone()
+    ids[0, 3:] = ids[0, 0]
+    lps[0, 3:] = float("-inf")
+    rest[0] = short.rest[0]
+    padded = per_token(name, s, TopK(ids, lps, rest))
+    assert padded[0].item() == pytest.approx(per_token(name, s[:1], short)[0].item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(padded[1:], per_token(name, s[1:], sig[1:]))
+    x = s.clone().requires_grad_(True)
+    divergence(name, x, TopK(ids, lps, rest)).backward()
+    assert torch.isfinite(x.grad).all()

@@ -89,6 +89,17 @@ class PruneStage(Strict):
     protect: list[int] = []
 
 
+# The names of train/losses.py's registry (kept here so validating a recipe never imports torch).
+LossName = Literal["sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"]
+
+
+class LossTermSpec(Strict):
+    name: LossName
+    weight: float = Field(1.0, ge=0)
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: 0 is forward KL, 1 reverse KL
+    alpha: float = Field(0.1, ge=0, lt=1)  # skew KLs: share of the skewed distribution in the mixture
+
+
 class TrainStage(Strict):
     """SFT on teacher text plus token-level KL to the teacher's logits."""
 
@@ -111,6 +122,31 @@ class TrainStage(Strict):
     heal_epochs: float = Field(0.0, ge=0)  # logit-only KD on all teacher text (failed answers too) first
     heal_lr: float = Field(2e-4, gt=0)
     seed: int = 0
+    # The objective as a weighted mixture (docs/losses.md): {sft: 0.5, forward_kl: 0.5}, or a
+    # list of {name, weight, beta, alpha}. When set it replaces sft_weight / kd_weight.
+    loss: dict[LossName, float] | list[LossTermSpec] | None = None
+    logit_cache: str | None = None  # a cache_logits stage: the offline teacher signal
+
+    @field_validator("loss")
+    @classmethod
+    def _some_weight(cls, v):
+        weights = list(v.values()) if isinstance(v, dict) else [t.weight for t in v or []]
+        if v is not None and (not weights or any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError("needs at least one term with a positive weight, and no negative weights")
+        return v
+
+    @property
+    def loss_terms(self) -> list[dict]:
+        """The objective as plain term dicts (name, weight, beta, alpha) for the training loop."""
+        if self.loss is None:
+            return [{"name": "sft", "weight": self.sft_weight}, {"name": "forward_kl", "weight": self.kd_weight}]
+        if isinstance(self.loss, dict):
+            return [{"name": k, "weight": w} for k, w in self.loss.items()]
+        return [t.model_dump() for t in self.loss]
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(t["name"] != "sft" and t["weight"] > 0 for t in self.loss_terms)
 
 
 class EvalStage(Strict):
@@ -135,14 +171,49 @@ class ReportStage(Strict):
     title: str | None = None
 
 
+class CacheLogitsStage(Strict):
+    """The teacher scores a dataset's exact token sequences; its top-k log-probs go to a compact cache."""
+
+    type: Literal["cache_logits"]
+    teacher: str
+    data: str
+    top_k: int = Field(128, gt=0, le=1024)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(1024, gt=1)
+
+
+class OnPolicyStage(Strict):
+    """On-policy distillation: the student samples, the teacher scores its tokens (docs/onpolicy-and-cross-tokenizer.md)."""
+
+    type: Literal["onpolicy"]
+    student: str
+    teacher: str
+    data: str  # a dataset of prompts and teacher completions (a rejection stage)
+    method: Literal["gkd", "reverse_kl"] = "gkd"
+    lmbda: float = Field(1.0, ge=0, le=1)  # gkd: share of batches sampled from the student
+    beta: float = Field(0.5, ge=0, le=1)  # gkd: generalised JSD beta
+    steps: int = Field(50, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    sample_temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = Field(32, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+
+
 Stage = Annotated[
-    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage], Field(discriminator="type")
+    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, CacheLogitsStage, OnPolicyStage],
+    Field(discriminator="type"),
 ]
 
 # Which artifact kind each stage type writes, and which of its fields name other things.
 STAGE_KIND = {"tasks": "dataset", "rejection": "dataset", "prune": "model", "train": "model", "eval": "eval", "report": "report"}
 MODEL_FIELDS = {"rejection": ["teacher"], "prune": ["model"], "train": ["student", "teacher"], "eval": ["teacher"]}
 DATA_FIELDS = {"rejection": ["tasks"], "prune": ["calibration"], "train": ["data"], "eval": ["tasks"], "report": []}
+STAGE_KIND.update(cache_logits="logit_cache", onpolicy="model")
+MODEL_FIELDS.update(cache_logits=["teacher"], onpolicy=["student", "teacher"])
+DATA_FIELDS.update(cache_logits=["data"], onpolicy=["data"])
+CACHE_FIELDS = {"train": ["logit_cache"]}  # fields that name a cache_logits stage
 
 
 class Recipe(Strict):
@@ -161,6 +232,9 @@ class Recipe(Strict):
                 out.append((f, v, "model"))
         for f in DATA_FIELDS.get(st.type, []):
             out.append((f, getattr(st, f), "data"))
+        for f in CACHE_FIELDS.get(st.type, []):
+            if getattr(st, f) is not None:
+                out.append((f, getattr(st, f), "logit_cache"))
         if st.type == "eval":
             out += [(f"models.{k}", v, "model") for k, v in st.models.items()]
         if st.type == "report":
@@ -204,7 +278,7 @@ def _check_refs(recipe: Recipe) -> None:
             key = f"stages.{sname}.{field}"
             if ref in recipe.stages:
                 produced = STAGE_KIND[recipe.stages[ref].type]
-                want = {"model": "model", "data": "dataset", "eval": "eval", "train": "model"}[expected]
+                want = {"model": "model", "data": "dataset", "eval": "eval", "train": "model", "logit_cache": "logit_cache"}[expected]
                 if produced != want:
                     raise ValueError(f"{key}: stage '{ref}' produces a {produced}, not a {want}")
                 if expected == "train" and recipe.stages[ref].type != "train":
@@ -247,7 +321,7 @@ def _format_validation_error(e: ValidationError) -> str:
     elif err["type"] == "union_tag_not_found":
         msg = "stage needs a 'type'"
     parts = [str(x) for x in err["loc"]]
-    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in ("tasks", "rejection", "prune", "train", "eval", "report"):
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KIND:
         parts.pop(2)  # drop the discriminator tag pydantic inserts
         loc = ".".join(parts)
     return f"{loc}: {msg}"

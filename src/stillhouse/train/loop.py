@@ -17,7 +17,7 @@ import torch
 
 from ..progress import progress
 from ..scoring import selected_logits
-from .losses import cross_entropy, forward_kl, sparse_forward_kl
+from .losses import LossTerm, TopK, mixture, needs_teacher, terms_from_weights
 
 
 @dataclass
@@ -34,6 +34,15 @@ class TrainConfig:
     temperature: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
+    # The objective (losses.mixture): term dicts {name, weight, beta, alpha}; None means
+    # sft_weight * SFT + kd_weight * forward KL.
+    loss_terms: list | None = None
+    vocab_size: int | None = None  # compare logits on the tokenizer's real vocabulary (padded heads)
+
+    def terms(self) -> list[LossTerm]:
+        if self.loss_terms is None:
+            return terms_from_weights(self.sft_weight, self.kd_weight)
+        return [LossTerm(**t) for t in self.loss_terms]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +55,7 @@ class Example:
     # Offline teacher signal: top-k ids / log-probs for each target token (len(input_ids) - n_prompt rows).
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    topk_rest: list[float] | None = None  # probability mass outside the top-k (a logit cache has it)
 
 
 def collate(examples: list[Example], pad_id: int):
@@ -74,9 +84,11 @@ def collate(examples: list[Example], pad_id: int):
         def rows(e, table):
             return table[max(e.n_prompt, 1) - e.n_prompt : len(e.input_ids) - e.n_prompt]
 
-        rows_ids = [row for e in examples for row in rows(e, e.topk_ids)]
-        rows_lp = [row for e in examples for row in rows(e, e.topk_logprobs)]
-        cached = (torch.tensor(rows_ids, dtype=torch.long), torch.tensor(rows_lp, dtype=torch.float32))
+        def stack(table, dtype):
+            return torch.cat([torch.as_tensor(rows(e, getattr(e, table))).to(dtype) for e in examples])
+
+        rest = stack("topk_rest", torch.float32) if all(e.topk_rest is not None for e in examples) else None
+        cached = TopK(stack("topk_ids", torch.long), stack("topk_logprobs", torch.float32), rest)
     return ids, attn, predict, targets[predict], cached
 
 
@@ -105,12 +117,13 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def train(student, examples: list[Example], cfg: TrainConfig, pad_id: int, teacher=None, description="Training"):
     """Train `student` in place. Returns the per-step history (loss, sft, kl, lr, tokens/s)."""
-    if cfg.kd_weight > 0 and teacher is None and any(e.topk_ids is None for e in examples):
-        raise ValueError("kd_weight > 0 needs a teacher model or a cached teacher signal on every example")
+    terms = cfg.terms()
+    if needs_teacher(terms) and teacher is None and any(e.topk_ids is None for e in examples):
+        raise ValueError("a KD loss term needs a teacher model or a cached teacher signal on every example")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     examples = [
-        Example(e.input_ids[: cfg.max_length], e.n_prompt, e.topk_ids, e.topk_logprobs) for e in examples
+        Example(e.input_ids[: cfg.max_length], e.n_prompt, e.topk_ids, e.topk_logprobs, e.topk_rest) for e in examples
     ]
     examples = [e for e in examples if len(e.input_ids) > max(e.n_prompt, 1)]
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -135,18 +148,16 @@ def train(student, examples: list[Example], cfg: TrainConfig, pad_id: int, teach
             lr = lr_at(step, total, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            s_logits = selected_logits(student, ids, attn, predict)
-            sft = cross_entropy(s_logits, targets)
-            loss = cfg.sft_weight * sft
-            kl = torch.zeros(())
-            if cfg.kd_weight > 0:
+            s_logits = selected_logits(student, ids, attn, predict)[:, : cfg.vocab_size]
+            signal = None
+            if needs_teacher(terms):
                 if teacher is not None:  # online: the teacher scores exactly these tokens
                     with torch.no_grad():
-                        t_logits = selected_logits(teacher, ids, attn, predict)
-                    kl = forward_kl(s_logits, t_logits, cfg.temperature)
-                else:  # offline: top-k log-probs cached when the teacher generated the data
-                    kl = sparse_forward_kl(s_logits, cached[0], cached[1], cfg.temperature)
-                loss = loss + cfg.kd_weight * kl
+                        signal = selected_logits(teacher, ids, attn, predict)[:, : cfg.vocab_size]
+                else:  # offline: top-k log-probs cached with the data or in a logit cache
+                    signal = cached
+            loss, parts = mixture(terms, s_logits, targets, signal, temperature=cfg.temperature)
+            kd_parts = [v for k, v in parts.items() if k != "sft"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -157,8 +168,9 @@ def train(student, examples: list[Example], cfg: TrainConfig, pad_id: int, teach
             rec = {
                 "step": step + 1,
                 "loss": loss.item(),
-                "sft": sft.item(),
-                "kl": kl.item(),
+                "sft": parts.get("sft", 0.0),
+                "kl": sum(kd_parts),  # the KD terms, unweighted (each is also logged as loss/<name>)
+                **{f"loss/{k}": v for k, v in parts.items()},
                 "lr": lr,
                 "tokens": tokens_seen,
                 "tokens_per_s": tokens_seen / max(elapsed, 1e-9),

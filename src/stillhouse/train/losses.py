@@ -37,7 +37,7 @@ class TopK:
     """
 
     ids: torch.Tensor  # [N, k] long
-    logprobs: torch.Tensor  # [N, k]
+    logprobs: torch.Tensor  # [N, k]; -inf marks padding in rows with fewer entries
     rest: torch.Tensor | None = None  # [N] probability mass not in the top-k
 
     def __getitem__(self, rows) -> "TopK":
@@ -128,9 +128,12 @@ def _sparse_support(s: torch.Tensor, ids: torch.Tensor, lps: torch.Tensor, rest,
     is not stored); at T = 1, and for the student at any T, the buckets are exact.
     """
     ls_full = F.log_softmax(s.float() / temperature, -1)
-    ls_top = ls_full.gather(-1, ids)
-    ls_rest = ls_full.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
     lt = lps.float()
+    # rows with fewer than k entries are padded with log-prob -inf (a repeated id): both
+    # sides put zero mass there, and the student's rest bucket still excludes real entries only
+    pad = torch.isneginf(lt)
+    ls_top = ls_full.gather(-1, ids).masked_fill(pad, float("-inf"))
+    ls_rest = ls_full.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
     if rest is None:
         lt_rest = torch.full_like(lt[:, :1], float("-inf"))
     else:

@@ -11,7 +11,8 @@ from ..errors import EmptyDatasetError, StillhouseError
 from ..fsutil import write_text_atomic
 from ..lineage import merge_teachers, model_card
 from ..progress import status
-from . import students
+from ..progress import console
+from . import alignment, students
 from .loop import Example, TrainConfig, train
 
 
@@ -65,14 +66,18 @@ def run_prune(ctx) -> None:
     _save_model(ctx, student, lm.tokenizer, _base_models_of(ctx, c.model))
 
 
-def _examples(rows: list[dict], cached: bool) -> list[Example]:
-    return [
-        Example(
-            r["prompt_ids"] + r["completion_ids"], len(r["prompt_ids"]),
-            r.get("topk_ids") if cached else None, r.get("topk_logprobs") if cached else None,
-        )
-        for r in rows
-    ]
+def _examples(rows: list[dict], cached: bool, cache=None) -> list[Example]:
+    """Training examples; with a logit cache, each carries its cached rows (sparse, by record id)."""
+    out = []
+    for r in rows:
+        ids = r["prompt_ids"] + r["completion_ids"]
+        if cache is not None:
+            top_ids, lps, rest = cache.rows(r["id"])
+            out.append(Example(ids, len(r["prompt_ids"]), top_ids, lps, rest))
+        else:
+            out.append(Example(ids, len(r["prompt_ids"]), r.get("topk_ids") if cached else None,
+                               r.get("topk_logprobs") if cached else None))
+    return out
 
 
 def run_train(ctx) -> None:
@@ -83,14 +88,15 @@ def run_train(ctx) -> None:
     if not verified:
         raise EmptyDatasetError(f"stage '{ctx.name}': dataset '{c.data}' has no verified records to train on")
     cached = c.teacher_signal == "cached"
-    if c.kd_weight > 0 and cached and any(r.get("topk_ids") is None for r in verified):
+    cache = _open_cache(ctx) if cached and c.uses_teacher and c.logit_cache else None
+    if c.uses_teacher and cached and cache is None and any(r.get("topk_ids") is None for r in verified):
         raise StillhouseError(
             f"stages.{ctx.name}.teacher_signal: dataset '{c.data}' has no cached teacher log-probs "
             "(set top_k_logprobs on its rejection stage, or use teacher_signal: online)"
         )
     teacher_model = None
     kd_teacher_ident = None
-    if c.kd_weight > 0 and not cached:
+    if c.uses_teacher and not cached:
         if c.teacher is None:
             raise StillhouseError(f"stages.{ctx.name}.teacher: online KD needs a teacher")
         t = ctx.model(c.teacher)
@@ -98,21 +104,36 @@ def run_train(ctx) -> None:
     # The student is loaded fresh (not from the runner's cache): training changes it in place.
     student_lm = model_specs.load(ctx.runner.spec_of(c.student))
     tok = student_lm.tokenizer
-    # every TrainConfig field has a same-named field on the stage
-    cfg = TrainConfig(**{f.name: getattr(c, f.name) for f in fields(TrainConfig)})
+    # the student trains on the dataset's token ids: they must be its tokenizer's
+    alignment.check_scored_text(tok, rows, f"stages.{ctx.name}.data")
+    # TrainConfig fields are same-named fields (or properties) of the stage
+    cfg = TrainConfig(**{f.name: getattr(c, f.name) for f in fields(TrainConfig) if hasattr(c, f.name)})
+    if teacher_model is not None:
+        alignment.check_token_level(tok, t.tokenizer, f"stages.{ctx.name}", c.student, c.teacher)
+        vocab, note = alignment.shared_vocab(tok, student_lm.model, teacher_model)
+        cfg = replace(cfg, vocab_size=vocab)
+        if note:
+            console.print(f"{ctx.name}: {note}")
+            ctx.out.warnings.append(note)
+    if cache is not None:
+        cache.check_student(tok, f"stages.{ctx.name}.logit_cache")
     history = []
     if c.heal_epochs > 0:
-        heal_cfg = replace(cfg, epochs=c.heal_epochs, lr=c.heal_lr, sft_weight=0.0, kd_weight=1.0)
-        history += [{**h, "phase": "heal"} for h in train(student_lm.model, _examples(rows, cached), heal_cfg, tok.pad_token_id,
+        kd_terms = [t for t in cfg.terms() if t.name != "sft"]
+        heal_cfg = replace(cfg, epochs=c.heal_epochs, lr=c.heal_lr, sft_weight=0.0, kd_weight=1.0,
+                           loss_terms=[vars(t) for t in kd_terms] if c.loss else None)
+        history += [{**h, "phase": "heal"} for h in train(student_lm.model, _examples(rows, cached, cache), heal_cfg, tok.pad_token_id,
                                                           teacher=teacher_model, description="Healing (logit KD on all teacher text)")]
-    history += [{**h, "phase": "task"} for h in train(student_lm.model, _examples(verified, cached), cfg, tok.pad_token_id,
+    history += [{**h, "phase": "task"} for h in train(student_lm.model, _examples(verified, cached, cache), cfg, tok.pad_token_id,
                                                       teacher=teacher_model, description="Distilling (SFT + KD on verified data)")]
     # Teacher shares: SFT targets come from the data's teachers, KD from the KD teacher (or the
     # data's teachers when the signal was cached with the data), weighted by loss weights.
     data_teachers = data_art.manifest.get("teachers", [])
-    entries = [({**t, "role": "sft-targets"}, c.sft_weight * t.get("token_share", 1.0)) for t in data_teachers]
-    kd_sources = [kd_teacher_ident] if kd_teacher_ident else data_teachers
-    entries += [({**t, "role": "logit-kd"}, c.kd_weight * t.get("token_share", 1.0)) for t in kd_sources if c.kd_weight > 0]
+    sft_w = sum(t["weight"] for t in c.loss_terms if t["name"] == "sft")
+    kd_w = sum(t["weight"] for t in c.loss_terms if t["name"] != "sft")
+    entries = [({**t, "role": "sft-targets"}, sft_w * t.get("token_share", 1.0)) for t in data_teachers]
+    kd_sources = [kd_teacher_ident] if kd_teacher_ident else cache.teachers if cache is not None else data_teachers
+    entries += [({**t, "role": "logit-kd"}, kd_w * t.get("token_share", 1.0)) for t in kd_sources if kd_w > 0]
     ctx.out.teachers.extend(merge_teachers(entries))
     task_hist = [h for h in history if h["phase"] == "task"]
     ctx.out.metrics.update(
@@ -125,6 +146,27 @@ def run_train(ctx) -> None:
         for h in history:
             f.write(json.dumps(h) + "\n")
     _save_model(ctx, student_lm.model, tok, _base_models_of(ctx, c.student))
+
+
+def _open_cache(ctx):
+    """The logit cache a train stage names, checked against the stage's dataset and teacher."""
+    from .logit_cache import LogitCache
+
+    c = ctx.config
+    cache = LogitCache.open(ctx.inputs["logit_cache"].path)
+    data_id = ctx.inputs["data"].id
+    if cache.data_id != data_id:
+        raise StillhouseError(
+            f"stages.{ctx.name}.logit_cache: cache '{c.logit_cache}' scores dataset {cache.data_id}, not '{c.data}' ({data_id})"
+        )
+    if c.teacher is not None:
+        ident = ctx.identity(c.teacher)
+        if cache.teacher.get("weights_sha256") != ident.weights_sha256:
+            raise StillhouseError(
+                f"stages.{ctx.name}.logit_cache: cache '{c.logit_cache}' was made by teacher "
+                f"{cache.teacher.get('spec')}, not by '{c.teacher}' ({ident.spec})"
+            )
+    return cache
 
 
 def _tail_mean(history: list[dict], key: str, n: int = 10) -> float | None:
