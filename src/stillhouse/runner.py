@@ -37,6 +37,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     from .eval.stages import run_eval
     from .eval.report import run_report
     from .train.stages import run_prune, run_train
+    from .train.kd_stages import run_cache_logits, run_onpolicy
 
     return {
         "tasks": run_tasks,
@@ -45,6 +46,8 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
         "train": run_train,
         "eval": run_eval,
         "report": run_report,
+        "cache_logits": run_cache_logits,
+        "onpolicy": run_onpolicy,
     }
 
 

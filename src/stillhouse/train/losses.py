@@ -305,3 +305,20 @@ def mixture(
         total = total + term.weight * value
         parts[term.name] = value.item()
     return total, parts
+
+
+# -- policy gradient (on-policy distillation and reward-based training share it) -----------
+def policy_gradient(token_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE on sampled tokens: -mean(advantage * log p(token)), advantages held constant.
+
+    On-policy samples make the importance ratio 1; with advantage -(log p_s - log p_t) the
+    expected gradient is that of the reverse KL to the teacher.
+    """
+    adv = advantages.detach().float()
+    lp = token_logprobs.float()
+    if mask is not None:
+        keep = mask.bool()
+        lp, adv = lp[keep], adv[keep]
+    if lp.numel() == 0:
+        return token_logprobs.sum() * 0.0
+    return -(adv * lp).mean()

@@ -66,13 +66,18 @@ def run_prune(ctx) -> None:
     _save_model(ctx, student, lm.tokenizer, _base_models_of(ctx, c.model))
 
 
-def _examples(rows: list[dict], cached: bool, cache=None) -> list[Example]:
+def _examples(rows: list[dict], cached: bool, cache=None, max_length: int = 1 << 30) -> list[Example]:
     """Training examples; with a logit cache, each carries its cached rows (sparse, by record id)."""
     out = []
     for r in rows:
         ids = r["prompt_ids"] + r["completion_ids"]
         if cache is not None:
             top_ids, lps, rest = cache.rows(r["id"])
+            if not r["prompt_ids"]:  # cache rows start at token 1; Example rows at token 0 (never used)
+                top_ids, lps, rest = (a[[0] + list(range(len(a)))] for a in (top_ids, lps, rest))
+            if len(top_ids) < len(ids[:max_length]) - len(r["prompt_ids"]):
+                raise StillhouseError(f"logit cache scored {len(top_ids)} tokens of record '{r['id']}', "
+                                      "fewer than training uses (raise the cache_logits stage's max_length)")
             out.append(Example(ids, len(r["prompt_ids"]), top_ids, lps, rest))
         else:
             out.append(Example(ids, len(r["prompt_ids"]), r.get("topk_ids") if cached else None,
@@ -122,9 +127,9 @@ def run_train(ctx) -> None:
         kd_terms = [t for t in cfg.terms() if t.name != "sft"]
         heal_cfg = replace(cfg, epochs=c.heal_epochs, lr=c.heal_lr, sft_weight=0.0, kd_weight=1.0,
                            loss_terms=[vars(t) for t in kd_terms] if c.loss else None)
-        history += [{**h, "phase": "heal"} for h in train(student_lm.model, _examples(rows, cached, cache), heal_cfg, tok.pad_token_id,
+        history += [{**h, "phase": "heal"} for h in train(student_lm.model, _examples(rows, cached, cache, c.max_length), heal_cfg, tok.pad_token_id,
                                                           teacher=teacher_model, description="Healing (logit KD on all teacher text)")]
-    history += [{**h, "phase": "task"} for h in train(student_lm.model, _examples(verified, cached, cache), cfg, tok.pad_token_id,
+    history += [{**h, "phase": "task"} for h in train(student_lm.model, _examples(verified, cached, cache, c.max_length), cfg, tok.pad_token_id,
                                                       teacher=teacher_model, description="Distilling (SFT + KD on verified data)")]
     # Teacher shares: SFT targets come from the data's teachers, KD from the KD teacher (or the
     # data's teachers when the signal was cached with the data), weighted by loss weights.
