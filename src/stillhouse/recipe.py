@@ -177,7 +177,8 @@ class CacheLogitsStage(Strict):
     type: Literal["cache_logits"]
     teacher: str
     data: str
-    top_k: int = Field(128, gt=0, le=1024)
+    top_k: int = Field(128, gt=0, le=256)
+    min_prob: float = Field(0.0, ge=0, lt=1)  # entries below it join the rest bucket (docs/logit-cache.md)
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(1024, gt=1)
 

@@ -64,7 +64,7 @@ def run_cache_logits(ctx) -> None:
     if note:
         console.print(f"{ctx.name}: {note}")
         ctx.out.warnings.append(note)
-    codec = Codec(top_k=c.top_k)
+    codec = Codec(top_k=c.top_k, min_prob=c.min_prob)
     writer = CacheWriter(ctx.out.path, codec)
     for rid, values, ids, rest in score_records(lm.model, rows, c.top_k, vocab, tok.pad_token_id, c.batch_size, c.max_length):
         writer.add(rid, values, ids, rest)

@@ -5,8 +5,9 @@ order) and the probability mass of everything else (`rest`), packed as:
 
 - ids: uint16 (vocabularies up to 65,536) or uint16 + a uint8 high byte (up to 16.7M);
 - values: one uint8 per entry after the first: the gap to the top entry's log-prob,
-  quantised in steps of `step` nats (rank order makes the gaps monotone, so the top entry
-  itself needs no value: the probabilities follow from the gaps and the rest mass);
+  quantised in steps of `step` nats and stored as the increment over the previous rank's
+  (rank order makes the gaps monotone; the top entry itself needs no value: the
+  probabilities follow from the gaps and the rest mass);
 - rest: one uint8, -log(rest) in steps of `rest_step`;
 - count: one uint8 per token: entries whose probability is below `min_prob` are left in the
   rest bucket, so a confident token stores a few entries and a flat one up to `top_k`.
@@ -38,7 +39,7 @@ META = "logit_cache"  # the manifest key holding the cache's metadata
 @dataclass(frozen=True)
 class Codec:
     top_k: int = 128  # most entries per token (<= 256)
-    min_prob: float = 1e-5  # entries below this probability stay in the rest bucket
+    min_prob: float = 0.0  # entries below this probability stay in the rest bucket (0: keep all k)
     step: float = 0.05  # log-prob gap quantisation (nats); 255 steps cover gaps up to 12.75
     rest_step: float = 0.1  # -log(rest) quantisation (nats); covers rest down to ~1e-11
 
@@ -68,7 +69,10 @@ def encode(codec: Codec, logprobs: torch.Tensor, ids: torch.Tensor, rest: torch.
     counts = keep.sum(1)
     # mass of the dropped entries joins the rest bucket
     rest_all = rest.double().numpy() + np.where(keep, 0.0, np.exp(lp)).sum(1)
-    gaps = np.clip(np.rint((lp[:, :1] - lp) / codec.step), 0, 255).astype(np.uint8)
+    # gaps to the top entry, quantised, then stored as rank-to-rank increments: ranks are sorted,
+    # so increments are >= 0, mostly tiny, and compress far better than the gaps themselves
+    steps = np.clip(np.rint((lp[:, :1] - lp) / codec.step), 0, 255).astype(np.int64)
+    gaps = np.diff(steps, axis=1, prepend=0).astype(np.uint8)
     flat_ids = top_ids[keep]
     rest_q = np.clip(np.rint(-np.log(np.maximum(rest_all, 1e-300)) / codec.rest_step), 0, 255).astype(np.uint8)
     return {
@@ -94,10 +98,11 @@ def decode(codec: Codec, rec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     ids = np.zeros((n, width), np.int64)
     ids[:] = flat_ids[np.cumsum(counts) - counts][:, None]  # pads repeat the top id
     ids[rows, cols] = flat_ids
-    gap = np.full((n, width), np.inf)
-    gap[:, 0] = 0.0
+    steps = np.zeros((n, width), np.int64)
     tail = cols > 0
-    gap[rows[tail], cols[tail]] = np.frombuffer(rec["gaps"], np.uint8) * codec.step
+    steps[rows[tail], cols[tail]] = np.frombuffer(rec["gaps"], np.uint8)
+    gap = np.cumsum(steps, axis=1) * codec.step
+    gap[np.arange(width)[None, :] >= counts[:, None]] = np.inf
     rest = np.exp(np.frombuffer(rec["rest"], np.uint8).astype(np.float64) * -codec.rest_step)
     # p_i = (1 - rest) * exp(-gap_i) / sum_j exp(-gap_j)
     log_z = np.log(np.exp(-gap).sum(1, keepdims=True))
@@ -136,7 +141,7 @@ class CacheWriter:
             return
         name = f"shard-{len(self.shards):05d}.parquet"
         tmp = self.path / f".{name}.tmp"
-        pq.write_table(pa.Table.from_pylist(self._rows, schema=_SCHEMA), tmp, compression="zstd")
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=_SCHEMA), tmp, compression="zstd", compression_level=19)
         tmp.replace(self.path / name)
         self.shards.append(name)
         self._rows = []
