@@ -134,3 +134,16 @@ def _pad(decoded, width):
     out_lp = np.full((n, width), -np.inf, np.float32)
     out_ids[:, :m], out_lp[:, :m] = ids, lp
     return out_ids, out_lp, rest
+
+
+def test_very_peaked_rows_get_a_coarser_step_instead_of_saturating():
+    codec = Codec(top_k=8, min_prob=0.0)
+    logits = _logits(n=4, vocab=50, scale=1.0, seed=2)
+    logits[:, 7] += 40.0  # top entry ~40 nats above the others: gaps beyond 255 * step
+    values, ids, rest = topk_signal(logits, 8)
+    rec = encode(codec, values, ids, rest)
+    assert np.frombuffer(rec["scale"], np.uint8).min() > 0
+    _, lp, _ = decode(codec, rec)
+    span = (values[:, :1] - values).max().item()
+    tolerance = codec.step * math.ceil(span / (255 * codec.step)) / 2
+    assert np.abs(lp - values.numpy()).max() <= tolerance + 1e-4

@@ -10,7 +10,7 @@ line that names the key and the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -124,15 +124,26 @@ class TrainStage(Strict):
     seed: int = 0
     # The objective as a weighted mixture (docs/losses.md): {sft: 0.5, forward_kl: 0.5}, or a
     # list of {name, weight, beta, alpha}. When set it replaces sft_weight / kd_weight.
-    loss: dict[LossName, float] | list[LossTermSpec] | None = None
+    loss: list[LossTermSpec] | None = None
     logit_cache: str | None = None  # a cache_logits stage: the offline teacher signal
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _terms(cls, v):
+        if isinstance(v, dict):  # the short form {name: weight}
+            v = [{"name": k, "weight": w} for k, w in v.items()]
+        known = get_args(LossName)
+        for term in v if isinstance(v, list) else []:
+            name = term.get("name") if isinstance(term, dict) else None
+            if name not in known:
+                raise ValueError(f"unknown loss {name!r} (known: {', '.join(known)})")
+        return v
 
     @field_validator("loss")
     @classmethod
     def _some_weight(cls, v):
-        weights = list(v.values()) if isinstance(v, dict) else [t.weight for t in v or []]
-        if v is not None and (not weights or any(w < 0 for w in weights) or sum(weights) <= 0):
-            raise ValueError("needs at least one term with a positive weight, and no negative weights")
+        if v is not None and sum(t.weight for t in v) <= 0:
+            raise ValueError("needs at least one term with a positive weight")
         return v
 
     @property
@@ -140,8 +151,6 @@ class TrainStage(Strict):
         """The objective as plain term dicts (name, weight, beta, alpha) for the training loop."""
         if self.loss is None:
             return [{"name": "sft", "weight": self.sft_weight}, {"name": "forward_kl", "weight": self.kd_weight}]
-        if isinstance(self.loss, dict):
-            return [{"name": k, "weight": w} for k, w in self.loss.items()]
         return [t.model_dump() for t in self.loss]
 
     @property
@@ -202,8 +211,27 @@ class OnPolicyStage(Strict):
     seed: int = 0
 
 
+class CrossTokenizerStage(Strict):
+    """A student with another tokenizer than its teacher: SFT on the teacher's text plus ULD at aligned tokens."""
+
+    type: Literal["cross_tokenizer"]
+    student: str
+    teacher: str
+    data: str  # a dataset of teacher completions (a rejection stage); only their text is used
+    epochs: float = Field(2.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    sft_weight: float = Field(1.0, ge=0)
+    uld_weight: float = Field(1.0, ge=0)  # 0: sequence-level KD only
+    top_k: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    max_length: int = Field(256, gt=1)
+    seed: int = 0
+
+
 Stage = Annotated[
-    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, CacheLogitsStage, OnPolicyStage],
+    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, CacheLogitsStage, OnPolicyStage,
+          CrossTokenizerStage],
     Field(discriminator="type"),
 ]
 
@@ -211,9 +239,9 @@ Stage = Annotated[
 STAGE_KIND = {"tasks": "dataset", "rejection": "dataset", "prune": "model", "train": "model", "eval": "eval", "report": "report"}
 MODEL_FIELDS = {"rejection": ["teacher"], "prune": ["model"], "train": ["student", "teacher"], "eval": ["teacher"]}
 DATA_FIELDS = {"rejection": ["tasks"], "prune": ["calibration"], "train": ["data"], "eval": ["tasks"], "report": []}
-STAGE_KIND.update(cache_logits="logit_cache", onpolicy="model")
-MODEL_FIELDS.update(cache_logits=["teacher"], onpolicy=["student", "teacher"])
-DATA_FIELDS.update(cache_logits=["data"], onpolicy=["data"])
+STAGE_KIND.update(cache_logits="logit_cache", onpolicy="model", cross_tokenizer="model")
+MODEL_FIELDS.update(cache_logits=["teacher"], onpolicy=["student", "teacher"], cross_tokenizer=["student", "teacher"])
+DATA_FIELDS.update(cache_logits=["data"], onpolicy=["data"], cross_tokenizer=["data"])
 CACHE_FIELDS = {"train": ["logit_cache"]}  # fields that name a cache_logits stage
 
 

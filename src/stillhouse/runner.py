@@ -37,7 +37,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     from .eval.stages import run_eval
     from .eval.report import run_report
     from .train.stages import run_prune, run_train
-    from .train.kd_stages import run_cache_logits, run_onpolicy
+    from .train.kd_stages import run_cache_logits, run_cross_tokenizer, run_onpolicy
 
     return {
         "tasks": run_tasks,
@@ -48,6 +48,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
         "report": run_report,
         "cache_logits": run_cache_logits,
         "onpolicy": run_onpolicy,
+        "cross_tokenizer": run_cross_tokenizer,
     }
 
 

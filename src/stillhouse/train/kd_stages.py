@@ -124,3 +124,47 @@ def run_onpolicy(ctx) -> None:
         for h in history:
             f.write(json.dumps(h) + "\n")
     _save_model(ctx, student_lm.model, tok, _base_models_of(ctx, c.student))
+
+
+def run_cross_tokenizer(ctx) -> None:
+    import json
+    from dataclasses import fields
+
+    from .. import models as model_specs
+    from ..lineage import merge_teachers
+    from .cross_tokenizer import CrossConfig, prepare, train_cross, uld_distance
+    from .stages import _base_models_of, _save_model
+
+    c = ctx.config
+    rows = [r for r in _dataset_rows(ctx) if r.get("passed", True)]
+    if not rows:
+        raise EmptyDatasetError(f"stage '{ctx.name}': dataset '{c.data}' has no verified records")
+    t = ctx.model(c.teacher)
+    student_lm = model_specs.load(ctx.runner.spec_of(c.student))
+    tok = student_lm.tokenizer
+    if alignment.same_tokenizer(tok, t.tokenizer):
+        ctx.out.warnings.append("teacher and student share a tokenizer: a train stage with token-level KD is exact")
+    cfg = CrossConfig(**{f.name: getattr(c, f.name) for f in fields(CrossConfig)})
+    # each side wraps the question in its own chat template; the completion text is shared
+    records = [([{"role": "user", "content": r["question"]}], r["completion"]) for r in rows]
+    prepared = prepare(tok, t.tokenizer, t.model, records, cfg)
+    aligned = sum(len(al) for _, al, _ in prepared)
+    tokens = sum(len(s.completion_ids) for s, _, _ in prepared)
+    before = uld_distance(student_lm.model, tok.pad_token_id, prepared, cfg) if cfg.uld_weight > 0 else None
+    history = train_cross(student_lm.model, tok.pad_token_id, prepared, cfg)
+    after = uld_distance(student_lm.model, tok.pad_token_id, prepared, cfg) if cfg.uld_weight > 0 else None
+    entries = [({**d, "role": "sft-targets"}, c.sft_weight * d.get("token_share", 1.0))
+               for d in ctx.inputs["data"].manifest.get("teachers", [])]
+    if c.uld_weight > 0:
+        entries.append(({**t.identity.to_dict(), "role": "uld-logits"}, c.uld_weight))
+    ctx.out.teachers.extend(merge_teachers(entries))
+    tail = history[-10:]
+    ctx.out.metrics.update(
+        steps=len(history), aligned_share=round(aligned / max(1, tokens), 4), uld_before=before, uld_after=after,
+        final_sft=round(sum(h["sft"] for h in tail) / max(1, len(tail)), 5),
+    )
+    ctx.out.counts.update(train_records=len(rows), student_tokens=tokens, aligned_tokens=aligned)
+    with open(ctx.out.path / "metrics.jsonl", "w") as f:
+        for h in history:
+            f.write(json.dumps(h) + "\n")
+    _save_model(ctx, student_lm.model, tok, _base_models_of(ctx, c.student))

@@ -8,7 +8,8 @@ order) and the probability mass of everything else (`rest`), packed as:
   quantised in steps of `step` nats and stored as the increment over the previous rank's
   (rank order makes the gaps monotone; the top entry itself needs no value: the
   probabilities follow from the gaps and the rest mass);
-- rest: one uint8, -log(rest) in steps of `rest_step`;
+- rest: one uint8, -log(rest) in steps of `rest_step`; scale: one uint8, a per-token
+  multiplier of `step` for the rare token whose gaps span more than 255 steps;
 - count: one uint8 per token: entries whose probability is below `min_prob` are left in the
   rest bucket, so a confident token stores a few entries and a flat one up to `top_k`.
 
@@ -71,7 +72,10 @@ def encode(codec: Codec, logprobs: torch.Tensor, ids: torch.Tensor, rest: torch.
     rest_all = rest.double().numpy() + np.where(keep, 0.0, np.exp(lp)).sum(1)
     # gaps to the top entry, quantised, then stored as rank-to-rank increments: ranks are sorted,
     # so increments are >= 0, mostly tiny, and compress far better than the gaps themselves
-    steps = np.clip(np.rint((lp[:, :1] - lp) / codec.step), 0, 255).astype(np.int64)
+    # a token whose kept gaps exceed 255 steps gets a coarser step (a per-token multiplier)
+    span = np.where(keep, lp[:, :1] - lp, 0.0).max(1)
+    scale = np.clip(np.ceil(span / (255 * codec.step)), 1, 256).astype(np.int64)
+    steps = np.clip(np.rint((lp[:, :1] - lp) / (codec.step * scale[:, None])), 0, 255).astype(np.int64)
     gaps = np.diff(steps, axis=1, prepend=0).astype(np.uint8)
     flat_ids = top_ids[keep]
     rest_q = np.clip(np.rint(-np.log(np.maximum(rest_all, 1e-300)) / codec.rest_step), 0, 255).astype(np.uint8)
@@ -82,6 +86,7 @@ def encode(codec: Codec, logprobs: torch.Tensor, ids: torch.Tensor, rest: torch.
         "ids": (flat_ids & 0xFFFF).astype("<u2").tobytes(),
         "ids_hi": (flat_ids >> 16).astype(np.uint8).tobytes() if flat_ids.size and flat_ids.max() > 0xFFFF else None,
         "gaps": gaps[:, 1:][keep[:, 1:]].tobytes(),
+        "scale": (scale - 1).astype(np.uint8).tobytes(),
     }
 
 
@@ -101,7 +106,8 @@ def decode(codec: Codec, rec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     steps = np.zeros((n, width), np.int64)
     tail = cols > 0
     steps[rows[tail], cols[tail]] = np.frombuffer(rec["gaps"], np.uint8)
-    gap = np.cumsum(steps, axis=1) * codec.step
+    scale = np.frombuffer(rec["scale"], np.uint8).astype(np.float64) + 1
+    gap = np.cumsum(steps, axis=1) * (codec.step * scale[:, None])
     gap[np.arange(width)[None, :] >= counts[:, None]] = np.inf
     rest = np.exp(np.frombuffer(rec["rest"], np.uint8).astype(np.float64) * -codec.rest_step)
     # p_i = (1 - rest) * exp(-gap_i) / sum_j exp(-gap_j)
@@ -112,7 +118,7 @@ def decode(codec: Codec, rec: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 _SCHEMA = pa.schema([
     ("id", pa.string()), ("n", pa.int32()), ("counts", pa.binary()), ("rest", pa.binary()),
-    ("ids", pa.binary()), ("ids_hi", pa.binary()), ("gaps", pa.binary()),
+    ("ids", pa.binary()), ("ids_hi", pa.binary()), ("gaps", pa.binary()), ("scale", pa.binary()),
 ])
 
 
@@ -227,7 +233,7 @@ def kl_error(full_logprobs: torch.Tensor, ids: torch.Tensor, logprobs: torch.Ten
 def codec_bytes_per_token(codec: Codec, n_entries: float, vocab: int) -> float:
     """Payload bytes per token before Parquet's own compression (id, gap, count, rest)."""
     id_bytes = 2 if vocab <= 65536 else 3
-    return n_entries * id_bytes + (n_entries - 1) + 2
+    return n_entries * id_bytes + (n_entries - 1) + 3
 
 
 def reference_bytes_per_token(k: int, exact: int, degree: int, vocab: int) -> float:
