@@ -180,6 +180,9 @@ def divergence(
             None if teacher.rest is None else teacher.rest.reshape(-1),
         )
     else:
+        if teacher.size(-1) != student_logits.size(-1):
+            raise ValueError(f"student logits have {student_logits.size(-1)} columns, the teacher's {teacher.size(-1)}: "
+                             "compare them on the tokenizer's vocabulary (alignment.shared_vocab)")
         t = teacher.reshape(-1, teacher.size(-1))
     n_teacher = len(t) if sparse else t.size(0)
     if s.size(0) != n_teacher:
