@@ -238,5 +238,5 @@ def codec_bytes_per_token(codec: Codec, n_entries: float, vocab: int) -> float:
 
 def reference_bytes_per_token(k: int, exact: int, degree: int, vocab: int) -> float:
     """The published polynomial format's storage: ceil(log2 V)-bit ids, `exact` fp16 values,
-    fp16 polynomial coefficients for the rest of the top-k."""
-    return k * math.ceil(math.log2(vocab)) / 8 + exact * 2 + (degree + 1) * 2
+    fp32 polynomial coefficients for the rest of the top-k (none when k <= exact)."""
+    return k * math.ceil(math.log2(vocab)) / 8 + min(exact, k) * 2 + ((degree + 1) * 4 if k > exact else 0)
