@@ -92,6 +92,8 @@ def run_train(ctx) -> None:
     verified = [r for r in rows if r.get("passed", True)]
     if not verified:
         raise EmptyDatasetError(f"stage '{ctx.name}': dataset '{c.data}' has no verified records to train on")
+    if c.heal_epochs > 0 and c.loss is not None and not c.uses_teacher:
+        raise StillhouseError(f"stages.{ctx.name}.heal_epochs: healing is logit KD; the loss has no KD term")
     cached = c.teacher_signal == "cached"
     cache = _open_cache(ctx) if cached and c.uses_teacher and c.logit_cache else None
     if c.uses_teacher and cached and cache is None and any(r.get("topk_ids") is None for r in verified):
