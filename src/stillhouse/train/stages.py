@@ -10,8 +10,7 @@ from ..records import read_rows
 from ..errors import EmptyDatasetError, StillhouseError
 from ..fsutil import write_text_atomic
 from ..lineage import merge_teachers, model_card
-from ..progress import status
-from ..progress import console
+from ..progress import console, status
 from . import alignment, students
 from .loop import Example, TrainConfig, train
 
