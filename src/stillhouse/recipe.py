@@ -10,7 +10,7 @@ line that names the key and the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -129,6 +129,17 @@ class ScratchStage(Strict):
     seed: int = 0
 
 
+# The names of train/losses.py's registry (kept here so validating a recipe never imports torch).
+LossName = Literal["sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"]
+
+
+class LossTermSpec(Strict):
+    name: LossName
+    weight: float = Field(1.0, ge=0)
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: 0 is forward KL, 1 reverse KL
+    alpha: float = Field(0.1, ge=0, lt=1)  # skew KLs: share of the skewed distribution in the mixture
+
+
 class TrainStage(Strict):
     """SFT on teacher text plus token-level KL to the teacher's logits."""
 
@@ -157,6 +168,40 @@ class TrainStage(Strict):
     dpo_beta: float = Field(0.1, gt=0)
     checkpoint_every: int = Field(0, ge=0)  # steps; resume with `stillhouse run --resume`
     lora: LoraSpec | None = None
+    # The objective as a weighted mixture (docs/losses.md): {sft: 0.5, forward_kl: 0.5}, or a
+    # list of {name, weight, beta, alpha}. When set it replaces sft_weight / kd_weight.
+    loss: list[LossTermSpec] | None = None
+    logit_cache: str | None = None  # a cache_logits stage: the offline teacher signal
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _terms(cls, v):
+        if isinstance(v, dict):  # the short form {name: weight}
+            v = [{"name": k, "weight": w} for k, w in v.items()]
+        known = get_args(LossName)
+        for term in v if isinstance(v, list) else []:
+            name = term.get("name") if isinstance(term, dict) else None
+            if name not in known:
+                raise ValueError(f"unknown loss {name!r} (known: {', '.join(known)})")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _some_weight(cls, v):
+        if v is not None and sum(t.weight for t in v) <= 0:
+            raise ValueError("needs at least one term with a positive weight")
+        return v
+
+    @property
+    def loss_terms(self) -> list[dict]:
+        """The objective as plain term dicts (name, weight, beta, alpha) for the training loop."""
+        if self.loss is None:
+            return [{"name": "sft", "weight": self.sft_weight}, {"name": "forward_kl", "weight": self.kd_weight}]
+        return [t.model_dump() for t in self.loss]
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(t["name"] != "sft" and t["weight"] > 0 for t in self.loss_terms)
 
 
 class EvalStage(Strict):
@@ -225,9 +270,59 @@ class MixStage(Strict):
     system_prompt: str | None = None
 
 
+class CacheLogitsStage(Strict):
+    """The teacher scores a dataset's exact token sequences; its top-k log-probs go to a compact cache."""
+
+    type: Literal["cache_logits"]
+    teacher: str
+    data: str
+    top_k: int = Field(128, gt=0, le=256)
+    min_prob: float = Field(0.0, ge=0, lt=1)  # entries below it join the rest bucket (docs/logit-cache.md)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(1024, gt=1)
+
+
+class OnPolicyStage(Strict):
+    """On-policy distillation: the student samples, the teacher scores its tokens (docs/onpolicy-and-cross-tokenizer.md)."""
+
+    type: Literal["onpolicy"]
+    student: str
+    teacher: str
+    data: str  # a dataset of prompts and teacher completions (a rejection stage)
+    method: Literal["gkd", "reverse_kl"] = "gkd"
+    lmbda: float = Field(1.0, ge=0, le=1)  # gkd: share of batches sampled from the student
+    beta: float = Field(0.5, ge=0, le=1)  # gkd: generalised JSD beta
+    steps: int = Field(50, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    sample_temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = Field(32, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+
+
+class CrossTokenizerStage(Strict):
+    """A student with another tokenizer than its teacher: SFT on the teacher's text plus ULD at aligned tokens."""
+
+    type: Literal["cross_tokenizer"]
+    student: str
+    teacher: str
+    data: str  # a dataset of teacher completions (a rejection stage); only their text is used
+    epochs: float = Field(2.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    sft_weight: float = Field(1.0, ge=0)
+    uld_weight: float = Field(1.0, ge=0)  # 0: sequence-level KD only
+    top_k: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    max_length: int = Field(256, gt=1)
+    seed: int = 0
+
+
 Stage = Annotated[
     Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, ImportStage, MixStage,
-          CompleteStage, PreferenceStage, CritiqueReviseStage, SelfInstructStage, ScratchStage],
+          CompleteStage, PreferenceStage, CritiqueReviseStage, SelfInstructStage, ScratchStage,
+          CacheLogitsStage, OnPolicyStage, CrossTokenizerStage],
     Field(discriminator="type"),
 ]
 
@@ -245,6 +340,10 @@ for _t in DATA_STAGE_TYPES:
 STAGE_KIND["scratch"] = "model"
 MODEL_FIELDS["scratch"] = ["teacher"]
 DATA_FIELDS["scratch"] = []
+STAGE_KIND.update(cache_logits="logit_cache", onpolicy="model", cross_tokenizer="model")
+MODEL_FIELDS.update(cache_logits=["teacher"], onpolicy=["student", "teacher"], cross_tokenizer=["student", "teacher"])
+DATA_FIELDS.update(cache_logits=["data"], onpolicy=["data"], cross_tokenizer=["data"])
+CACHE_FIELDS = {"train": ["logit_cache"]}  # fields that name a cache_logits stage
 
 
 class Recipe(Strict):
@@ -266,6 +365,9 @@ class Recipe(Strict):
         for f in DATA_FIELDS.get(st.type, []):
             if getattr(st, f) is not None:
                 out.append((f, getattr(st, f), "data"))
+        for f in CACHE_FIELDS.get(st.type, []):
+            if getattr(st, f) is not None:
+                out.append((f, getattr(st, f), "logit_cache"))
         if st.type == "eval":
             out += [(f"models.{k}", v, "model") for k, v in st.models.items()]
         if st.type == "report":
@@ -313,7 +415,7 @@ def _check_refs(recipe: Recipe) -> None:
             key = f"stages.{sname}.{field}"
             if ref in recipe.stages:
                 produced = STAGE_KIND[recipe.stages[ref].type]
-                want = {"model": "model", "data": "dataset", "eval": "eval", "train": "model"}[expected]
+                want = {"model": "model", "data": "dataset", "eval": "eval", "train": "model", "logit_cache": "logit_cache"}[expected]
                 if produced != want:
                     raise ValueError(f"{key}: stage '{ref}' produces a {produced}, not a {want}")
                 if expected == "train" and recipe.stages[ref].type != "train":

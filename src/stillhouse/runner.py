@@ -56,6 +56,7 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
     from .eval.report import run_report
     from .train.stages import run_prune, run_scratch, run_train
     from .data.imports import run_import, run_mix
+    from .train.kd_stages import run_cache_logits, run_cross_tokenizer, run_onpolicy
 
     return {
         "tasks": run_tasks,
@@ -71,6 +72,9 @@ def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
         "critique_revise": run_critique_revise,
         "self_instruct": run_self_instruct,
         "scratch": run_scratch,
+        "cache_logits": run_cache_logits,
+        "onpolicy": run_onpolicy,
+        "cross_tokenizer": run_cross_tokenizer,
     }
 
 

@@ -40,12 +40,19 @@ def record_training_signal(ctx, task_rows: list[dict], heal_rows: list[dict], kd
     results = ctx.runner.results
     student = results.get(c.student)
     kd_parent = results[c.teacher].id if c.teacher in results and c.teacher_signal == "online" else None
+    cached = c.teacher_signal == "cached"
+    if cached and ctx.inputs.get("logit_cache") is not None:  # the KD signal came from a separate cache
+        kd_parent, cached = ctx.inputs["logit_cache"].id, False
+    # the objective as weights: a `loss:` mixture, or sft_weight / kd_weight
+    terms = getattr(c, "loss_terms", None) or [{"name": "sft", "weight": c.sft_weight}, {"name": "forward_kl", "weight": c.kd_weight}]
+    sft_w = sum(t["weight"] for t in terms if t["name"] == "sft")
+    kd_w = sum(t["weight"] for t in terms if t["name"] != "sft")
     if kd_teacher_ident and not kd_parent:
         kd_teacher_ident = {k: kd_teacher_ident.get(k) for k in ("spec", "weights_sha256", "license", "source")}
     srcs = training_sources(
         data_id=ctx.inputs["data"].id, task_rows=task_rows, heal_rows=heal_rows if c.heal_epochs > 0 else [],
-        epochs=c.epochs, heal_epochs=c.heal_epochs, max_length=c.max_length, sft_weight=c.sft_weight,
-        kd_weight=c.kd_weight, cached=c.teacher_signal == "cached", kd_parent=kd_parent, kd_teacher=kd_teacher_ident,
+        epochs=c.epochs, heal_epochs=c.heal_epochs, max_length=c.max_length, sft_weight=sft_w,
+        kd_weight=kd_w, cached=cached, kd_parent=kd_parent, kd_teacher=kd_teacher_ident,
         student_id=student.id if student else None, student_tokens=signal_tokens(student.manifest if student else None),
     )
     ctx.out.extra["signal"] = {"unit": "tokens", "sources": srcs}

@@ -31,7 +31,7 @@ from ..errors import StillhouseError
 from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
-from .losses import cross_entropy, forward_kl, sparse_forward_kl
+from .losses import LossTerm, TopK, cross_entropy, mixture, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
 
 
@@ -53,6 +53,15 @@ class TrainConfig:
     objective: str = "distill"  # "distill" (SFT + KD) or "dpo" (preference pairs)
     dpo_beta: float = 0.1
     checkpoint_every: int = 0  # steps; 0 = no checkpoints
+    # The objective (losses.mixture): term dicts {name, weight, beta, alpha}; None means
+    # sft_weight * SFT + kd_weight * forward KL.
+    loss_terms: list | None = None
+    vocab_size: int | None = None  # compare logits on the tokenizer's real vocabulary (padded heads)
+
+    def terms(self) -> list[LossTerm]:
+        if self.loss_terms is None:
+            return terms_from_weights(self.sft_weight, self.kd_weight)
+        return [LossTerm(**t) for t in self.loss_terms]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +74,7 @@ class Example:
     # Offline teacher signal: top-k ids / log-probs for each target token (len(input_ids) - n_prompt rows).
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    topk_rest: list[float] | None = None  # probability mass outside the top-k (a logit cache has it)
 
 
 @dataclass
@@ -104,9 +114,11 @@ def collate(examples: list[Example], pad_id: int):
         def rows(e, table):
             return table[max(e.n_prompt, 1) - e.n_prompt : len(e.input_ids) - e.n_prompt]
 
-        rows_ids = [row for e in examples for row in rows(e, e.topk_ids)]
-        rows_lp = [row for e in examples for row in rows(e, e.topk_logprobs)]
-        cached = (torch.tensor(rows_ids, dtype=torch.long), torch.tensor(rows_lp, dtype=torch.float32))
+        def stack(table, dtype):
+            return torch.cat([torch.as_tensor(rows(e, getattr(e, table))).to(dtype) for e in examples])
+
+        rest = stack("topk_rest", torch.float32) if all(e.topk_rest is not None for e in examples) else None
+        cached = TopK(stack("topk_ids", torch.long), stack("topk_logprobs", torch.float32), rest)
     return ids, attn, predict, targets[predict], cached
 
 
@@ -183,12 +195,13 @@ class Scorer(torch.nn.Module):
         return selected_logits(self.model, input_ids, attention_mask, positions)
 
 
-def _check_vocab(student, teacher, examples) -> None:
-    """A same-tokenizer loss compares distributions index by index: the vocabularies must agree."""
+def _check_vocab(student, teacher, examples, vocab_size: int | None = None) -> None:
+    """A same-tokenizer loss compares distributions index by index: the vocabularies must agree
+    (on the first `vocab_size` logits when the stage aligned padded output layers)."""
     vs = student.get_output_embeddings().weight.shape[0]
     if teacher is not None:
         vt = teacher.get_output_embeddings().weight.shape[0]
-        if vt != vs:
+        if (vt != vs) if vocab_size is None else min(vt, vs) < vocab_size:
             raise StillhouseError(
                 f"teacher and student vocabularies differ ({vt} vs {vs} logits): token-level KD needs one "
                 "tokenizer; use sequence-level KD (kd_weight: 0) or a cross-tokenizer loss"
@@ -199,24 +212,27 @@ def _check_vocab(student, teacher, examples) -> None:
 
 
 def _distill_terms(scorer, teacher, batch: list[Example], pad_id: int, cfg: TrainConfig, device):
-    """Summed (not averaged) SFT and KD terms of one micro-batch, and its shape counts."""
+    """Summed (not averaged) loss terms of one micro-batch, each term's sum for the log, and
+    its shape counts."""
     ids, attn, predict, targets, cached = collate(batch, pad_id)
     ids, attn, predict, targets = ids.to(device), attn.to(device), predict.to(device), targets.to(device)
     n = targets.numel()
-    s_logits = scorer(ids, attn, predict)
-    # the SFT term is always logged, so a user sees when one term dwarfs the other
-    sft = cross_entropy(s_logits if cfg.sft_weight > 0 else s_logits.detach(), targets) * n
-    kl = s_logits.new_zeros(())
-    if cfg.kd_weight > 0:
+    s_logits = scorer(ids, attn, predict)[:, : cfg.vocab_size]
+    terms = cfg.terms()
+    signal = None
+    if needs_teacher(terms):
         if teacher is not None:  # online: the teacher scores exactly these tokens
             with torch.no_grad():
-                t_logits = selected_logits(teacher, ids, attn, predict)
-            kl = forward_kl(s_logits, t_logits, cfg.temperature) * n
-        else:  # offline: top-k log-probs cached when the teacher generated the data
-            kl = sparse_forward_kl(s_logits, cached[0].to(device), cached[1].to(device), cfg.temperature) * n
-    loss = cfg.sft_weight * sft + cfg.kd_weight * kl
+                signal = selected_logits(teacher, ids, attn, predict)[:, : cfg.vocab_size]
+        else:  # offline: top-k log-probs cached with the data or in a logit cache
+            signal = TopK(cached.ids.to(device), cached.logprobs.to(device),
+                          None if cached.rest is None else cached.rest.to(device))
+    loss, parts = mixture(terms, s_logits, targets, signal, temperature=cfg.temperature, reduction="sum")
+    if "sft" not in parts:  # the SFT term is always logged, so a user sees when one term dwarfs another
+        with torch.no_grad():
+            parts["sft"] = cross_entropy(s_logits.detach(), targets, reduction="sum").item()
     counts = {"rows": len(batch), "padded": ids.numel(), "positions": n, "tokens": int(attn.sum())}
-    return loss, {"sft": sft.detach(), "kl": kl.detach()}, counts
+    return loss, parts, counts
 
 
 def _pair_logprobs(scorer, pairs: list[PreferencePair], pad_id: int, device):
@@ -329,19 +345,19 @@ def train(
     dpo = cfg.objective == "dpo"
     if cfg.objective not in ("distill", "dpo"):
         raise StillhouseError(f"unknown training objective '{cfg.objective}' (distill, dpo)")
-    if not dpo and cfg.kd_weight > 0 and teacher is None and any(e.topk_ids is None for e in examples):
-        raise ValueError("kd_weight > 0 needs a teacher model or a cached teacher signal on every example")
+    if not dpo and needs_teacher(cfg.terms()) and teacher is None and any(e.topk_ids is None for e in examples):
+        raise ValueError("a KD loss term needs a teacher model or a cached teacher signal on every example")
     accelerator = accelerator or Accelerator()
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     if dpo:
         items = [p for p in examples if p.chosen_ids and p.rejected_ids]
     else:
-        items = [Example(e.input_ids[: cfg.max_length], e.n_prompt, e.topk_ids, e.topk_logprobs) for e in examples]
+        items = [Example(e.input_ids[: cfg.max_length], e.n_prompt, e.topk_ids, e.topk_logprobs, e.topk_rest) for e in examples]
         items = [e for e in items if n_targets(e) > 0]
     if not items:
         raise StillhouseError("nothing to train on: every example is empty or all prompt")
-    _check_vocab(student, None if dpo else teacher, items)
+    _check_vocab(student, None if dpo else teacher, items, cfg.vocab_size)
     if teacher is not None:
         teacher.eval()
     student.eval()
@@ -392,9 +408,11 @@ def train(
                 loss_value = totals.get("dpo", 0.0)
                 extra = {"dpo": loss_value, "reward_acc": totals.get("reward_acc", 0.0), "margin": totals.get("margin", 0.0)}
             else:
-                sft_v, kl_v = totals.get("sft", 0.0), totals.get("kl", 0.0)
-                loss_value = cfg.sft_weight * sft_v + cfg.kd_weight * kl_v
-                extra = {"sft": sft_v, "kl": kl_v}
+                terms = cfg.terms()
+                loss_value = sum(t.weight * totals.get(t.name, 0.0) for t in terms if t.weight)
+                kd = [v for k, v in totals.items() if k != "sft"]
+                # "kl" is the KD terms' unweighted sum; each term is also logged as loss/<name>
+                extra = {"sft": totals.get("sft", 0.0), "kl": sum(kd), **{f"loss/{k}": v for k, v in totals.items()}}
             rec = {
                 "step": step + 1, "loss": loss_value, **extra, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),

@@ -11,8 +11,8 @@ from ..records import read_rows
 from ..errors import EmptyDatasetError, StillhouseError
 from ..fsutil import write_text_atomic
 from ..lineage import pending_card, record_training_signal
-from ..progress import status
-from . import lora, students
+from ..progress import console, status
+from . import alignment, lora, students
 from .loop import Example, PreferencePair, TrainConfig, train
 from .tracking import export_history
 
@@ -86,14 +86,23 @@ def run_scratch(ctx) -> None:
     _save_model(ctx, student, t.tokenizer, [])
 
 
-def _examples(rows: list[dict], cached: bool) -> list[Example]:
-    return [
-        Example(
-            r["prompt_ids"] + r["completion_ids"], len(r["prompt_ids"]),
-            r.get("topk_ids") if cached else None, r.get("topk_logprobs") if cached else None,
-        )
-        for r in rows
-    ]
+def _examples(rows: list[dict], cached: bool, cache=None, max_length: int = 1 << 30) -> list[Example]:
+    """Training examples; with a logit cache, each carries its cached rows (sparse, by record id)."""
+    out = []
+    for r in rows:
+        ids = r["prompt_ids"] + r["completion_ids"]
+        if cache is not None:
+            top_ids, lps, rest = cache.rows(r["id"])
+            if not r["prompt_ids"]:  # cache rows start at token 1; Example rows at token 0 (never used)
+                top_ids, lps, rest = (a[[0] + list(range(len(a)))] for a in (top_ids, lps, rest))
+            if len(top_ids) < len(ids[:max_length]) - len(r["prompt_ids"]):
+                raise StillhouseError(f"logit cache scored {len(top_ids)} tokens of record '{r['id']}', "
+                                      "fewer than training uses (raise the cache_logits stage's max_length)")
+            out.append(Example(ids, len(r["prompt_ids"]), top_ids, lps, rest))
+        else:
+            out.append(Example(ids, len(r["prompt_ids"]), r.get("topk_ids") if cached else None,
+                               r.get("topk_logprobs") if cached else None))
+    return out
 
 
 def _pairs(rows: list[dict], tok) -> list[PreferencePair]:
@@ -118,16 +127,19 @@ def run_train(ctx) -> None:
     verified = rows if dpo else [r for r in rows if r.get("passed", True)]
     if not verified:
         raise EmptyDatasetError(f"stage '{ctx.name}': dataset '{c.data}' has no verified records to train on")
-    kd = c.kd_weight > 0 and not dpo
+    use_kd = c.uses_teacher and not dpo
+    if c.heal_epochs > 0 and c.loss is not None and not use_kd:
+        raise StillhouseError(f"stages.{ctx.name}.heal_epochs: healing is logit KD; the loss has no KD term")
     cached = c.teacher_signal == "cached"
-    if kd and cached and any(r.get("topk_ids") is None for r in verified):
+    cache = _open_cache(ctx) if cached and use_kd and c.logit_cache else None
+    if use_kd and cached and cache is None and any(r.get("topk_ids") is None for r in verified):
         raise StillhouseError(
             f"stages.{ctx.name}.teacher_signal: dataset '{c.data}' has no cached teacher log-probs "
             "(set top_k_logprobs on its rejection stage, or use teacher_signal: online)"
         )
     teacher_model = None
     kd_teacher_ident = None
-    if kd and not cached:
+    if use_kd and not cached:
         if c.teacher is None:
             raise StillhouseError(f"stages.{ctx.name}.teacher: online KD needs a teacher")
         t = ctx.model(c.teacher)
@@ -135,12 +147,23 @@ def run_train(ctx) -> None:
     # The student is loaded fresh (not from the runner's cache): training changes it in place.
     student_lm = model_specs.load(ctx.runner.spec_of(c.student))
     tok = student_lm.tokenizer
+    if not dpo:  # the student trains on the dataset's token ids: they must be its tokenizer's
+        alignment.check_scored_text(tok, rows, f"stages.{ctx.name}.data")
+    # TrainConfig fields are same-named fields (or properties) of the stage
+    cfg = TrainConfig(**{f.name: getattr(c, f.name) for f in fields(TrainConfig) if hasattr(c, f.name)})
+    if teacher_model is not None:
+        alignment.check_token_level(tok, t.tokenizer, f"stages.{ctx.name}", c.student, c.teacher)
+        vocab, note = alignment.shared_vocab(tok, student_lm.model, teacher_model)
+        cfg = replace(cfg, vocab_size=vocab)
+        if note:
+            console.print(f"{ctx.name}: {note}")
+            ctx.out.warnings.append(note)
+    if cache is not None:
+        cache.check_student(tok, f"stages.{ctx.name}.logit_cache")
     model = student_lm.model
     if c.lora is not None:
         model = lora.add_lora(model, c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules)
         ctx.out.metrics["lora_trainable_share"] = round(lora.trainable_share(model), 5)
-    # every TrainConfig field has a same-named field on the stage
-    cfg = TrainConfig(**{f.name: getattr(c, f.name) for f in fields(TrainConfig)})
     # checkpoints live outside the artifact (which is only renamed into place when complete),
     # under the artifact's id: a resumed run with the same inputs and config finds them
     ckpt_root = ctx.runner.workspace / "checkpoints" / f"{ctx.name}-{ctx.out.id}"
@@ -156,13 +179,15 @@ def run_train(ctx) -> None:
 
     history = []
     if c.heal_epochs > 0 and not dpo:
-        heal_cfg = replace(cfg, epochs=c.heal_epochs, lr=c.heal_lr, sft_weight=0.0, kd_weight=1.0)
-        history += phase("heal", _examples(rows, cached), heal_cfg, "Healing (logit KD on all teacher text)")
+        kd_terms = [t for t in cfg.terms() if t.name != "sft"]
+        heal_cfg = replace(cfg, epochs=c.heal_epochs, lr=c.heal_lr, sft_weight=0.0, kd_weight=1.0,
+                           loss_terms=[vars(t) for t in kd_terms] if c.loss else None)
+        history += phase("heal", _examples(rows, cached, cache, c.max_length), heal_cfg, "Healing (logit KD on all teacher text)")
     if dpo:
         pairs = _pairs(verified, tok)
         history += phase("task", pairs, cfg, "DPO on preference pairs")
     else:
-        history += phase("task", _examples(verified, cached), cfg, "Distilling (SFT + KD on verified data)")
+        history += phase("task", _examples(verified, cached, cache, c.max_length), cfg, "Distilling (SFT + KD on verified data)")
     # Lineage: tokens of training signal per input, and the original teachers' shares.
     if dpo:  # a pair's signal is both of its responses
         signal_rows = [{"prompt_ids": p.prompt_ids, "completion_ids": p.chosen_ids + p.rejected_ids} for p in pairs]
@@ -184,6 +209,26 @@ def run_train(ctx) -> None:
         model = lora.finish_lora(model, c.lora.merge)
     _save_model(ctx, model, tok, _base_models_of(ctx, c.student))
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the model is saved; its checkpoints are spent
+
+def _open_cache(ctx):
+    """The logit cache a train stage names, checked against the stage's dataset and teacher."""
+    from .logit_cache import LogitCache
+
+    c = ctx.config
+    cache = LogitCache.open(ctx.inputs["logit_cache"].path)
+    data_id = ctx.inputs["data"].id
+    if cache.data_id != data_id:
+        raise StillhouseError(
+            f"stages.{ctx.name}.logit_cache: cache '{c.logit_cache}' scores dataset {cache.data_id}, not '{c.data}' ({data_id})"
+        )
+    if c.teacher is not None:
+        ident = ctx.identity(c.teacher)
+        if cache.teacher.get("weights_sha256") != ident.weights_sha256:
+            raise StillhouseError(
+                f"stages.{ctx.name}.logit_cache: cache '{c.logit_cache}' was made by teacher "
+                f"{cache.teacher.get('spec')}, not by '{c.teacher}' ({ident.spec})"
+            )
+    return cache
 
 
 def _tail_mean(history: list[dict], key: str, n: int = 10) -> float | None:
