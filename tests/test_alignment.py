@@ -28,7 +28,7 @@ def test_padded_output_layers_are_aligned_on_the_tokenizer_and_reported():
     ids = tok("hello there, 12+3=15", add_special_tokens=False)["input_ids"]
     examples = [Example(ids, 3), Example(ids[:9], 2)]
     cfg = TrainConfig(epochs=2, batch_size=2, lr=1e-3, sft_weight=0.5, kd_weight=0.5)
-    with pytest.raises(ValueError, match="shared_vocab"):  # unaligned: the two widths differ
+    with pytest.raises(StillhouseError, match="vocabularies differ"):  # unaligned: the two widths differ
         train(student, examples, cfg, tok.pad_token_id, teacher=teacher)
     hist = train(student, examples, TrainConfig(**{**cfg.to_dict(), "vocab_size": vocab}), tok.pad_token_id, teacher=teacher)
     assert len(hist) == 2 and all(h["kl"] > 0 for h in hist)

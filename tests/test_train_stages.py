@@ -112,7 +112,7 @@ def test_new_recipe_fields_are_validated():
         parse_recipe(stage(type="train", student="t", data="p", objective="ppo"))
     with pytest.raises(StillhouseError, match=r"stages\.s\.lora\.r"):
         parse_recipe(stage(type="train", student="t", data="p", lora={"r": 0}))
-    with pytest.raises(StillhouseError, match=r"stages\.s\.scratch\.hidden_size"):
+    with pytest.raises(StillhouseError, match=r"stages\.s\.hidden_size: Field required"):
         parse_recipe(stage(type="scratch", teacher="t", layers=2, heads=2))
     ok = parse_recipe(stage(type="train", student="t", data="p", micro_batch_size=2, checkpoint_every=5, objective="dpo"))
     assert ok.stages["s"].checkpoint_every == 5

@@ -115,8 +115,11 @@ def test_train_from_cache_logs_each_loss_term(wb):
     h = hist[0]
     assert h["loss"] == pytest.approx(0.5 * h["loss/sft"] + 0.3 * h["loss/jsd"] + 0.2 * h["loss/reverse_kl"], rel=1e-4)
     assert wb["results"]["cached"].id in art.manifest["parents"]
-    roles = {r for t in art.manifest["teachers"] for r in t["roles"]}
-    assert roles == {"sft-targets", "logit-kd"}
+    # the signal's sources: SFT targets from the data, KD from the separate logit cache
+    sources = {s["role"]: s.get("parent") for s in art.manifest["signal"]["sources"]}
+    assert sources["sft-targets"] == wb["results"]["traces"].id
+    assert sources["logit-kd"] == wb["results"]["cached"].id
+    assert sum(t["token_share"] for t in art.manifest["teachers"]) == pytest.approx(1.0, abs=1e-3)
     AutoModelForCausalLM.from_pretrained(art.path)
 
 

@@ -206,7 +206,8 @@ def _check_vocab(student, teacher, examples, vocab_size: int | None = None) -> N
                 f"teacher and student vocabularies differ ({vt} vs {vs} logits): token-level KD needs one "
                 "tokenizer; use sequence-level KD (kd_weight: 0) or a cross-tokenizer loss"
             )
-    top = max((max(max(r) for r in e.topk_ids) for e in examples if getattr(e, "topk_ids", None)), default=-1)
+    cached = [e.topk_ids for e in examples if getattr(e, "topk_ids", None) is not None and len(e.topk_ids)]
+    top = max((int(max(max(r) for r in ids)) for ids in cached), default=-1)
     if top >= vs:
         raise StillhouseError(f"cached teacher signal has token id {top} but the student has only {vs} logits: the cache is from another tokenizer")
 
