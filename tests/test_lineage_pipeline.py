@@ -243,3 +243,22 @@ def test_builtin_two_stage_recipe_validates():
     r = load_recipe(builtin_recipe("two_stage"))
     assert r.policy is not None and r.policy.require_known_origin
     assert r.order()[-1] == "student2" and r.stages["both"].datasets == ["student1_traces", "smollm_traces"]
+
+
+def test_policy_covers_api_teachers_and_data_engine_stages(teachers, tmp_path, no_models):
+    # An API teacher declared under `teachers:` carries its terms into a `complete` stage, and
+    # from there into a student trained on that data: refused before any request or load.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say hi"}\n')
+    recipe = {
+        "name": "api",
+        "policy": {"purpose": "commercial"},
+        "teachers": {"gpt": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-x", "terms": "openai-terms"}},
+        "stages": {
+            "answers": {"type": "complete", "teacher": "gpt", "prompts_file": str(prompts)},
+        },
+    }
+    msg = _refused(tmp_path, recipe, "refuses stage 'answers': teacher 'openai:gpt-x' under openai-terms")
+    assert "no-competing-models" in msg
+    plan = plan_sources(parse_recipe({**recipe, "policy": None}))
+    assert [(s.spec, s.reach) for s in plan["answers"]] == [("openai:gpt-x", "outputs")]

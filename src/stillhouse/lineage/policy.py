@@ -69,13 +69,26 @@ def license_of_spec(spec: str) -> str:
     return "unknown"
 
 
+# How a stage's model fields pass terms on: a teacher's or judge's *outputs* shape the artifact,
+# a student's or pruned model's *weights* are it; a tokenizer-only field passes nothing on.
+_OUTPUT_FIELDS = {"teacher", "judge"}
+_WEIGHT_FIELDS = {"student", "model"}
+
+
 def plan_sources(recipe) -> dict[str, list[PlannedSource]]:
     """For each stage producing data or weights: every outside model or origin whose terms reach it."""
+    from ..recipe import CACHE_FIELDS, DATA_FIELDS, MODEL_FIELDS
+
     out: dict[str, list[PlannedSource]] = {}
 
     def of_model(ref: str, reach: str, via: tuple[str, ...]) -> list[PlannedSource]:
         if ref in recipe.stages:  # a model this recipe makes: all it owes reaches on, through it
             return [PlannedSource(s.spec, s.license, "outputs" if reach == "outputs" else s.reach, (ref,) + s.via, s.ref) for s in out[ref]]
+        decl = getattr(recipe, "teachers", {}).get(ref)
+        if decl is not None:  # a `teachers:` entry: an API model carries its declared terms
+            if getattr(decl, "backend", None) == "openai":
+                return [PlannedSource(f"openai:{decl.model}", decl.terms, reach, via, ref)]
+            ref = decl.model
         spec = recipe.models.get(ref, ref)
         return [PlannedSource(spec, license_of_spec(spec), reach, via, ref)]
 
@@ -85,16 +98,26 @@ def plan_sources(recipe) -> dict[str, list[PlannedSource]]:
     for name in recipe.order():
         st = recipe.stages[name]
         srcs: list[PlannedSource] = []
-        if st.type == "rejection":
-            srcs = of_model(st.teacher, "outputs", ())
-        elif st.type == "prune":
-            srcs = of_model(st.model, "weights", ())
-        elif st.type == "train":
-            srcs = of_model(st.student, "weights", ()) + of_data(st.data)
-            if st.teacher is not None and st.teacher_signal == "online" and st.kd_weight > 0:
-                srcs += of_model(st.teacher, "outputs", ())
-        elif st.type == "mix":
-            srcs = [s for d in st.datasets for s in of_data(d)]
+        if st.type in ("eval", "report"):  # they measure; nothing they make is trained on
+            out[name] = []
+            continue
+        for f in MODEL_FIELDS.get(st.type, []):
+            ref = getattr(st, f, None)
+            if ref is None:
+                continue
+            if f in _WEIGHT_FIELDS:
+                srcs += of_model(ref, "weights", ())
+            elif f in _OUTPUT_FIELDS and st.type != "scratch":  # scratch takes only a tokenizer and shape
+                # a train stage's teacher shapes the student only through an online KD loss
+                if st.type == "train" and not (getattr(st, "teacher_signal", "online") == "online" and st.uses_teacher):
+                    continue
+                srcs += of_model(ref, "outputs", ())
+        for f in DATA_FIELDS.get(st.type, []) + CACHE_FIELDS.get(st.type, []):
+            ref = getattr(st, f, None) if f != "calibration" else None  # calibration text only picks layers
+            if ref is not None:
+                srcs += of_data(ref)
+        if st.type == "mix":
+            srcs += [s for d in st.datasets for s in of_data(d)]
         elif st.type == "import":
             o = st.origin
             name_ = (o.teacher or o.api) if o else None
