@@ -253,4 +253,3 @@ def test_builtin_two_stage_recipe_validates():
     r = load_recipe(builtin_recipe("two_stage"))
     assert r.policy is not None and r.policy.require_known_origin
     assert r.order()[-1] == "student2" and r.stages["both"].datasets == ["student1_traces", "smollm_traces"]
-
