@@ -187,6 +187,16 @@ def test_policy_follows_terms_through_intermediate_models(teachers):
     assert {s.reach for s in plan["pruned"]} == {"weights"}
 
 
+def test_policy_reads_the_lineage_of_a_model_made_by_another_run(run, tmp_path, no_models):
+    """student1 of the two-stage run, used as a plain path by a new recipe, still carries the Gemma terms."""
+    student1 = str(run["results"]["student1"].path)
+    recipe = {"name": "reuse", "policy": {"deny": ["gemma"]}, "models": {"s1": student1},
+              "stages": {"problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
+                         "again": {"type": "rejection", "teacher": "s1", "tasks": "problems"}}}
+    msg = _refused(tmp_path, recipe, "refuses stage 'again'")
+    assert str(run["gemma"].resolve()) in msg and "gemma-terms-of-use" in msg and "through s1" in msg
+
+
 def _import_recipe(tmp_path: Path, tok_dir: Path, origin: dict | None, policy: dict) -> dict:
     f = tmp_path / "pairs.jsonl"
     f.write_text("\n".join(json.dumps({"prompt": f"What is {i}+1?", "completion": str(i + 1)}) for i in range(5)) + "\n")

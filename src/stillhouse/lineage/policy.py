@@ -90,6 +90,8 @@ def plan_sources(recipe) -> dict[str, list[PlannedSource]]:
                 return [PlannedSource(f"openai:{decl.model}", decl.terms, reach, via, ref)]
             ref = decl.model
         spec = recipe.models.get(ref, ref)
+        if (Path(spec).expanduser() / "manifest.json").is_file():  # a model another run made: what it owes
+            return _artifact_sources(Path(spec).expanduser(), ref, reach)
         return [PlannedSource(spec, license_of_spec(spec), reach, via, ref)]
 
     def of_data(ref: str) -> list[PlannedSource]:
@@ -124,6 +126,17 @@ def plan_sources(recipe) -> dict[str, list[PlannedSource]]:
             srcs = [PlannedSource(name_ or "unknown origin", (o.license if o else None) or "unknown", "outputs", (), name_ or "unknown")]
         out[name] = list(dict.fromkeys(srcs))
     return out
+
+
+def _artifact_sources(path: Path, ref: str, reach: str) -> list[PlannedSource]:
+    """Sources of a model artifact used from outside its recipe, read from its workspace's manifests."""
+    from ..artifacts import ArtifactStore
+    from .graph import load_lineage
+    from .terms import sources
+
+    lin = load_lineage(ArtifactStore(path.parent.parent), str(path))
+    return [PlannedSource(s.spec, s.license, "outputs" if reach == "outputs" else s.reach, (ref,) + s.via[:-1], s.spec)
+            for s in sources(lin)]
 
 
 def _matches(entry: str, src: PlannedSource) -> bool:
