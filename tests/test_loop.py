@@ -74,7 +74,7 @@ def test_collate_aligns_cached_topk_rows_with_positions():
     batch = [ex([10, 11, 12, 13, 14], 2), ex([20, 21, 22], 1), ex([30, 31, 32, 33], 3, extra_rows=2)]
     ids, attn, predict, targets, cached = collate(batch, PAD)
     assert cached is not None
-    topk_ids, topk_lp = cached
+    topk_ids, topk_lp = cached.ids, cached.logprobs
     assert topk_ids.shape == (predict.sum().item(), 3)
     assert topk_lp.dtype == torch.float32
     # each row belongs to the token its position predicts, in the row-major order of hidden[mask]
@@ -91,7 +91,7 @@ def test_collate_topk_rows_for_zero_prompt_example_follow_the_documented_layout(
     e = Example(ids_, 0, [r[0] for r in rows], [r[1] for r in rows])
     _, _, predict, targets, cached = collate([e], PAD)
     assert targets.tolist() == [41, 42, 43]
-    assert cached[0][:, 0].tolist() == targets.tolist()
+    assert cached.ids[:, 0].tolist() == targets.tolist()
 
 
 def test_collate_mixed_cached_and_uncached_gives_no_cache():

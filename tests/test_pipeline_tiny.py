@@ -48,13 +48,13 @@ def _recipe(teacher_dir: Path, distill_epochs: float = 2) -> dict:
             "pruned_loss": {"type": "prune", "model": "teacher", "calibration": "traces", "layers": 3,
                             "method": "loss", "protect": [0]},
             "distilled": {"type": "train", "student": "pruned", "data": "traces", "epochs": distill_epochs,
-                          "batch_size": 4, "lr": 1e-3},
+                          "batch_size": 4, "lr": 1e-3, "log_to": ["tensorboard"]},
             "distilled_online": {"type": "train", "student": "pruned_loss", "data": "traces", "teacher": "teacher",
                                  "teacher_signal": "online", "epochs": 1, "heal_epochs": 1, "batch_size": 4,
                                  "temperature": 2.0},
             "evaluation": {"type": "eval", "tasks": "problems", "teacher": "teacher",
                            "models": {"teacher": "teacher", "pruned": "pruned", "distilled": "distilled"},
-                           "max_new_tokens": 4, "batch_size": 4, "speed_batch": 4},
+                           "max_new_tokens": 4, "batch_size": 4, "speed_batch": 4, "memory": False},
             "report": {"type": "report", "evals": ["evaluation"], "training": ["distilled"]},
         },
     }
@@ -224,7 +224,8 @@ def test_training_history_and_teacher_shares(pipeline):
         shares = art.manifest["teachers"]
         assert len(shares) == 1  # data and KD teacher are the same model
         assert shares[0]["token_share"] == pytest.approx(1.0)
-        assert set(shares[0]["roles"]) == {"sft-targets", "logit-kd"}
+        assert shares[0]["derived"]  # the original teacher, from the lineage
+        assert {s["role"] for s in art.manifest["signal"]["sources"]} == {"sft-targets", "logit-kd"}
     online = [json.loads(x) for x in results["distilled_online"].file("metrics.jsonl").read_text().splitlines()]
     assert {h["phase"] for h in online} == {"heal", "task"}
     assert results["distilled_online"].manifest["counts"]["heal_records"] > 0
@@ -256,6 +257,18 @@ def test_eval_results(pipeline):
 def test_report(pipeline):
     md = assert_report(pipeline["results"]["report"])
     assert pipeline["results"]["evaluation"].id in md
+    assert "![training loss, KL to teacher and learning rate](training.png)" in md  # curves of `distilled`
+    assert f"`{pipeline['results']['distilled'].id}` (metrics.jsonl)" in md
+
+
+def test_training_curves_also_in_tensorboard(pipeline):
+    pytest.importorskip("tensorboard")
+    from test_tracking import assert_matches_history
+
+    art = pipeline["results"]["distilled"]
+    history = [json.loads(x) for x in art.file("metrics.jsonl").read_text().splitlines()]
+    assert_matches_history(art.path / "tensorboard" / "distilled", history)
+    assert not (pipeline["results"]["distilled_online"].path / "tensorboard").exists()  # only when asked
 
 
 def test_rerun_reuses_every_stage(pipeline):

@@ -81,7 +81,7 @@ def _missing_type(d):
 
 
 def _missing_field(d):
-    del d["stages"]["pruned"]["layers"]
+    del d["stages"]["pruned"]["calibration"]  # (layers became optional: width pruning needs none)
 
 
 def _unknown_task(d):
@@ -128,7 +128,7 @@ ERROR_CASES = [
     (_out_of_range, "stages.pruned.layers", "greater than 0"),
     (_unknown_stage_type, "stages.traces", "bake"),
     (_missing_type, "stages.traces", "type"),
-    (_missing_field, "stages.pruned.layers", "required"),
+    (_missing_field, "stages.pruned.calibration", "required"),
     (_unknown_task, "stages.problems.task", "no_such_task"),
     (_unknown_model, "models.teacher", "no-such-model"),
     (_unknown_model_in_stage, "stages.pruned.model", "no-such-model"),

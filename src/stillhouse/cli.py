@@ -26,10 +26,10 @@ DEFAULT_WORKSPACE = Path("stillhouse-runs")
 WorkspaceOpt = typer.Option(DEFAULT_WORKSPACE, "--workspace", "-w", help="Where artifacts are stored.")
 
 
-def _run_recipe(path: Path, workspace: Path, force: bool) -> None:
+def _run_recipe(path: Path, workspace: Path, force: bool, resume: bool = False) -> None:
     from .api import run_recipe
 
-    results = run_recipe(path, workspace, force=force)
+    results = run_recipe(path, workspace, force=force, resume=resume)
     last = list(results.values())[-1]
     from .progress import console
 
@@ -37,6 +37,8 @@ def _run_recipe(path: Path, workspace: Path, force: bool) -> None:
     report = last.path / "report.md"
     if report.exists():
         console.print(f"Report: {report}")
+    if (last.path / "report.html").exists():
+        console.print(f"HTML report: {last.path / 'report.html'}")
 
 
 @app.command()
@@ -44,9 +46,10 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     workspace: Path = WorkspaceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage even if its artifact exists."),
+    resume: bool = typer.Option(False, "--resume", help="Train stages continue from their latest checkpoint (checkpoint_every)."),
 ):
     """Run a recipe: each stage writes an artifact; existing artifacts are reused."""
-    _run_recipe(recipe, workspace, force)
+    _run_recipe(recipe, workspace, force, resume)
 
 
 @app.command()
@@ -94,6 +97,129 @@ def list_models():
 
     for b in BUILTINS.values():
         typer.echo(f"{b.name:24} {b.license:20} {b.description} (package {b.package})")
+
+
+@app.command()
+def lineage(
+    artifact: str = typer.Argument(..., help="Artifact directory, id or id prefix."),
+    workspace: Path = WorkspaceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Ancestry, teacher shares and obligations as JSON."),
+    prov: bool = typer.Option(False, "--prov", help="W3C PROV-JSON (validated before it is printed)."),
+    graph: Optional[Path] = typer.Option(None, "--graph", help="Write a picture: .png/.svg/.pdf (Graphviz if present, else matplotlib) or .dot."),
+    from_spec: Optional[str] = typer.Option(None, "--from", help="Is this model distilled from SPEC? yes/no with paths and share (exit 1 if no)."),
+    terms: bool = typer.Option(False, "--terms", help="Obligations inherited through every path, with teacher and clause."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Write a refreshed model card (with evaluations found in the workspace)."),
+):
+    """Where an artifact came from: stages, teachers with their share of the training signal, terms."""
+    from .lineage.cli import run_lineage
+
+    code = run_lineage(artifact, workspace, as_json=as_json, prov=prov, graph=graph, from_spec=from_spec, terms=terms, card=card)
+    if code:
+        raise SystemExit(code)  # click would swallow typer.Exit's code outside standalone mode
+SuiteOpt = typer.Option(..., "--suite", "-s", help="rg:TASK[,key=value..], humaneval[,size=N] or jsonl:PATH[,verifier=NAME]; repeatable.")
+
+
+def _eval_settings(batch_size, speed_batch, samples, temperature, memory, perplexity):
+    from .eval.compare import EvalSettings
+
+    return EvalSettings(batch_size=batch_size, speed_batches=tuple(sorted({1, speed_batch})), samples=samples,
+                        temperature=temperature, ks=tuple(k for k in (1, 5, 10) if k <= samples), memory=memory,
+                        perplexity_file=str(perplexity) if perplexity else None)
+
+
+def _comparison(models, suite, workspace, force, teacher, **settings) -> None:
+    from .eval.suites import parse_suite
+
+    suites = [parse_suite(s) for s in suite]  # a bad suite is reported before torch is even imported
+    from .eval.compare import run_comparison
+    from .eval.report import load_results, print_tables, table_rows
+
+    from rich.console import Console
+
+    art, reused = run_comparison(list(models), suites, workspace, _eval_settings(**settings), teacher=teacher, force=force)
+    stdout = Console() if sys.stdout.isatty() else Console(width=200)  # the tables are the command's output
+    print_tables(table_rows(load_results(art)), ", ".join(suite), stdout)
+    typer.echo(f"{'Reused' if reused else 'Wrote'} eval artifact {art.path} (report: stillhouse report {art.id} -w {workspace})")
+
+
+_EVAL_OPTS = dict(
+    batch_size=typer.Option(32, help="Generation batch size."),
+    speed_batch=typer.Option(16, help="Decode speed is measured at batch 1 and at this batch size."),
+    samples=typer.Option(1, help="Sampled completions per problem for pass@k (k = 1, 5, 10 up to this)."),
+    temperature=typer.Option(0.8, help="Sampling temperature for --samples > 1."),
+    memory=typer.Option(True, help="Measure each model's peak RSS in a fresh process."),
+    perplexity=typer.Option(None, help="Held-out text for perplexity: .txt (blank-line separated) or .jsonl with 'text'."),
+)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model spec: built-in name, directory, .gguf or artifact."),
+    suite: list[str] = SuiteOpt,
+    workspace: Path = WorkspaceOpt,
+    force: bool = typer.Option(False, "--force", help="Re-evaluate even if this evaluation exists."),
+    batch_size: int = _EVAL_OPTS["batch_size"], speed_batch: int = _EVAL_OPTS["speed_batch"],
+    samples: int = _EVAL_OPTS["samples"], temperature: float = _EVAL_OPTS["temperature"],
+    memory: bool = _EVAL_OPTS["memory"], perplexity: Optional[Path] = _EVAL_OPTS["perplexity"],
+):
+    """Evaluate one model on suites; the result is an eval artifact (rerunning is free)."""
+    _comparison([model], suite, workspace, force, False, batch_size=batch_size, speed_batch=speed_batch,
+                samples=samples, temperature=temperature, memory=memory, perplexity=perplexity)
+
+
+@app.command()
+def compare(
+    teacher: str = typer.Argument(..., help="The teacher's model spec."),
+    students: list[str] = typer.Argument(..., help="One or more student model specs."),
+    suite: list[str] = SuiteOpt,
+    workspace: Path = WorkspaceOpt,
+    force: bool = typer.Option(False, "--force", help="Re-evaluate even if this comparison exists."),
+    batch_size: int = _EVAL_OPTS["batch_size"], speed_batch: int = _EVAL_OPTS["speed_batch"],
+    samples: int = _EVAL_OPTS["samples"], temperature: float = _EVAL_OPTS["temperature"],
+    memory: bool = _EVAL_OPTS["memory"], perplexity: Optional[Path] = _EVAL_OPTS["perplexity"],
+):
+    """Teacher and students on the same problems: one table, students also as a fraction of the teacher."""
+    _comparison([teacher, *students], suite, workspace, force, True, batch_size=batch_size, speed_batch=speed_batch,
+                samples=samples, temperature=temperature, memory=memory, perplexity=perplexity)
+
+
+@app.command()
+def report(
+    targets: list[str] = typer.Argument(..., help="Workspace directory, or eval / trained-model / report artifacts (path or id)."),
+    workspace: Path = WorkspaceOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also copy report.html, report.md and the PNGs here."),
+    title: Optional[str] = typer.Option(None, help="Report title."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if this report exists."),
+):
+    """A self-contained HTML report (and the same as Markdown) from evaluations and training runs."""
+    import shutil
+
+    from .eval.report import make_report
+
+    art = make_report(list(targets), workspace, title=title, force=force)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in art.path.iterdir():
+            if f.suffix in (".html", ".md", ".png"):
+                shutil.copy2(f, out / f.name)
+    where = out or art.path
+    typer.echo(f"Report: {where / 'report.html'} (Markdown: {where / 'report.md'})")
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Model spec: built-in name, HF directory, .gguf file or hub id."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Most concurrent requests generated as one batch."),
+    faults: Optional[str] = typer.Option(None, help="Inject faults, e.g. 429=0.1,500=0.1,slow=0.05,cut=0.05 (fractions of requests)."),
+    seed: int = typer.Option(0, help="Seed of the fault injection."),
+    served_name: Optional[str] = typer.Option(None, "--served-name", help="Model name clients send (default: MODEL)."),
+):
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from .serve import serve as run_server
+
+    run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -10,7 +10,7 @@ line that names the key and the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,6 +19,8 @@ from .data.config import (  # the data-engine stages' fields live with the data 
     DATA_STAGE_TYPES, CompleteStage, CritiqueReviseStage, DataOptions, PreferenceStage, SelfInstructStage,
 )
 from .errors import StillhouseError
+from .lineage.policy import Origin, Policy
+from .teachers.config import BACKENDS, TeacherConfig
 
 
 class Strict(BaseModel):
@@ -92,10 +94,50 @@ class PruneStage(Strict):
     type: Literal["prune"]
     model: str
     calibration: str  # a dataset stage whose prompts+completions are the calibration text
-    layers: int = Field(gt=0)
+    layers: int | None = Field(None, gt=0)  # depth: blocks to keep (None: all)
     method: Literal["cosine", "loss"] = "cosine"
     calibration_size: int = Field(32, gt=0)
     protect: list[int] = []
+    mlp_channels: int | None = Field(None, gt=0)  # width: MLP channels to keep in every block
+    kv_heads: int | None = Field(None, gt=0)  # width: key/value head groups to keep in every block
+
+    @model_validator(mode="after")
+    def _prunes_something(self):
+        if self.layers is None and self.mlp_channels is None and self.kv_heads is None:
+            raise ValueError("a prune stage needs layers, mlp_channels or kv_heads")
+        return self
+
+
+class LoraSpec(Strict):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge: bool = True  # fold the adapters into the saved weights (a plain HF model)
+
+
+class ScratchStage(Strict):
+    """A randomly initialised student of the teacher's architecture and tokenizer."""
+
+    type: Literal["scratch"]
+    teacher: str
+    layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    seed: int = 0
+
+
+# The names of train/losses.py's registry (kept here so validating a recipe never imports torch).
+LossName = Literal["sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"]
+
+
+class LossTermSpec(Strict):
+    name: LossName
+    weight: float = Field(1.0, ge=0)
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: 0 is forward KL, 1 reverse KL
+    alpha: float = Field(0.1, ge=0, lt=1)  # skew KLs: share of the skewed distribution in the mixture
 
 
 class TrainStage(Strict):
@@ -120,6 +162,46 @@ class TrainStage(Strict):
     heal_epochs: float = Field(0.0, ge=0)  # logit-only KD on all teacher text (failed answers too) first
     heal_lr: float = Field(2e-4, gt=0)
     seed: int = 0
+    log_to: list[Literal["tensorboard"]] = []  # training curves also for these trackers (metrics.jsonl always)
+    micro_batch_size: int = Field(0, ge=0)  # examples per forward pass; batch_size stays per optimizer step
+    objective: Literal["distill", "dpo"] = "distill"
+    dpo_beta: float = Field(0.1, gt=0)
+    checkpoint_every: int = Field(0, ge=0)  # steps; resume with `stillhouse run --resume`
+    lora: LoraSpec | None = None
+    # The objective as a weighted mixture (docs/losses.md): {sft: 0.5, forward_kl: 0.5}, or a
+    # list of {name, weight, beta, alpha}. When set it replaces sft_weight / kd_weight.
+    loss: list[LossTermSpec] | None = None
+    logit_cache: str | None = None  # a cache_logits stage: the offline teacher signal
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _terms(cls, v):
+        if isinstance(v, dict):  # the short form {name: weight}
+            v = [{"name": k, "weight": w} for k, w in v.items()]
+        known = get_args(LossName)
+        for term in v if isinstance(v, list) else []:
+            name = term.get("name") if isinstance(term, dict) else None
+            if name not in known:
+                raise ValueError(f"unknown loss {name!r} (known: {', '.join(known)})")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _some_weight(cls, v):
+        if v is not None and sum(t.weight for t in v) <= 0:
+            raise ValueError("needs at least one term with a positive weight")
+        return v
+
+    @property
+    def loss_terms(self) -> list[dict]:
+        """The objective as plain term dicts (name, weight, beta, alpha) for the training loop."""
+        if self.loss is None:
+            return [{"name": "sft", "weight": self.sft_weight}, {"name": "forward_kl", "weight": self.kd_weight}]
+        return [t.model_dump() for t in self.loss]
+
+    @property
+    def uses_teacher(self) -> bool:
+        return any(t["name"] != "sft" and t["weight"] > 0 for t in self.loss_terms)
 
 
 class EvalStage(Strict):
@@ -133,10 +215,14 @@ class EvalStage(Strict):
     batch_size: int = Field(32, gt=0)
     speed_batch: int = Field(16, gt=0)
     system_prompt: str | None = None
+    suites: list[str] = []  # more suites beside the tasks' held-out split (see eval/suites.py)
+    samples: int = Field(1, gt=0)  # > 1: sampled completions per problem for pass@k
+    memory: bool = True  # peak RSS of each model in a fresh process
+    perplexity_text: str | None = None  # held-out text (.txt or .jsonl with "text") for perplexity
 
 
 class ReportStage(Strict):
-    """A terminal table, report.md and a chart from evaluations and training histories."""
+    """A terminal table, report.md and a self-contained report.html (charts inlined) from evaluations and training histories."""
 
     type: Literal["report"]
     evals: list[str]
@@ -144,9 +230,99 @@ class ReportStage(Strict):
     title: str | None = None
 
 
+class ImportStage(Strict):
+    """Prompt/completion pairs brought in from a JSONL or Parquet file, encoded for one model's tokenizer.
+
+    `origin` declares who wrote the completions and under which terms; without it lineage
+    shows the data's origin as unknown (never as clean)."""
+
+    type: Literal["import"]
+    path: str
+    tokenizer: str  # a model whose tokenizer (and chat template) encodes the rows
+    origin: Origin | None = None
+    system_prompt: str | None = None
+    sha256: str | None = None  # of the file; filled in when the recipe loads, so edits give a new artifact
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).expanduser().is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _hash_file(self):
+        from .fsutil import sha256_file
+
+        digest = sha256_file(Path(self.path).expanduser())
+        if self.sha256 is not None and self.sha256 != digest:
+            raise ValueError(f"sha256: {self.path} has changed (hash {digest[:12]}..., recipe says {self.sha256[:12]}...)")
+        self.sha256 = digest
+        return self
+
+
+class MixStage(Strict):
+    """Several datasets as one; with `tokenizer`, every row is re-encoded for that model (cached top-k dropped)."""
+
+    type: Literal["mix"]
+    datasets: list[str] = Field(min_length=1)
+    tokenizer: str | None = None
+    system_prompt: str | None = None
+
+
+class CacheLogitsStage(Strict):
+    """The teacher scores a dataset's exact token sequences; its top-k log-probs go to a compact cache."""
+
+    type: Literal["cache_logits"]
+    teacher: str
+    data: str
+    top_k: int = Field(128, gt=0, le=256)
+    min_prob: float = Field(0.0, ge=0, lt=1)  # entries below it join the rest bucket (docs/logit-cache.md)
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(1024, gt=1)
+
+
+class OnPolicyStage(Strict):
+    """On-policy distillation: the student samples, the teacher scores its tokens (docs/onpolicy-and-cross-tokenizer.md)."""
+
+    type: Literal["onpolicy"]
+    student: str
+    teacher: str
+    data: str  # a dataset of prompts and teacher completions (a rejection stage)
+    method: Literal["gkd", "reverse_kl"] = "gkd"
+    lmbda: float = Field(1.0, ge=0, le=1)  # gkd: share of batches sampled from the student
+    beta: float = Field(0.5, ge=0, le=1)  # gkd: generalised JSD beta
+    steps: int = Field(50, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    sample_temperature: float = Field(1.0, ge=0)
+    max_new_tokens: int = Field(32, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+
+
+class CrossTokenizerStage(Strict):
+    """A student with another tokenizer than its teacher: SFT on the teacher's text plus ULD at aligned tokens."""
+
+    type: Literal["cross_tokenizer"]
+    student: str
+    teacher: str
+    data: str  # a dataset of teacher completions (a rejection stage); only their text is used
+    epochs: float = Field(2.0, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, gt=0)
+    sft_weight: float = Field(1.0, ge=0)
+    uld_weight: float = Field(1.0, ge=0)  # 0: sequence-level KD only
+    top_k: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    max_length: int = Field(256, gt=1)
+    seed: int = 0
+
+
 Stage = Annotated[
-    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage,
-          CompleteStage, PreferenceStage, CritiqueReviseStage, SelfInstructStage],
+    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, ImportStage, MixStage,
+          CompleteStage, PreferenceStage, CritiqueReviseStage, SelfInstructStage, ScratchStage,
+          CacheLogitsStage, OnPolicyStage, CrossTokenizerStage],
     Field(discriminator="type"),
 ]
 
@@ -154,17 +330,29 @@ Stage = Annotated[
 STAGE_KIND = {"tasks": "dataset", "rejection": "dataset", "prune": "model", "train": "model", "eval": "eval", "report": "report"}
 MODEL_FIELDS = {"rejection": ["teacher"], "prune": ["model"], "train": ["student", "teacher"], "eval": ["teacher"]}
 DATA_FIELDS = {"rejection": ["tasks"], "prune": ["calibration"], "train": ["data"], "eval": ["tasks"], "report": []}
+# lineage stages (issue 6): imported data and mixes
+STAGE_KIND.update({"import": "dataset", "mix": "dataset"})
+MODEL_FIELDS.update({"import": ["tokenizer"], "mix": ["tokenizer"]})
 for _t in DATA_STAGE_TYPES:
     STAGE_KIND[_t] = "dataset"
     MODEL_FIELDS[_t] = ["teacher"] + (["judge"] if _t == "preference" else [])
     DATA_FIELDS[_t] = ["prompts"]
+STAGE_KIND["scratch"] = "model"
+MODEL_FIELDS["scratch"] = ["teacher"]
+DATA_FIELDS["scratch"] = []
+STAGE_KIND.update(cache_logits="logit_cache", onpolicy="model", cross_tokenizer="model")
+MODEL_FIELDS.update(cache_logits=["teacher"], onpolicy=["student", "teacher"], cross_tokenizer=["student", "teacher"])
+DATA_FIELDS.update(cache_logits=["data"], onpolicy=["data"], cross_tokenizer=["data"])
+CACHE_FIELDS = {"train": ["logit_cache"]}  # fields that name a cache_logits stage
 
 
 class Recipe(Strict):
     name: str
     description: str = ""
     models: dict[str, str] = {}
+    teachers: dict[str, TeacherConfig] = {}  # named teacher backends a stage's `teacher:` may name
     stages: dict[str, Stage]
+    policy: Policy | None = None  # licence/terms policy, checked before any compute (lineage/policy.py)
 
     def refs(self, name: str) -> list[tuple[str, str, str]]:
         """(field, referenced name, expected: model|data|eval|model-stage) for one stage."""
@@ -177,11 +365,16 @@ class Recipe(Strict):
         for f in DATA_FIELDS.get(st.type, []):
             if getattr(st, f) is not None:
                 out.append((f, getattr(st, f), "data"))
+        for f in CACHE_FIELDS.get(st.type, []):
+            if getattr(st, f) is not None:
+                out.append((f, getattr(st, f), "logit_cache"))
         if st.type == "eval":
             out += [(f"models.{k}", v, "model") for k, v in st.models.items()]
         if st.type == "report":
             out += [(f"evals[{i}]", v, "eval") for i, v in enumerate(st.evals)]
             out += [(f"training[{i}]", v, "train") for i, v in enumerate(st.training)]
+        if st.type == "mix":
+            out += [(f"datasets[{i}]", v, "data") for i, v in enumerate(st.datasets)]
         out += getattr(st, "extra_refs", lambda: [])()  # e.g. decontamination sets named by stage
         return out
 
@@ -216,12 +409,13 @@ def _check_refs(recipe: Recipe) -> None:
         if name in recipe.stages:
             raise ValueError(f"models.{name}: name is also a stage")
         _check_model_spec(spec, f"models.{name}", model_specs)
+    _check_teachers(recipe, model_specs)
     for sname in recipe.stages:
         for field, ref, expected in recipe.refs(sname):
             key = f"stages.{sname}.{field}"
             if ref in recipe.stages:
                 produced = STAGE_KIND[recipe.stages[ref].type]
-                want = {"model": "model", "data": "dataset", "eval": "eval", "train": "model"}[expected]
+                want = {"model": "model", "data": "dataset", "eval": "eval", "train": "model", "logit_cache": "logit_cache"}[expected]
                 if produced != want:
                     raise ValueError(f"{key}: stage '{ref}' produces a {produced}, not a {want}")
                 if expected == "train" and recipe.stages[ref].type != "train":
@@ -230,10 +424,35 @@ def _check_refs(recipe: Recipe) -> None:
                     raise ValueError(f"{key}: stage '{ref}' is not a tasks stage")
             elif expected == "model" and ref in recipe.models:
                 continue
+            elif expected == "model" and ref in recipe.teachers:
+                _check_teacher_use(recipe, sname, field, ref, key)
             elif expected == "model":
                 _check_model_spec(ref, key, model_specs)
             else:
                 raise ValueError(f"{key}: unknown stage '{ref}'")
+
+
+# Stage fields that need local weights (logits, scoring), not only generated text.
+WHITE_BOX_FIELDS = {("train", "teacher"), ("eval", "teacher")}
+
+
+def _check_teachers(recipe: Recipe, model_specs) -> None:
+    for name, t in recipe.teachers.items():
+        if name in recipe.stages or name in recipe.models:
+            raise ValueError(f"teachers.{name}: name is also a {'stage' if name in recipe.stages else 'model'}")
+        for fld in ("model", "tokenizer"):
+            spec = getattr(t, fld, None)
+            if spec and (t.backend != "openai" or fld == "tokenizer"):
+                _check_model_spec(spec, f"teachers.{name}.{fld}", model_specs)
+
+
+def _check_teacher_use(recipe: Recipe, sname: str, field: str, ref: str, key: str) -> None:
+    stage_type = recipe.stages[sname].type
+    backend = recipe.teachers[ref].backend
+    if field != "teacher" and backend != "hf":
+        raise ValueError(f"{key}: '{ref}' is a {backend} teacher, not a model")
+    if (stage_type, field) in WHITE_BOX_FIELDS and backend != "hf":
+        raise ValueError(f"{key}: teacher '{ref}' ({backend}) only generates text; this stage needs its logits (backend: hf)")
 
 
 def _check_model_spec(spec: str, key: str, model_specs) -> None:
@@ -264,7 +483,15 @@ def _format_validation_error(e: ValidationError) -> str:
     elif err["type"] == "union_tag_not_found":
         msg = "stage needs a 'type'"
     parts = [str(x) for x in err["loc"]]
-    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in ("tasks", "rejection", "prune", "train", "eval", "report", *DATA_STAGE_TYPES):
+    if parts[:1] == ["teachers"]:
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown backend (known: {', '.join(BACKENDS)})"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"teacher needs a 'backend' ({', '.join(BACKENDS)})"
+        if len(parts) >= 3 and parts[2] in BACKENDS:
+            parts.pop(2)
+        loc = ".".join(parts)
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KIND:
         parts.pop(2)  # drop the discriminator tag pydantic inserts
         loc = ".".join(parts)
     return f"{loc}: {msg}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from ..errors import EmptyDatasetError
+from ..errors import EmptyDatasetError, StillhouseError
 from ..verify.reasoning_gym import problems
 from .dedup import drop_overlap, exact_dedup
 from ..records import read_rows, write_rows
@@ -64,6 +64,10 @@ def run_rejection(ctx) -> None:
     records = read_rows(tasks.file("train.parquet"))
     verifier = verifier_for(c.verifier, tasks.manifest, records, ctx.name)
     teacher = ctx.teacher(c.teacher, batch_size=c.batch_size)
+    if getattr(teacher, "tokenizer", None) is None:  # prompt and answer token ids are training data
+        raise StillhouseError(
+            f"stage '{ctx.name}': teacher '{c.teacher}' has no tokenizer; set `tokenizer:` (the served model's) in its teachers: entry"
+        )
     tpl = template_hash(teacher.tokenizer)
 
     def work(u: int, unit) -> tuple[list[dict], dict]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
-from ..records import read_rows, write_rows
 from ..errors import EmptyDatasetError
-from ..fsutil import dir_size, write_json_atomic
+from ..records import read_rows
 from ..verify.reasoning_gym import ReasoningGymVerifier
-from .suites import evaluate
+from .compare import Candidate, EvalSettings, evaluate_models, write_results
+from .suites import Suite, parse_suite
 
 
 def run_eval(ctx) -> None:
@@ -18,42 +18,31 @@ def run_eval(ctx) -> None:
     if not records:
         raise EmptyDatasetError(f"stage '{ctx.name}': held-out split is empty")
     task = tasks.manifest["task"]
-    verifier = ReasoningGymVerifier(task["name"], task["config"])
-    teacher = ctx.model(c.teacher)
-    common = dict(max_new_tokens=c.max_new_tokens, batch_size=c.batch_size, speed_batch=c.speed_batch, system_prompt=c.system_prompt)
+    suites = [Suite(task["name"], f"tasks:{c.tasks}", records, ReasoningGymVerifier(task["name"], task["config"]), c.max_new_tokens)]
+    suites += [parse_suite(spec) for spec in c.suites]
+    settings = EvalSettings(batch_size=c.batch_size, speed_batches=tuple(sorted({1, c.speed_batch})), samples=c.samples,
+                            ks=tuple(k for k in (1, 5, 10) if k <= c.samples), memory=c.memory,
+                            system_prompt=c.system_prompt, perplexity_file=c.perplexity_text)
 
+    runner = ctx.runner
+    teacher_spec = runner.spec_of(c.teacher)
     labels = dict(c.models)
-    teacher_spec = ctx.runner.spec_of(c.teacher)
-    teacher_label = next((k for k, v in labels.items() if ctx.runner.spec_of(v) == teacher_spec), "teacher")
+    teacher_label = next((k for k, v in labels.items() if runner.spec_of(v) == teacher_spec), "teacher")
     labels.pop(teacher_label, None)
-
-    results, all_rows = {}, []
-    t_res = evaluate(teacher.model, teacher.tokenizer, records, verifier, label=teacher_label, **common)
-    results[teacher_label] = {"ref": c.teacher, "role": "teacher", **t_res["metrics"]}
-    all_rows += [{"model": teacher_label, **r} for r in t_res["rows"]]
-    for label, ref in labels.items():
-        lm = ctx.model(ref)
-        res = evaluate(lm.model, lm.tokenizer, records, verifier, teacher=teacher.model,
-                       teacher_rows=t_res["rows"], label=label, **common)
-        results[label] = {"ref": ref, "role": "student", **res["metrics"]}
-        all_rows += [{"model": label, **r} for r in res["rows"]]
+    cands = []
     for label, ref in [(teacher_label, c.teacher)] + list(labels.items()):
-        spec = ctx.runner.spec_of(ref)
-        art = ctx.runner.results.get(ref)
-        results[label]["artifact"] = art.id if art is not None else None
-        results[label]["disk_bytes"] = dir_size(art.path) if art is not None else None
-        results[label]["spec"] = spec
-    t = results[teacher_label]
-    for label, r in results.items():
-        if r["role"] == "student":
-            r["pass_at_1_vs_teacher"] = r["pass_at_1"] / t["pass_at_1"] if t["pass_at_1"] else None
-            r["speedup_vs_teacher"] = r["decode_tok_per_s"] / t["decode_tok_per_s"]
-            r["params_vs_teacher"] = r["params"] / t["params"]
-    write_json_atomic(ctx.out.path / "results.json", {"task": task, "teacher": teacher_label, "models": results})
-    write_rows(ctx.out.path / "outputs.parquet", all_rows)
-    ctx.out.metrics.update({label: {k: v for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} for label, r in results.items()})
-    ctx.out.counts.update(problems=len(records), models=len(results))
+        art = runner.results.get(ref)
+        spec = runner.spec_of(ref)
+        disk = art.path if art is not None else _local_dir(spec)
+        cands.append(Candidate(label, spec, "teacher" if label == teacher_label else "student",
+                               lambda ref=ref: runner.load_model(ref), art.id if art is not None else None, disk, {"ref": ref}))
+    results, rows = evaluate_models(cands, suites, settings)
+    results["task"] = task
+    write_results(ctx.out, results, rows)
 
 
-def load_results(artifact) -> dict:
-    return json.loads(artifact.file("results.json").read_text())
+def _local_dir(spec: str) -> Path | None:
+    from ..models import resolve
+
+    target = resolve(spec)[0]
+    return target if isinstance(target, Path) else None

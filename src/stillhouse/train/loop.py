@@ -1,23 +1,38 @@
-"""The training loop: SFT on teacher text plus token-level KD on the teacher's logits.
+"""The training loop: SFT on teacher text, token-level KD on the teacher's logits, or DPO.
 
-Read it top to bottom: batches are built by length (dynamic padding), the student's hidden
-states are computed once, only the positions that predict response tokens go through the
-LM head, the teacher (eval mode, no grad) scores exactly the same tokens, and the loss is
-a weighted sum of cross-entropy and forward KL at a temperature.
+Read it top to bottom:
+1. `plan_batches` fixes every optimizer step's examples up front from the seed (batches of
+   similar length, so dynamic padding wastes little); a step number is a data position,
+   which is what makes resume exact.
+2. Each step's batch is split into micro-batches (`shard`): over the processes of a
+   data-parallel run (accelerate: DDP/FSDP/DeepSpeed) and over gradient-accumulation passes.
+3. The student's hidden states are computed once per micro-batch and only the positions
+   that predict a target token go through the LM head (`selected_logits`); the teacher
+   (online, eval mode, no grad) scores exactly those tokens, or a cached top-k row does.
+4. Every loss term is a *sum* over target tokens divided by the target tokens of the whole
+   step (all micro-batches, all processes), so accumulation and data parallelism give the
+   same gradient as one big batch. DPO sums per pair and divides by the step's pairs.
+5. Checkpoints (model, optimizer, scheduler, RNG, step) every `checkpoint_every` steps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from ..progress import progress
+from ..errors import StillhouseError
+from ..progress import progress, status
 from ..scoring import selected_logits
-from .losses import cross_entropy, forward_kl, sparse_forward_kl
+from . import checkpoint as ckpt
+from .losses import LossTerm, TopK, cross_entropy, mixture, needs_teacher, terms_from_weights
+from .preference import dpo_losses, sequence_logprobs
 
 
 @dataclass
@@ -27,13 +42,26 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
-    batch_size: int = 16
+    batch_size: int = 16  # examples (or pairs) per optimizer step, over all processes
     max_length: int = 256
     sft_weight: float = 0.5
     kd_weight: float = 0.5
     temperature: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
+    micro_batch_size: int = 0  # examples per forward pass; 0 = the whole per-process batch
+    objective: str = "distill"  # "distill" (SFT + KD) or "dpo" (preference pairs)
+    dpo_beta: float = 0.1
+    checkpoint_every: int = 0  # steps; 0 = no checkpoints
+    # The objective (losses.mixture): term dicts {name, weight, beta, alpha}; None means
+    # sft_weight * SFT + kd_weight * forward KL.
+    loss_terms: list | None = None
+    vocab_size: int | None = None  # compare logits on the tokenizer's real vocabulary (padded heads)
+
+    def terms(self) -> list[LossTerm]:
+        if self.loss_terms is None:
+            return terms_from_weights(self.sft_weight, self.kd_weight)
+        return [LossTerm(**t) for t in self.loss_terms]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +74,18 @@ class Example:
     # Offline teacher signal: top-k ids / log-probs for each target token (len(input_ids) - n_prompt rows).
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    topk_rest: list[float] | None = None  # probability mass outside the top-k (a logit cache has it)
+
+
+@dataclass
+class PreferencePair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    def sides(self) -> tuple[Example, Example]:
+        n = len(self.prompt_ids)
+        return Example(self.prompt_ids + self.chosen_ids, n), Example(self.prompt_ids + self.rejected_ids, n)
 
 
 def collate(examples: list[Example], pad_id: int):
@@ -74,13 +114,25 @@ def collate(examples: list[Example], pad_id: int):
         def rows(e, table):
             return table[max(e.n_prompt, 1) - e.n_prompt : len(e.input_ids) - e.n_prompt]
 
-        rows_ids = [row for e in examples for row in rows(e, e.topk_ids)]
-        rows_lp = [row for e in examples for row in rows(e, e.topk_logprobs)]
-        cached = (torch.tensor(rows_ids, dtype=torch.long), torch.tensor(rows_lp, dtype=torch.float32))
+        def stack(table, dtype):
+            return torch.cat([torch.as_tensor(rows(e, getattr(e, table))).to(dtype) for e in examples])
+
+        rest = stack("topk_rest", torch.float32) if all(e.topk_rest is not None for e in examples) else None
+        cached = TopK(stack("topk_ids", torch.long), stack("topk_logprobs", torch.float32), rest)
     return ids, attn, predict, targets[predict], cached
 
 
-def length_batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+def n_targets(e: Example) -> int:
+    return max(0, len(e.input_ids) - max(e.n_prompt, 1))
+
+
+def _length(item) -> int:
+    if isinstance(item, PreferencePair):
+        return len(item.prompt_ids) + max(len(item.chosen_ids), len(item.rejected_ids))
+    return len(item.input_ids)
+
+
+def length_batches(examples: list, batch_size: int, rng: random.Random) -> list[list]:
     """Batches of similar length (little padding), in random order."""
     order = list(range(len(examples)))
     rng.shuffle(order)
@@ -88,10 +140,38 @@ def length_batches(examples: list[Example], batch_size: int, rng: random.Random)
     window = batch_size * 50
     batches = []
     for w in range(0, len(order), window):
-        chunk = sorted(order[w : w + window], key=lambda i: len(examples[i].input_ids))
+        chunk = sorted(order[w : w + window], key=lambda i: _length(examples[i]))
         batches += [[examples[i] for i in chunk[b : b + batch_size]] for b in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def plan_batches(examples: list, cfg: TrainConfig) -> list[list]:
+    """Every step's batch for the whole run, a pure function of the examples and the seed."""
+    rng = random.Random(cfg.seed)
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = max(1, int(round(per_epoch * cfg.epochs)))
+    plan: list[list] = []
+    while len(plan) < total:
+        plan += list(reversed(length_batches(examples, cfg.batch_size, rng)))
+    return plan[:total]
+
+
+def shard(batch: list, micro: int, world: int, rank: int) -> list[list]:
+    """This process's micro-batches of one step's batch.
+
+    The batch is sorted by length and cut into `world * k` contiguous chunks of at most
+    `micro` items (k the same on every process, as data parallelism needs); chunk i goes to
+    process i % world. A chunk can be empty when the batch is smaller than the world: the
+    caller still runs it (with zero weight) so every process takes part in every reduction.
+    """
+    micro = micro or math.ceil(len(batch) / world)
+    k = max(1, math.ceil(len(batch) / (micro * world)))
+    n_chunks = world * k
+    ordered = sorted(batch, key=_length)
+    bounds = [round(i * len(ordered) / n_chunks) for i in range(n_chunks + 1)]
+    chunks = [ordered[bounds[i] : bounds[i + 1]] for i in range(n_chunks)]
+    return chunks[rank::world]
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -103,67 +183,259 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress_frac))
 
 
-def train(student, examples: list[Example], cfg: TrainConfig, pad_id: int, teacher=None, description="Training"):
-    """Train `student` in place. Returns the per-step history (loss, sft, kl, lr, tokens/s)."""
-    if cfg.kd_weight > 0 and teacher is None and any(e.topk_ids is None for e in examples):
-        raise ValueError("kd_weight > 0 needs a teacher model or a cached teacher signal on every example")
-    rng = random.Random(cfg.seed)
+class Scorer(torch.nn.Module):
+    """The student as one module whose forward returns logits at selected positions only, so
+    a data-parallel wrapper (DDP) sees the whole computation go through its forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, positions):
+        return selected_logits(self.model, input_ids, attention_mask, positions)
+
+
+def _check_vocab(student, teacher, examples, vocab_size: int | None = None) -> None:
+    """A same-tokenizer loss compares distributions index by index: the vocabularies must agree
+    (on the first `vocab_size` logits when the stage aligned padded output layers)."""
+    vs = student.get_output_embeddings().weight.shape[0]
+    if teacher is not None:
+        vt = teacher.get_output_embeddings().weight.shape[0]
+        if (vt != vs) if vocab_size is None else min(vt, vs) < vocab_size:
+            raise StillhouseError(
+                f"teacher and student vocabularies differ ({vt} vs {vs} logits): token-level KD needs one "
+                "tokenizer; use sequence-level KD (kd_weight: 0) or a cross-tokenizer loss"
+            )
+    cached = [e.topk_ids for e in examples if getattr(e, "topk_ids", None) is not None and len(e.topk_ids)]
+    top = max((int(max(max(r) for r in ids)) for ids in cached), default=-1)
+    if top >= vs:
+        raise StillhouseError(f"cached teacher signal has token id {top} but the student has only {vs} logits: the cache is from another tokenizer")
+
+
+def _distill_terms(scorer, teacher, batch: list[Example], pad_id: int, cfg: TrainConfig, device):
+    """Summed (not averaged) loss terms of one micro-batch, each term's sum for the log, and
+    its shape counts."""
+    ids, attn, predict, targets, cached = collate(batch, pad_id)
+    ids, attn, predict, targets = ids.to(device), attn.to(device), predict.to(device), targets.to(device)
+    n = targets.numel()
+    s_logits = scorer(ids, attn, predict)[:, : cfg.vocab_size]
+    terms = cfg.terms()
+    signal = None
+    if needs_teacher(terms):
+        if teacher is not None:  # online: the teacher scores exactly these tokens
+            with torch.no_grad():
+                signal = selected_logits(teacher, ids, attn, predict)[:, : cfg.vocab_size]
+        else:  # offline: top-k log-probs cached with the data or in a logit cache
+            signal = TopK(cached.ids.to(device), cached.logprobs.to(device),
+                          None if cached.rest is None else cached.rest.to(device))
+    loss, parts = mixture(terms, s_logits, targets, signal, temperature=cfg.temperature, reduction="sum")
+    if "sft" not in parts:  # the SFT term is always logged, so a user sees when one term dwarfs another
+        with torch.no_grad():
+            parts["sft"] = cross_entropy(s_logits.detach(), targets, reduction="sum").item()
+    counts = {"rows": len(batch), "padded": ids.numel(), "positions": n, "tokens": int(attn.sum())}
+    return loss, parts, counts
+
+
+def _pair_logprobs(scorer, pairs: list[PreferencePair], pad_id: int, device):
+    """Policy log-prob sums of the chosen and rejected sides, [P] each, in one forward pass."""
+    sides = [p.sides()[0] for p in pairs] + [p.sides()[1] for p in pairs]
+    ids, attn, predict, targets, _ = collate(sides, pad_id)
+    ids, attn, predict, targets = ids.to(device), attn.to(device), predict.to(device), targets.to(device)
+    seq = sequence_logprobs(scorer(ids, attn, predict), targets, predict)
+    counts = {"rows": len(sides), "padded": ids.numel(), "positions": targets.numel(), "tokens": int(attn.sum())}
+    return seq[: len(pairs)], seq[len(pairs) :], counts
+
+
+def _dpo_terms(scorer, pairs: list[PreferencePair], refs: dict[int, tuple[float, float]], pad_id, cfg, device):
+    pc, pr, counts = _pair_logprobs(scorer, pairs, pad_id, device)
+    rc = torch.tensor([refs[id(p)][0] for p in pairs], device=device)
+    rr = torch.tensor([refs[id(p)][1] for p in pairs], device=device)
+    losses, margin = dpo_losses(pc, pr, rc, rr, cfg.dpo_beta)
+    return losses.sum(), {"dpo": losses.sum().detach(), "reward_acc": (margin > 0).float().sum(), "margin": margin.sum().detach()}, counts
+
+
+@torch.no_grad()
+def _reference_logprobs(model, pairs: list[PreferencePair], pad_id: int, batch: int, device) -> dict[int, tuple[float, float]]:
+    """The frozen reference of DPO: the student's own log-probs before any update."""
+    scorer = Scorer(model)
+    refs = {}
+    with progress("DPO reference log-probs", total=len(pairs)) as advance:
+        for s in range(0, len(pairs), batch):
+            chunk = pairs[s : s + batch]
+            pc, pr, _ = _pair_logprobs(scorer, chunk, pad_id, device)
+            refs.update({id(p): (c, r) for p, c, r in zip(chunk, pc.tolist(), pr.tolist())})
+            advance(len(chunk))
+    return refs
+
+
+def _clip_gradients(accelerator, model, max_norm: float) -> float:
+    """Clip to `max_norm`; returns the norm before clipping. Under plain or DDP training the
+    gradients are already identical on every process, so the norm is computed locally and the
+    gradients are only rescaled when they exceed the limit (rescaling every step by 1.0 cost
+    ~5% of a CPU step); sharded setups (FSDP, DeepSpeed) go through accelerate."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return float(norm)
+
+
+def _units(batch: list, objective: str) -> int:
+    """What a step's loss is normalised by: target tokens (distill) or pairs (DPO)."""
+    return len(batch) if objective == "dpo" else sum(n_targets(e) for e in batch)
+
+
+def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, accelerator, teacher=None, refs=None):
+    """Forward and backward over this process's micro-batches of one step's `batch`.
+
+    Each micro-batch's loss is its *sum* over target tokens (pairs for DPO) divided by the
+    whole step's count, so the accumulated gradient equals one big batch's mean gradient
+    whatever the split. Returns the summed log terms and the shapes processed here.
+    """
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    dpo = cfg.objective == "dpo"
+    # DDP averages gradients over processes; scaling by `world` turns that into a sum
+    scale = world / max(_units(batch, cfg.objective), 1)
+    logs: dict[str, torch.Tensor] = {}
+    counts = {"rows": 0, "padded": 0, "positions": 0, "tokens": 0}
+    micro = shard(batch, cfg.micro_batch_size, world, rank)
+    for i, mb in enumerate(micro):
+        weight = scale if mb else 0.0
+        mb = mb or batch[:1]  # an empty share still joins the gradient reduction, at weight 0
+        # gradients are reduced across processes once per step, after the last micro-batch
+        sync = accelerator.no_sync(scorer) if i < len(micro) - 1 else contextlib.nullcontext()
+        with sync:
+            if dpo:
+                loss, parts, c = _dpo_terms(scorer, mb, refs, pad_id, cfg, device)
+            else:
+                loss, parts, c = _distill_terms(scorer, teacher, mb, pad_id, cfg, device)
+            accelerator.backward(loss * weight)
+        if weight:
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v
+            counts = {k: counts[k] + c[k] for k in counts}
+    return logs, counts
+
+
+def train(
+    student,
+    examples: list,
+    cfg: TrainConfig,
+    pad_id: int,
+    teacher=None,
+    description: str = "Training",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    metrics_path: str | Path | None = None,
+    on_step=None,
+    accelerator=None,
+):
+    """Train `student` in place. Returns the per-step history (loss, sft, kl, lr, tokens/s, ...).
+
+    `examples` are `Example`s (distill) or `PreferencePair`s (dpo). With `checkpoint_dir` and
+    `cfg.checkpoint_every`, checkpoints are written there; `resume=True` continues from the
+    latest one. `metrics_path` gets one JSON line per step. `on_step(record)` is called after
+    every step (on every process).
+    """
+    from accelerate import Accelerator
+
+    dpo = cfg.objective == "dpo"
+    if cfg.objective not in ("distill", "dpo"):
+        raise StillhouseError(f"unknown training objective '{cfg.objective}' (distill, dpo)")
+    if not dpo and needs_teacher(cfg.terms()) and teacher is None and any(e.topk_ids is None for e in examples):
+        raise ValueError("a KD loss term needs a teacher model or a cached teacher signal on every example")
+    accelerator = accelerator or Accelerator()
+    device = accelerator.device
     torch.manual_seed(cfg.seed)
-    examples = [
-        Example(e.input_ids[: cfg.max_length], e.n_prompt, e.topk_ids, e.topk_logprobs) for e in examples
-    ]
-    examples = [e for e in examples if len(e.input_ids) > max(e.n_prompt, 1)]
-    per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = max(1, int(round(per_epoch * cfg.epochs)))
-    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
-    )
+    if dpo:
+        items = [p for p in examples if p.chosen_ids and p.rejected_ids]
+    else:
+        items = [Example(e.input_ids[: cfg.max_length], e.n_prompt, e.topk_ids, e.topk_logprobs, e.topk_rest) for e in examples]
+        items = [e for e in items if n_targets(e) > 0]
+    if not items:
+        raise StillhouseError("nothing to train on: every example is empty or all prompt")
+    _check_vocab(student, None if dpo else teacher, items, cfg.vocab_size)
     if teacher is not None:
         teacher.eval()
+    student.eval()
+    refs = _reference_logprobs(student, items, pad_id, cfg.micro_batch_size or cfg.batch_size, device) if dpo else {}
+
+    plan = plan_batches(items, cfg)
+    total = len(plan)
+    decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]
+    # fused AdamW: one kernel over all parameters; on CPU it is several times faster than the loop
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, total, cfg) / cfg.lr)
+    scorer, opt = accelerator.prepare(Scorer(student), opt)
+
+    start_step, history = 0, []
+    if resume and checkpoint_dir and (last := ckpt.latest_checkpoint(checkpoint_dir)) is not None:
+        with status(f"Resuming from {last}"):
+            start_step, history = ckpt.load_checkpoint(last, accelerator.unwrap_model(scorer).model, opt, sched)
+    if metrics_path and accelerator.is_main_process:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text("".join(json.dumps(h) + "\n" for h in history))
+
     student.train()
-    history = []
-    batches: list[list[Example]] = []
-    tokens_seen, start = 0, time.perf_counter()
+    tokens_seen = history[-1]["tokens"] if history else 0
+    run_tokens, t0 = 0, time.perf_counter()
     with progress(description, total=total) as advance:
-        for step in range(total):
-            if not batches:
-                batches = length_batches(examples, cfg.batch_size, rng)
-            batch = batches.pop()
-            ids, attn, predict, targets, cached = collate(batch, pad_id)
-            lr = lr_at(step, total, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            s_logits = selected_logits(student, ids, attn, predict)
-            sft = cross_entropy(s_logits, targets)
-            loss = cfg.sft_weight * sft
-            kl = torch.zeros(())
-            if cfg.kd_weight > 0:
-                if teacher is not None:  # online: the teacher scores exactly these tokens
-                    with torch.no_grad():
-                        t_logits = selected_logits(teacher, ids, attn, predict)
-                    kl = forward_kl(s_logits, t_logits, cfg.temperature)
-                else:  # offline: top-k log-probs cached when the teacher generated the data
-                    kl = sparse_forward_kl(s_logits, cached[0], cached[1], cfg.temperature)
-                loss = loss + cfg.kd_weight * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        advance(start_step)
+        for step in range(start_step, total):
+            batch = plan[step]
+            units = _units(batch, cfg.objective)
+            lr = sched.get_last_lr()[0]
+            logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, refs)
+            grad_norm = _clip_gradients(accelerator, scorer, cfg.grad_clip) if cfg.grad_clip else None
             opt.step()
-            tokens_seen += int(attn.sum())
-            elapsed = time.perf_counter() - start
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+            # logging: sums over this step's micro-batches on every process, divided by the step's units
+            keys = sorted(logs)
+            summed = accelerator.reduce(torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=device) for k in keys]), "sum") if keys else []
+            totals = dict(zip(keys, [float(v) / max(units, 1) for v in summed]))
+            step_tokens = int(accelerator.reduce(torch.tensor(counts["tokens"], device=device), "sum"))
+            tokens_seen += step_tokens
+            run_tokens += step_tokens
+            elapsed = time.perf_counter() - t0
+            if dpo:
+                loss_value = totals.get("dpo", 0.0)
+                extra = {"dpo": loss_value, "reward_acc": totals.get("reward_acc", 0.0), "margin": totals.get("margin", 0.0)}
+            else:
+                terms = cfg.terms()
+                loss_value = sum(t.weight * totals.get(t.name, 0.0) for t in terms if t.weight)
+                kd = [v for k, v in totals.items() if k != "sft"]
+                # "kl" is the KD terms' unweighted sum; each term is also logged as loss/<name>
+                extra = {"sft": totals.get("sft", 0.0), "kl": sum(kd), **{f"loss/{k}": v for k, v in totals.items()}}
             rec = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "sft": sft.item(),
-                "kl": kl.item(),
-                "lr": lr,
-                "tokens": tokens_seen,
-                "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+                "step": step + 1, "loss": loss_value, **extra, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens": tokens_seen, "tokens_per_s": run_tokens / max(elapsed, 1e-9),
+                # this process's shapes (rows, padded width x rows, LM-head rows): for FLOP counts
+                **{k: counts[k] for k in ("rows", "padded", "positions")},
             }
             history.append(rec)
-            advance(1, info=f"loss {rec['loss']:.3f} kl {rec['kl']:.3f} {rec['tokens_per_s']:.0f} tok/s")
+            if metrics_path and accelerator.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            done = step + 1
+            # the last step is checkpointed too, so a resumed multi-phase run skips finished phases
+            if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == total):
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    ckpt.save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(scorer).model, opt, sched, history)
+                accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(rec)
+            advance(1, info=f"loss {loss_value:.3f} {rec['tokens_per_s']:.0f} tok/s")
     student.eval()
     return history
+
+

@@ -133,3 +133,110 @@ def prune_depth(model, kept: list[int]):
     if getattr(cfg, "layer_types", None) is not None and len(cfg.layer_types) == n:
         cfg.layer_types = [cfg.layer_types[i] for i in sorted(kept)]
     return student
+
+
+# -- width pruning (Minitron-style: activation importance on calibration text) ---------------
+def _attn_geometry(model) -> tuple[int, int, int]:
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return heads, kv, head_dim
+
+
+@torch.inference_mode()
+def width_importance(model, tokenizer, texts: list[str]) -> list[dict[str, torch.Tensor]]:
+    """Per decoder block: `mlp`, the mean |activation| of each MLP channel (the input of
+    down_proj), and `kv_groups`, the summed mean L2 norm of the attention heads' outputs (the
+    input of o_proj) over each key/value group, both over the real tokens of the calibration text."""
+    layers = decoder_layers(model)
+    heads, kv, head_dim = _attn_geometry(model)
+    enc = _calibration_batch(tokenizer, texts)
+    mask = enc["attention_mask"].bool()
+    found: list[dict[str, torch.Tensor]] = [{} for _ in layers]
+
+    def hook(i, key):
+        def fn(module, args):
+            x = args[0][mask].float()  # [tokens, features]
+            if key == "mlp":
+                found[i][key] = x.abs().mean(0)
+            else:
+                per_head = x.view(x.size(0), heads, head_dim).norm(dim=-1).mean(0)  # [heads]
+                found[i][key] = per_head.view(kv, heads // kv).sum(-1)
+
+        return fn
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook(i, "mlp")))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook(i, "kv_groups")))
+    try:
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def _sliced(linear: torch.nn.Linear, rows=None, cols=None) -> torch.nn.Linear:
+    w = linear.weight.detach()
+    w = w[rows] if rows is not None else w
+    w = w[:, cols] if cols is not None else w
+    out = torch.nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, dtype=w.dtype, device=w.device)
+    out.weight.data.copy_(w)
+    if linear.bias is not None:
+        out.bias.data.copy_(linear.bias.detach()[rows] if rows is not None else linear.bias.detach())
+    return out
+
+
+def prune_width(model, importance: list[dict[str, torch.Tensor]], mlp_channels: int | None = None, kv_heads: int | None = None):
+    """A copy keeping, in every block, the `mlp_channels` most important MLP channels and the
+    `kv_heads` most important key/value groups (each with its query heads). The counts are the
+    same in every block so the result is a normal HF config; it saves and loads as one."""
+    heads, kv, head_dim = _attn_geometry(model)
+    inter = model.config.intermediate_size
+    if mlp_channels is not None and not 1 <= mlp_channels <= inter:
+        raise StillhouseError(f"mlp_channels must be between 1 and the model's {inter}, not {mlp_channels}")
+    if kv_heads is not None and not 1 <= kv_heads <= kv:
+        raise StillhouseError(f"kv_heads must be between 1 and the model's {kv} key/value heads, not {kv_heads}")
+    student = copy.deepcopy(model)
+    rep = heads // kv
+    for layer, imp in zip(decoder_layers(student), importance):
+        if mlp_channels is not None:
+            keep = imp["mlp"].topk(mlp_channels).indices.sort().values
+            mlp = layer.mlp
+            mlp.gate_proj, mlp.up_proj = _sliced(mlp.gate_proj, rows=keep), _sliced(mlp.up_proj, rows=keep)
+            mlp.down_proj = _sliced(mlp.down_proj, cols=keep)
+        if kv_heads is not None:
+            groups = imp["kv_groups"].topk(kv_heads).indices.sort().values.tolist()
+            kv_idx = torch.tensor([g * head_dim + d for g in groups for d in range(head_dim)])
+            q_idx = torch.tensor([(g * rep + r) * head_dim + d for g in groups for r in range(rep) for d in range(head_dim)])
+            attn = layer.self_attn
+            attn.q_proj, attn.o_proj = _sliced(attn.q_proj, rows=q_idx), _sliced(attn.o_proj, cols=q_idx)
+            attn.k_proj, attn.v_proj = _sliced(attn.k_proj, rows=kv_idx), _sliced(attn.v_proj, rows=kv_idx)
+    cfg = student.config
+    if mlp_channels is not None:
+        cfg.intermediate_size = mlp_channels
+    if kv_heads is not None:
+        cfg.head_dim = head_dim  # no longer hidden_size / heads
+        cfg.num_attention_heads, cfg.num_key_value_heads = kv_heads * rep, kv_heads
+    return student
+
+
+# -- scratch students ---------------------------------------------------------------------------
+def scratch(teacher_config, layers: int, hidden_size: int, heads: int, kv_heads: int | None = None,
+            intermediate_size: int | None = None, seed: int = 0):
+    """A randomly initialised model of the teacher's architecture and vocabulary (so it uses the
+    teacher's tokenizer) with the given depth and width."""
+    from transformers import AutoModelForCausalLM
+
+    kv_heads = kv_heads or heads
+    if hidden_size % heads or heads % kv_heads:
+        raise StillhouseError(f"hidden_size ({hidden_size}) must divide by heads ({heads}), and heads by kv_heads ({kv_heads})")
+    d = teacher_config.to_dict()
+    d.pop("layer_types", None)  # recomputed for the new depth (e.g. Gemma's sliding/global pattern)
+    ratio = teacher_config.intermediate_size / teacher_config.hidden_size
+    d.update(num_hidden_layers=layers, hidden_size=hidden_size, num_attention_heads=heads, num_key_value_heads=kv_heads,
+             head_dim=hidden_size // heads, intermediate_size=intermediate_size or int(round(ratio * hidden_size)))
+    cfg = type(teacher_config)(**d)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)

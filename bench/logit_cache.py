@@ -1,0 +1,154 @@
+"""Bytes per token and KL error of top-k teacher caches, on real SmolLM2-135M logits.
+
+    .venv/bin/python bench/logit_cache.py [--problems 40] [--general 8] [--save F | --load F]
+
+The teacher (the packaged SmolLM2-135M-Instruct) samples chain_sum answers and a few
+free-form answers (real text it generates here, no download), then scores those exact token
+sequences; for every completion token the full distribution p is kept in memory. Each
+format stores a sparse q; its error is KL(p || q) per token, where q is the stored entries
+renormalised with the stored rest mass and the rest shared evenly by the other tokens (the
+same rule for every format). Formats, for k = 8, 32, 128:
+
+- exact: fp32 log-probs and int32 ids (what a naive cache stores), plus the rest mass;
+- reference: the published polynomial format's recommended setting, measured by storing
+  what it stores: ids at ceil(log2 V) bits, the top 16 log-probs exact (fp16), ranks 17..k
+  approximated by a degree-8 least-squares polynomial in rank (fp32 coefficients);
+- stillhouse: `train/logit_cache.py` as written to disk (Parquet shards, zstd); its bytes are
+  the shard files' sizes; with `min_prob` > 0 entries below it stay in the rest bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GENERAL = [
+    "Explain why the sky is blue.", "Write a short poem about rivers.", "What is a good breakfast?",
+    "Describe how a bicycle works.", "Give three tips for learning a language.",
+    "What is the capital of France and why is it famous?", "Tell me a story about a cat.", "How do plants grow?",
+]
+
+
+def collect(n_problems: int, n_general: int) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Full teacher log-probs [tokens, vocab] at completion positions, record lengths and kinds."""
+    from stillhouse import models
+    from stillhouse.scoring import right_pad, selected_logits
+    from stillhouse.teachers.base import SamplingParams
+    from stillhouse.teachers.hf import HFTeacher, encode_prompt, render_chat
+    from stillhouse.verify.reasoning_gym import problems
+
+    lm = models.load("smollm2-135m-instruct")
+    tok = lm.tokenizer
+    teacher = HFTeacher(lm.model, tok, batch_size=32)
+    chats = [[{"role": "user", "content": p["question"]}]
+             for p in problems("chain_sum", {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}, n_problems, 7)]
+    kinds = ["chain_sum"] * len(chats)
+    outs = teacher.generate(chats, SamplingParams(max_new_tokens=48, temperature=0.7, seed=3), "Teacher: chain_sum traces")
+    general = [[{"role": "user", "content": g}] for g in (GENERAL * 4)[:n_general]]
+    outs += teacher.generate(general, SamplingParams(max_new_tokens=96, temperature=0.8, seed=4), "Teacher: free-form answers")
+    kinds += ["general"] * len(general)
+    seqs = []
+    for chat, out in zip(chats + general, outs):
+        c = out[0]
+        seqs.append((encode_prompt(tok, render_chat(tok, chat)), c.token_ids + ([c.stop_token] if c.stop_token is not None else [])))
+    logprobs, lengths = [], []
+    with torch.no_grad():
+        for b in range(0, len(seqs), 8):
+            batch = seqs[b : b + 8]
+            ids, attn = right_pad([p + c for p, c in batch], tok.pad_token_id)
+            predict = torch.zeros_like(ids, dtype=torch.bool)
+            for r, (p, c) in enumerate(batch):
+                predict[r, len(p) - 1 : len(p) + len(c) - 1] = True
+                lengths.append(len(c))
+            logprobs.append(torch.log_softmax(selected_logits(lm.model, ids, attn, predict)[:, : len(tok)].float(), -1))
+    return torch.cat(logprobs), lengths, kinds
+
+
+def reference_approx(values: torch.Tensor, exact: int, degree: int) -> torch.Tensor:
+    """Top `exact` log-probs kept, the rest of the sorted top-k fitted by a polynomial in rank."""
+    k = values.size(1)
+    if k <= exact:
+        return values
+    r = torch.arange(exact, k, dtype=torch.float64)
+    x = (r - exact) / max(1, k - exact - 1) * 2 - 1
+    basis = torch.stack([x**i for i in range(degree + 1)], -1)
+    coef = torch.linalg.lstsq(basis.expand(values.size(0), -1, -1), values[:, exact:].double().unsqueeze(-1)).solution
+    fit = (basis @ coef.float().double()).squeeze(-1).clamp(max=0)
+    return torch.cat([values[:, :exact], fit.float()], -1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problems", type=int, default=40)
+    ap.add_argument("--general", type=int, default=8)
+    ap.add_argument("--save", help="save the collected log-probs here (fp16) to rerun the analysis")
+    ap.add_argument("--load", help="analyse log-probs saved with --save instead of collecting")
+    args = ap.parse_args()
+    from stillhouse.train.logit_cache import CacheWriter, Codec, decode, kl_error, reference_bytes_per_token, topk_signal
+
+    t0 = time.perf_counter()
+    if args.load:
+        saved = torch.load(args.load)
+        full, lengths, kinds = saved["logprobs"].float(), saved["lengths"], saved["kinds"]
+    else:
+        full, lengths, kinds = collect(args.problems, args.general)
+        if args.save:
+            torch.save({"logprobs": full.half(), "lengths": lengths, "kinds": kinds}, args.save)
+    n, vocab = full.shape
+    kind_of_token = [k for k, m in zip(kinds, lengths) for _ in range(m)]
+    is_cs = torch.tensor([k == "chain_sum" for k in kind_of_token])
+    print(f"{n} teacher tokens ({int(is_cs.sum())} chain_sum, {int((~is_cs).sum())} free-form), vocab {vocab}, "
+          f"collected in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    rows = []
+
+    def add(fmt, k, bpt, err):
+        rows.append((fmt, k, bpt, err.mean().item(), err[is_cs].mean().item(), err[~is_cs].mean().item()))
+
+    for k in (8, 32, 128):
+        values, ids, rest = topk_signal(full, k)
+        add("exact fp32 + int32 ids", k, k * 8 + 4, kl_error(full, ids, values, rest))
+        approx = reference_approx(values, 16, 8)
+        rest_ref = (1 - approx.exp().sum(-1)).clamp(min=1e-12)  # the reference derives the rest
+        add("reference (16 exact + poly8)", k, reference_bytes_per_token(k, 16, 8, vocab),
+            kl_error(full, ids, approx, rest_ref))
+        for min_prob in ((0.0, 1e-4, 1e-3) if k == 128 else (0.0,)):
+            codec = Codec(top_k=k, min_prob=min_prob)
+            with tempfile.TemporaryDirectory() as tmp:
+                writer = CacheWriter(Path(tmp), codec)
+                start = 0
+                for r, m in enumerate(lengths):
+                    writer.add(str(r), values[start : start + m], ids[start : start + m], rest[start : start + m])
+                    start += m
+                sizes = writer.close()
+                import pyarrow.parquet as pq
+
+                recs = [rec for s in writer.shards for rec in pq.read_table(Path(tmp) / s).to_pylist()]
+            err = []
+            for rec in recs:
+                d_ids, d_lp, d_rest = decode(codec, rec)
+                m = rec["n"]
+                lo = sum(lengths[: int(rec["id"])])
+                err.append(kl_error(full[lo : lo + m], torch.from_numpy(d_ids), torch.from_numpy(d_lp), torch.from_numpy(d_rest)))
+            label = "stillhouse" + (f" min_prob={min_prob:g} ({sizes['entries_per_token']:.0f} entries/tok)" if min_prob else "")
+            add(label, k, sizes["bytes_per_token"], torch.cat(err))
+    print(f"\n{'format':44} {'k':>4} {'bytes/tok':>9} {'KL err':>8} {'chain_sum':>9} {'free-form':>9}")
+    for fmt, k, bpt, e, e_cs, e_gen in rows:
+        print(f"{fmt:44} {k:>4} {bpt:>9.1f} {e:>8.5f} {e_cs:>9.5f} {e_gen:>9.5f}")
+    ref = next(r for r in rows if r[0].startswith("reference") and r[1] == 128)
+    ours = next(r for r in rows if r[0] == "stillhouse" and r[1] == 128)
+    print(f"\nk=128: stillhouse {ours[2]:.1f} B/tok at KL err {ours[3]:.5f}; reference {ref[2]:.1f} B/tok at {ref[3]:.5f} "
+          f"(bytes ratio {ours[2] / ref[2]:.2f}; target <= 100 B/tok at err <= reference)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Training checkpoints: everything needed to continue a run as if it had never stopped.
+
+A checkpoint is a directory `step-00000042/` holding the model weights (safetensors), and
+`state.pt` with the optimizer and scheduler states, the Python and torch RNG states, the
+step reached (the data position: the batch plan is a pure function of the seed, so the
+step number says where in it to continue) and the history so far. It is written under a
+temporary name and renamed into place, so a `kill -9` mid-write leaves the previous
+checkpoint intact; older checkpoints are removed only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from ..errors import StillhouseError
+from ..fsutil import atomic_dir
+
+PREFIX = "step-"
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history: list[dict], keep: int = 1) -> Path:
+    root = Path(root)
+    final = root / f"{PREFIX}{step:08d}"
+    with atomic_dir(final) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        torch.save(
+            {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "history": history,
+            },
+            tmp / "state.pt",
+        )
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (half-written `.partial` directories are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.pt").is_file())
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Restore model, optimizer, scheduler and RNG states in place; returns (step, history)."""
+    path = Path(path)
+    try:
+        state = torch.load(path / "state.pt", weights_only=True)
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except Exception as e:  # a checkpoint from another model or a damaged file
+        raise StillhouseError(f"cannot resume from {path}: {e}") from None
+    if missing or unexpected:
+        raise StillhouseError(f"cannot resume from {path}: it was written for another model ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"], state["history"]
