@@ -172,3 +172,8 @@ def test_user_errors_discard_the_work_dir_unless_raised_while_generating(tmp_pat
         with store.create("dataset", "dead", **kw) as out:
             run_units("s", out.path, [[1], [2]], dead_endpoint, "t")
     assert Shards(store.partial_path("dataset", "dead")).records() == 1  # kept for the rerun
+
+    with pytest.raises(StillhouseError, match="unreachable"):
+        with store.create("dataset", "never", **kw) as out:
+            run_units("s", out.path, [[1], [2]], lambda u, i: dead_endpoint(1, i), "t")
+    assert not store.partial_path("dataset", "never").exists()  # nothing committed: nothing left

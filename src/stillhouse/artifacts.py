@@ -130,7 +130,8 @@ class ArtifactStore:
         Ctrl-C, so a rerun of the same stage (same id) continues it.
 
         A user error (bad input, nothing left to write) discards it, as a rerun would fail the
-        same way, unless the error is marked `resumable` (a teacher that failed mid-run)."""
+        same way, unless the error is marked `resumable` (a teacher that failed after some
+        shards were committed)."""
         tmp.mkdir(parents=True, exist_ok=True)
         try:
             yield tmp

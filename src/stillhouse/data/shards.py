@@ -152,9 +152,11 @@ def run_units(
     except (KeyboardInterrupt, StillhouseError) as e:
         if getattr(e, "resumable", False):
             raise  # another run holds the lock
-        if isinstance(e, StillhouseError):
-            e.resumable = True  # e.g. an endpoint that went away: keep the shards for a rerun
         done = sum(shards.done(u) for u in range(len(units)))
+        if isinstance(e, StillhouseError):
+            if not done:
+                raise  # failed before any work was kept (a dead endpoint): nothing to leave behind
+            e.resumable = True  # e.g. an endpoint that went away mid-run: keep the shards for a rerun
         # printed even when progress output is quiet: the user needs to know nothing was lost
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped by an error"
         print(
