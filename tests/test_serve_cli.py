@@ -80,5 +80,6 @@ def _in_process(argv, capsys, monkeypatch) -> str:
         main(argv)
     assert e.value.code == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("stillhouse: error:"), lines
-    return lines[0]
+    errors = [ln for ln in lines if ln.startswith("stillhouse: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in "".join(lines), lines
+    return errors[0]

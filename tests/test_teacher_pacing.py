@@ -55,7 +55,7 @@ def test_adaptive_limit_halves_on_trouble_and_grows_back():
     lim = AdaptiveLimit(16)
     assert lim.current == 16
     lim.decrease()
-    lim.decrease()
+    lim.decrease()  # nothing in flight: each decrease is its own round
     assert lim.current == 4
     for _ in range(40):
         lim.on_success(latency=1.0, tokens=10)
@@ -69,12 +69,34 @@ def test_adaptive_limit_halves_on_trouble_and_grows_back():
 def test_adaptive_limit_backs_off_when_latency_climbs_without_429():
     lim = AdaptiveLimit(16)
     lim.on_success(latency=0.5, tokens=10)  # the baseline: 0.05 s a token
+    lim.on_success(latency=1.5, tokens=10)  # 3x: a batching server's normal queueing, no decrease
+    assert lim.limit == 16
     lim.in_flight = 8
-    before = lim.limit
     lim.on_success(latency=5.0, tokens=10)  # ten times slower under load
-    assert lim.limit == before / 2
+    assert lim.limit == 8
+    lim.on_success(latency=6.0, tokens=10)  # the same round: not halved again
+    assert lim.limit == 8
+    lim._cooldown = 0  # the round has finished
     lim.on_success(latency=0.6, tokens=10)  # normal again: additive increase
-    assert lim.limit > before / 2
+    assert lim.limit > 8
+
+
+def test_adaptive_limit_halves_once_per_round_of_errors():
+    async def run():
+        lim = AdaptiveLimit(16)
+
+        async def failing():
+            async with lim:
+                await asyncio.sleep(0.01)
+            lim.decrease()  # e.g. a 429 for each of the requests sent together
+
+        await asyncio.gather(*(failing() for _ in range(16)))
+        first_round = lim.current
+        await asyncio.gather(*(failing() for _ in range(8)))
+        return first_round, lim.current
+
+    first, second = asyncio.run(run())
+    assert first >= 4 and second < first  # not 16 halvings to 1 at once; still backs off round by round
 
 
 def test_adaptive_limit_bounds_requests_in_flight():

@@ -66,20 +66,28 @@ class AdaptiveLimit:
     A 429, a timeout or a 5xx halves the limit; so does a latency well above the best seen
     (a server slowing down under load without ever saying 429 must not be drowned). Each
     success at normal latency adds 1/limit, i.e. about +1 per round of requests.
+
+    Like TCP, it halves at most once per round: the requests already in flight were sent
+    under the old limit, so their troubles are not counted again. The latency factor is
+    generous because a batching server legitimately answers slower per request as batches
+    grow and requests queue behind the batch in progress (a factor of 3 collapsed the
+    concurrency to 1 against `stillhouse serve` in bench/openai_backend.py).
     """
 
-    def __init__(self, maximum: int, minimum: int = 1, slow_factor: float = 3.0):
+    def __init__(self, maximum: int, minimum: int = 1, slow_factor: float = 8.0):
         self.maximum = max(1, maximum)
         self.minimum = max(1, min(minimum, self.maximum))
         self.limit = float(self.maximum)
         self.slow_factor = slow_factor
         self.best_latency: float | None = None
         self.in_flight = 0
+        self._cooldown = 0  # attempts to finish before the next decrease may apply
         self._cond: asyncio.Condition | None = None
 
     def rebind(self) -> None:
         self._cond = None
         self.in_flight = 0
+        self._cooldown = 0
 
     @property
     def current(self) -> int:
@@ -96,7 +104,10 @@ class AdaptiveLimit:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
 
     def decrease(self) -> None:
+        if self._cooldown > 0:
+            return
         self.limit = max(float(self.minimum), self.limit / 2)
+        self._cooldown = self.in_flight
 
     async def __aenter__(self):
         if self._cond is None:
@@ -109,6 +120,7 @@ class AdaptiveLimit:
     async def __aexit__(self, *exc):
         async with self._cond:
             self.in_flight -= 1
+            self._cooldown = max(0, self._cooldown - 1)
             self._cond.notify_all()
 
 
