@@ -158,6 +158,19 @@ def test_pass_at_k_and_memory(tiny_models, tmp_path):
     assert 50e6 < r["peak_rss_bytes"] < 8e9
 
 
+def test_memory_probe_is_not_inflated_by_the_parent(tiny_models):
+    """Linux carries a parent's peak RSS into a child's ru_maxrss; the probe must not report it."""
+    import numpy as np
+
+    from stillhouse.eval.footprint import _own_peak_rss, peak_rss_bytes
+
+    ballast = np.ones(400_000_000 // 8)  # the parent holds 400 MB more than the probe ever needs
+    parent = _own_peak_rss()
+    child = peak_rss_bytes(tiny_models["student"])
+    del ballast
+    assert child < parent - 300e6, (child, parent)
+
+
 def test_perplexity_of_a_text_file(tiny_models, tmp_path):
     text = tmp_path / "held_out.txt"
     text.write_text("The sum of 12 and 30 is 42.\n\nSeven times six is forty-two.\n")
