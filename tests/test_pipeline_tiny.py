@@ -224,7 +224,8 @@ def test_training_history_and_teacher_shares(pipeline):
         shares = art.manifest["teachers"]
         assert len(shares) == 1  # data and KD teacher are the same model
         assert shares[0]["token_share"] == pytest.approx(1.0)
-        assert set(shares[0]["roles"]) == {"sft-targets", "logit-kd"}
+        assert shares[0]["derived"]  # the original teacher, from the lineage
+        assert {s["role"] for s in art.manifest["signal"]["sources"]} == {"sft-targets", "logit-kd"}
     online = [json.loads(x) for x in results["distilled_online"].file("metrics.jsonl").read_text().splitlines()]
     assert {h["phase"] for h in online} == {"heal", "task"}
     assert results["distilled_online"].manifest["counts"]["heal_records"] > 0

@@ -98,6 +98,23 @@ def list_models():
         typer.echo(f"{b.name:24} {b.license:20} {b.description} (package {b.package})")
 
 
+@app.command()
+def lineage(
+    artifact: str = typer.Argument(..., help="Artifact directory, id or id prefix."),
+    workspace: Path = WorkspaceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Ancestry, teacher shares and obligations as JSON."),
+    prov: bool = typer.Option(False, "--prov", help="W3C PROV-JSON (validated before it is printed)."),
+    graph: Optional[Path] = typer.Option(None, "--graph", help="Write a picture: .png/.svg/.pdf (Graphviz if present, else matplotlib) or .dot."),
+    from_spec: Optional[str] = typer.Option(None, "--from", help="Is this model distilled from SPEC? yes/no with paths and share (exit 1 if no)."),
+    terms: bool = typer.Option(False, "--terms", help="Obligations inherited through every path, with teacher and clause."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Write a refreshed model card (with evaluations found in the workspace)."),
+):
+    """Where an artifact came from: stages, teachers with their share of the training signal, terms."""
+    from .lineage.cli import run_lineage
+
+    code = run_lineage(artifact, workspace, as_json=as_json, prov=prov, graph=graph, from_spec=from_spec, terms=terms, card=card)
+    if code:
+        raise SystemExit(code)  # click would swallow typer.Exit's code outside standalone mode
 SuiteOpt = typer.Option(..., "--suite", "-s", help="rg:TASK[,key=value..], humaneval[,size=N] or jsonl:PATH[,verifier=NAME]; repeatable.")
 
 
@@ -186,6 +203,22 @@ def report(
                 shutil.copy2(f, out / f.name)
     where = out or art.path
     typer.echo(f"Report: {where / 'report.html'} (Markdown: {where / 'report.md'})")
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Model spec: built-in name, HF directory, .gguf file or hub id."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Most concurrent requests generated as one batch."),
+    faults: Optional[str] = typer.Option(None, help="Inject faults, e.g. 429=0.1,500=0.1,slow=0.05,cut=0.05 (fractions of requests)."),
+    seed: int = typer.Option(0, help="Seed of the fault injection."),
+    served_name: Optional[str] = typer.Option(None, "--served-name", help="Model name clients send (default: MODEL)."),
+):
+    """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from .serve import serve as run_server
+
+    run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

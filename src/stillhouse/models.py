@@ -30,7 +30,7 @@ from .fsutil import atomic_dir, sha256_file, write_json_atomic
 @dataclass(frozen=True)
 class ModelIdentity:
     spec: str
-    weights_sha256: str
+    weights_sha256: str | None  # None for an API model: no weights to hash
     license: str  # SPDX id or a terms id such as "gemma-terms-of-use"; "unknown" if not declared
     source: str  # builtin | hf-dir | gguf | hub | artifact
 

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import StillhouseError
+from .lineage.policy import Origin, Policy
+from .teachers.config import BACKENDS, TeacherConfig
 
 
 class Strict(BaseModel):
@@ -140,21 +142,67 @@ class ReportStage(Strict):
     title: str | None = None
 
 
+class ImportStage(Strict):
+    """Prompt/completion pairs brought in from a JSONL or Parquet file, encoded for one model's tokenizer.
+
+    `origin` declares who wrote the completions and under which terms; without it lineage
+    shows the data's origin as unknown (never as clean)."""
+
+    type: Literal["import"]
+    path: str
+    tokenizer: str  # a model whose tokenizer (and chat template) encodes the rows
+    origin: Origin | None = None
+    system_prompt: str | None = None
+    sha256: str | None = None  # of the file; filled in when the recipe loads, so edits give a new artifact
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).expanduser().is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _hash_file(self):
+        from .fsutil import sha256_file
+
+        digest = sha256_file(Path(self.path).expanduser())
+        if self.sha256 is not None and self.sha256 != digest:
+            raise ValueError(f"sha256: {self.path} has changed (hash {digest[:12]}..., recipe says {self.sha256[:12]}...)")
+        self.sha256 = digest
+        return self
+
+
+class MixStage(Strict):
+    """Several datasets as one; with `tokenizer`, every row is re-encoded for that model (cached top-k dropped)."""
+
+    type: Literal["mix"]
+    datasets: list[str] = Field(min_length=1)
+    tokenizer: str | None = None
+    system_prompt: str | None = None
+
+
 Stage = Annotated[
-    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage], Field(discriminator="type")
+    Union[TasksStage, RejectionStage, PruneStage, TrainStage, EvalStage, ReportStage, ImportStage, MixStage],
+    Field(discriminator="type"),
 ]
 
 # Which artifact kind each stage type writes, and which of its fields name other things.
 STAGE_KIND = {"tasks": "dataset", "rejection": "dataset", "prune": "model", "train": "model", "eval": "eval", "report": "report"}
 MODEL_FIELDS = {"rejection": ["teacher"], "prune": ["model"], "train": ["student", "teacher"], "eval": ["teacher"]}
 DATA_FIELDS = {"rejection": ["tasks"], "prune": ["calibration"], "train": ["data"], "eval": ["tasks"], "report": []}
+# lineage stages (issue 6): imported data and mixes
+STAGE_KIND.update({"import": "dataset", "mix": "dataset"})
+MODEL_FIELDS.update({"import": ["tokenizer"], "mix": ["tokenizer"]})
 
 
 class Recipe(Strict):
     name: str
     description: str = ""
     models: dict[str, str] = {}
+    teachers: dict[str, TeacherConfig] = {}  # named teacher backends a stage's `teacher:` may name
     stages: dict[str, Stage]
+    policy: Policy | None = None  # licence/terms policy, checked before any compute (lineage/policy.py)
 
     def refs(self, name: str) -> list[tuple[str, str, str]]:
         """(field, referenced name, expected: model|data|eval|model-stage) for one stage."""
@@ -171,6 +219,8 @@ class Recipe(Strict):
         if st.type == "report":
             out += [(f"evals[{i}]", v, "eval") for i, v in enumerate(st.evals)]
             out += [(f"training[{i}]", v, "train") for i, v in enumerate(st.training)]
+        if st.type == "mix":
+            out += [(f"datasets[{i}]", v, "data") for i, v in enumerate(st.datasets)]
         return out
 
     def stage_deps(self, name: str) -> list[str]:
@@ -204,6 +254,7 @@ def _check_refs(recipe: Recipe) -> None:
         if name in recipe.stages:
             raise ValueError(f"models.{name}: name is also a stage")
         _check_model_spec(spec, f"models.{name}", model_specs)
+    _check_teachers(recipe, model_specs)
     for sname in recipe.stages:
         for field, ref, expected in recipe.refs(sname):
             key = f"stages.{sname}.{field}"
@@ -218,10 +269,35 @@ def _check_refs(recipe: Recipe) -> None:
                     raise ValueError(f"{key}: stage '{ref}' is not a tasks stage")
             elif expected == "model" and ref in recipe.models:
                 continue
+            elif expected == "model" and ref in recipe.teachers:
+                _check_teacher_use(recipe, sname, field, ref, key)
             elif expected == "model":
                 _check_model_spec(ref, key, model_specs)
             else:
                 raise ValueError(f"{key}: unknown stage '{ref}'")
+
+
+# Stage fields that need local weights (logits, scoring), not only generated text.
+WHITE_BOX_FIELDS = {("train", "teacher"), ("eval", "teacher")}
+
+
+def _check_teachers(recipe: Recipe, model_specs) -> None:
+    for name, t in recipe.teachers.items():
+        if name in recipe.stages or name in recipe.models:
+            raise ValueError(f"teachers.{name}: name is also a {'stage' if name in recipe.stages else 'model'}")
+        for fld in ("model", "tokenizer"):
+            spec = getattr(t, fld, None)
+            if spec and (t.backend != "openai" or fld == "tokenizer"):
+                _check_model_spec(spec, f"teachers.{name}.{fld}", model_specs)
+
+
+def _check_teacher_use(recipe: Recipe, sname: str, field: str, ref: str, key: str) -> None:
+    stage_type = recipe.stages[sname].type
+    backend = recipe.teachers[ref].backend
+    if field != "teacher" and backend != "hf":
+        raise ValueError(f"{key}: '{ref}' is a {backend} teacher, not a model")
+    if (stage_type, field) in WHITE_BOX_FIELDS and backend != "hf":
+        raise ValueError(f"{key}: teacher '{ref}' ({backend}) only generates text; this stage needs its logits (backend: hf)")
 
 
 def _check_model_spec(spec: str, key: str, model_specs) -> None:
@@ -252,7 +328,15 @@ def _format_validation_error(e: ValidationError) -> str:
     elif err["type"] == "union_tag_not_found":
         msg = "stage needs a 'type'"
     parts = [str(x) for x in err["loc"]]
-    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in ("tasks", "rejection", "prune", "train", "eval", "report"):
+    if parts[:1] == ["teachers"]:
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown backend (known: {', '.join(BACKENDS)})"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"teacher needs a 'backend' ({', '.join(BACKENDS)})"
+        if len(parts) >= 3 and parts[2] in BACKENDS:
+            parts.pop(2)
+        loc = ".".join(parts)
+    if len(parts) >= 3 and parts[0] == "stages" and parts[2] in STAGE_KIND:
         parts.pop(2)  # drop the discriminator tag pydantic inserts
         loc = ".".join(parts)
     return f"{loc}: {msg}"

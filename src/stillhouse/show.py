@@ -22,7 +22,7 @@ def render_manifest(art) -> None:
         for col in ("spec", "licence / terms", "share", "weights sha256"):
             t.add_column(col)
         for x in m["teachers"]:
-            t.add_row(x["spec"], x.get("license", "unknown"), f"{x.get('token_share', 0):.0%}", x.get("weights_sha256", "")[:16])
+            t.add_row(x["spec"], x.get("license", "unknown"), f"{x.get('token_share', 0):.0%}", (x.get("weights_sha256") or "none (API)")[:16])
         console.print(t)
     for b in m.get("base_models", []):
         console.print(f"base model  {b['spec']} ({b.get('license', 'unknown')})")

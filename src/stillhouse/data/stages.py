@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import EmptyDatasetError
-from ..teachers.hf import HFTeacher
+from ..errors import EmptyDatasetError, StillhouseError
 from ..verify.reasoning_gym import ReasoningGymVerifier, problems
 from .dedup import drop_overlap, exact_dedup
 from ..records import read_rows, write_rows
@@ -36,8 +35,11 @@ def run_rejection(ctx) -> None:
     records = read_rows(tasks.file("train.parquet"))
     task = tasks.manifest["task"]
     verifier = ReasoningGymVerifier(task["name"], task["config"])
-    lm = ctx.model(c.teacher)
-    teacher = HFTeacher(lm.model, lm.tokenizer, name=lm.identity.spec, batch_size=c.batch_size)
+    teacher = ctx.teacher(c.teacher, batch_size=c.batch_size)
+    if getattr(teacher, "tokenizer", None) is None:  # prompt and answer token ids are training data
+        raise StillhouseError(
+            f"stage '{ctx.name}': teacher '{c.teacher}' has no tokenizer; set `tokenizer:` (the served model's) in its teachers: entry"
+        )
     rows, stats = rejection_sample(
         teacher, records, verifier,
         samples=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
@@ -53,6 +55,6 @@ def run_rejection(ctx) -> None:
     target_tokens = sum(len(r["completion_ids"]) for r in rows)
     ctx.out.counts.update(records=len(rows), target_tokens=target_tokens, prompt_tokens=sum(len(r["prompt_ids"]) for r in rows))
     ctx.out.metrics.update(stats)
-    ident = lm.identity.to_dict()
+    ident = ctx.identity(c.teacher).to_dict()
     ctx.out.teachers.append({**ident, "role": "data", "token_share": 1.0})
     ctx.out.extra["task"] = task

@@ -9,7 +9,7 @@ from .. import models as model_specs
 from ..records import read_rows
 from ..errors import EmptyDatasetError, StillhouseError
 from ..fsutil import write_text_atomic
-from ..lineage import merge_teachers, model_card
+from ..lineage import pending_card, record_training_signal
 from ..progress import status
 from . import students
 from .loop import Example, TrainConfig, train
@@ -33,10 +33,10 @@ def _save_model(ctx, model, tokenizer, base_models: list[dict]) -> None:
     ctx.out.counts["layers"] = model.config.num_hidden_layers
     # the card is generated from what the manifest will say (teachers, metrics)
     manifest_view = {
-        "id": ctx.out.id, "stage": ctx.config.type, "parents": [a.id for a in ctx.inputs.values()],
-        "teachers": ctx.out.teachers, "metrics": ctx.out.metrics,
+        "id": ctx.out.id, "kind": "model", "stage": ctx.config.type, "name": ctx.name, "parents": [a.id for a in ctx.inputs.values()],
+        "teachers": ctx.out.teachers, "metrics": ctx.out.metrics, "base_models": base_models, "signal": ctx.out.extra.get("signal"),
     }
-    write_text_atomic(out / "README.md", model_card(ctx.name, manifest_view, base_models))
+    write_text_atomic(out / "README.md", pending_card(ctx.runner.store, manifest_view))
 
 
 def run_prune(ctx) -> None:
@@ -108,13 +108,8 @@ def run_train(ctx) -> None:
                                                           teacher=teacher_model, description="Healing (logit KD on all teacher text)")]
     history += [{**h, "phase": "task"} for h in train(student_lm.model, _examples(verified, cached), cfg, tok.pad_token_id,
                                                       teacher=teacher_model, description="Distilling (SFT + KD on verified data)")]
-    # Teacher shares: SFT targets come from the data's teachers, KD from the KD teacher (or the
-    # data's teachers when the signal was cached with the data), weighted by loss weights.
-    data_teachers = data_art.manifest.get("teachers", [])
-    entries = [({**t, "role": "sft-targets"}, c.sft_weight * t.get("token_share", 1.0)) for t in data_teachers]
-    kd_sources = [kd_teacher_ident] if kd_teacher_ident else data_teachers
-    entries += [({**t, "role": "logit-kd"}, c.kd_weight * t.get("token_share", 1.0)) for t in kd_sources if c.kd_weight > 0]
-    ctx.out.teachers.extend(merge_teachers(entries))
+    # Lineage: tokens of training signal per input, and the original teachers' shares.
+    record_training_signal(ctx, verified, rows, kd_teacher_ident)
     task_hist = [h for h in history if h["phase"] == "task"]
     ctx.out.metrics.update(
         steps=len(history), final_loss=_tail_mean(task_hist, "loss"), final_sft=_tail_mean(task_hist, "sft"),

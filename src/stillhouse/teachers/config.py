@@ -1,0 +1,99 @@
+"""Teacher declarations: the `teachers:` section of a recipe, one entry per named teacher.
+
+    teachers:
+      api:
+        backend: openai
+        base_url: http://127.0.0.1:8000/v1
+        model: smollm2-135m-instruct
+        api_key_env: MY_API_KEY        # the *name* of an environment variable, never the key
+        terms: openai-terms
+        max_concurrency: 8
+        requests_per_minute: 600
+        tokens_per_minute: 200000
+        price: {input_per_mtok: 0.15, output_per_mtok: 0.60}
+      local: {backend: hf, model: smollm2-135m-instruct}
+      big: {backend: vllm, model: Qwen/Qwen2.5-7B-Instruct, tensor_parallel_size: 2}
+
+Pure pydantic, no torch: recipe validation imports it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BACKENDS = ("hf", "openai", "vllm")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Price(_Strict):
+    """US dollars per million tokens."""
+
+    input_per_mtok: float = Field(0.0, ge=0)
+    output_per_mtok: float = Field(0.0, ge=0)
+
+
+class HFTeacherConfig(_Strict):
+    backend: Literal["hf"]
+    model: str
+    batch_size: int = Field(32, gt=0)
+
+
+class OpenAITeacherConfig(_Strict):
+    backend: Literal["openai"]
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    terms: str = "unknown"  # licence or terms id carried into lineage and model cards
+    max_concurrency: int = Field(8, gt=0)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    price: Price = Price()
+    timeout: float = Field(120.0, gt=0)
+    max_retries: int = Field(8, ge=0)
+    cache: bool = True
+    cache_dir: str | None = None  # default: $STILLHOUSE_CACHE/responses
+    token_ids: bool = False  # ask for token ids (vLLM and `stillhouse serve` support it)
+    tokenizer: str | None = None  # model spec of the served model's tokenizer, if known
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"https?://[^/\s]+", v):
+            raise ValueError("base_url must start with http:// or https://")
+        return v
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        # the message never repeats the value: it may be a pasted key
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must name an environment variable (letters, digits, _), not hold the key itself")
+        return v
+
+    def key_fields(self) -> dict:
+        """What identifies this teacher's answers (artifact ids): not the URL, key or rate limits."""
+        return {"backend": self.backend, "model": self.model, "terms": self.terms, "token_ids": self.token_ids, "tokenizer": self.tokenizer}
+
+
+class VLLMTeacherConfig(_Strict):
+    backend: Literal["vllm"]
+    model: str
+    tensor_parallel_size: int = Field(1, gt=0)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, gt=0)
+    dtype: str = "auto"
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig], Field(discriminator="backend")]
+
+
+def key_fields(cfg) -> dict:
+    if isinstance(cfg, OpenAITeacherConfig):
+        return cfg.key_fields()
+    return {"backend": cfg.backend}  # local weights: the model's weights hash identifies it
