@@ -90,6 +90,6 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
     dom = run_browser(exe, tmp_path, "--dump-dom", url).stdout
     assert "<table>" in dom and dom.count("<tr>") >= 3  # header + teacher + student
     assert "teacher" in dom and "student" in dom
-    assert dom.count('src="data:image/png;base64,') == 3  # pass rates, Pareto, training curves
+    assert dom.count('src="data:image/png;base64,') == 4  # pass rates, Pareto, training curves, lineage graph
     for heading in ("Accuracy against speed", "Training", "Lineage"):
         assert heading in dom

@@ -28,8 +28,6 @@ def peak_rss_bytes(spec: str, *, tokens: int = 16, timeout: float = 600) -> int:
 
 
 def _probe(spec: str, tokens: int) -> dict:
-    import resource
-
     import torch
 
     from ..models import load
@@ -41,7 +39,22 @@ def _probe(spec: str, tokens: int) -> dict:
     with torch.inference_mode():
         lm.model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                           pad_token_id=lm.tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-    return {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+    return {"peak_rss_bytes": _own_peak_rss()}
+
+
+def _own_peak_rss() -> int:
+    """This process's high-water RSS. VmHWM belongs to the process's own address space; on Linux
+    ru_maxrss carries over the *parent's* peak across fork+exec, so a probe started by a process
+    holding a teacher would report the teacher's memory."""
+    import resource
+
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 if __name__ == "__main__":

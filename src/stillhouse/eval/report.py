@@ -228,6 +228,23 @@ def lineage_items(art: Artifact, index: dict[str, Artifact], names: dict[str, st
     return items
 
 
+def lineage_graph(art: Artifact) -> Figure | None:
+    """The lineage package's picture of an artifact's ancestry (stages, artifacts, teachers)."""
+    import tempfile
+
+    from ..lineage import load_lineage
+    from ..lineage.render import draw
+
+    try:
+        lin = load_lineage(ArtifactStore(art.path.parent.parent), str(art.path))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "lineage.png"
+            draw(lin, out)
+            return Figure(f"lineage-{art.id[:8]}.png", out.read_bytes(), f"lineage graph of {art.id}")
+    except (StillhouseError, OSError, ValueError, KeyError):
+        return None  # a partial lineage (artifacts moved or deleted) still has the list below
+
+
 def build_document(src: Sources, title: str, names: dict[str, str] | None = None) -> Document:
     sections, points = [], []
     for ev in src.evals:
@@ -277,7 +294,8 @@ def build_document(src: Sources, title: str, names: dict[str, str] | None = None
     tops = src.evals or src.trainings
     for a in tops:
         items += lineage_items(a, index, names)
-    sections.append(Section("Lineage (chain of parents from the manifests)", [Bullets(items)],
+    graphs = [f for f in (lineage_graph(a) for a in tops) if f is not None]
+    sections.append(Section("Lineage", [*graphs, "The chain of parents, from the manifests:", Bullets(items)],
                             "manifest.json of each artifact listed"))
     intro = (f"{len(src.evals)} evaluation(s) and {len(src.trainings)} training run(s), read from artifacts; "
              "every table and chart names the artifact it came from.")
