@@ -17,11 +17,24 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True, quiet=os.environ.get("STILLHOUSE_QUIET", "") not in ("", "0"))
-
-
 def _quiet() -> bool:
     return os.environ.get("STILLHOUSE_QUIET", "") not in ("", "0")
+
+
+class _Console(Console):
+    """A stderr console that reads STILLHOUSE_QUIET when it prints, not when it is imported
+    (a test or an embedding program may set it after stillhouse was first imported)."""
+
+    @property
+    def quiet(self) -> bool:
+        return _quiet()
+
+    @quiet.setter
+    def quiet(self, value: bool) -> None:  # rich sets it in __init__; the environment decides
+        pass
+
+
+console = _Console(stderr=True)
 
 
 @contextlib.contextmanager
