@@ -1,6 +1,6 @@
 """Throughput of the openai backend against `stillhouse serve`, next to the model in process.
 
-    .venv/bin/python bench/openai_backend.py [--model smollm2-135m-instruct] [--prompts 32]
+    .venv/bin/python bench/openai_backend.py [--model smollm2-135m-instruct] [--prompts 64]
                                              [--new-tokens 64] [--temperature 0.7]
 
 Starts `stillhouse serve MODEL --max-batch 16` as a child process on a free loopback port,
@@ -62,7 +62,7 @@ def _start_server(model: str, port: int) -> subprocess.Popen:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--overhead-requests", type=int, default=16)
@@ -101,8 +101,10 @@ def main() -> int:
         record("in process, HFTeacher batch 16", hf, lambda: hf.generate(msgs, params))
         url = f"http://127.0.0.1:{port}/v1"
         for c in [int(x) for x in args.concurrency.split(",")]:
-            api = OpenAITeacher(url, "bench", max_concurrency=c, cache=False, token_ids=True, tokenizer=lm.tokenizer)
+            # token counts re-encoded from the text: asking for ids makes the server score logprobs too
+            api = OpenAITeacher(url, "bench", max_concurrency=c, cache=False, tokenizer=lm.tokenizer)
             record(f"openai backend -> serve, concurrency {c}", api, lambda: api.generate(msgs, params))
+            print(f"{'':40} adaptive limit halved {api.limit.decreases} times, ends at {api.limit.current}", flush=True)
         # per-request overhead: 1-token answers one at a time, HTTP vs in process
         few = msgs[: args.overhead_requests]
         hf1 = HFTeacher(lm.model, lm.tokenizer, batch_size=1)

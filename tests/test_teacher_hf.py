@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stillhouse.teachers.base import SamplingParams
-from stillhouse.teachers.hf import GumbelSampler, HFTeacher, _trim, render_chat, top_p_filter
+from stillhouse.teachers.decode import gumbel_sample, top_p_filter
+from stillhouse.teachers.hf import HFTeacher, render_chat
 
 # deliberately of different lengths and not in length order: the teacher sorts internally
 QUESTIONS = [
@@ -45,12 +46,6 @@ def test_stop_ids_include_end_of_turn(teacher, tiny):
     stops = teacher._stop_ids()
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops
     assert tok.unk_token_id not in stops  # tokens the vocabulary lacks map to <unk>: not a stop
-
-
-def test_trim():
-    assert _trim([5, 6, 3, 7], [3]) == ([5, 6], "stop")
-    assert _trim([5, 6, 7], [3]) == ([5, 6, 7], "length")
-    assert _trim([3, 3], [3, 9]) == ([], "stop")
 
 
 @pytest.mark.parametrize("n,temperature", [(1, 0.0), (3, 1.0)])
@@ -180,16 +175,15 @@ LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 DRAWS = 20_000
 
 
-def _frequencies(sampler, logits=LOGITS):
-    scores = logits.unsqueeze(0).expand(DRAWS, -1).clone()
-    picks = sampler(torch.zeros(DRAWS, 1, dtype=torch.long), scores).argmax(-1)
+def _frequencies(temperature, top_p, generator, logits=LOGITS):
+    picks = gumbel_sample(logits.unsqueeze(0).expand(DRAWS, -1), temperature, top_p, generator)
     return torch.bincount(picks, minlength=logits.numel()).float() / DRAWS
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
 def test_gumbel_sampler_frequencies_match_softmax(temperature):
     g = torch.Generator().manual_seed(0)
-    freq = _frequencies(GumbelSampler(temperature, 1.0, g))
+    freq = _frequencies(temperature, 1.0, g)
     expected = torch.softmax(LOGITS / temperature, -1)
     assert (freq - expected).abs().max().item() < 0.02, (freq, expected)
 
@@ -197,7 +191,7 @@ def test_gumbel_sampler_frequencies_match_softmax(temperature):
 def test_gumbel_sampler_with_top_p_removes_the_tail():
     g = torch.Generator().manual_seed(1)
     probs = torch.softmax(LOGITS, -1)  # ~ .56 .21 .13 .08 .03 .004
-    freq = _frequencies(GumbelSampler(1.0, 0.85, g))
+    freq = _frequencies(1.0, 0.85, g)
     # smallest prefix reaching 0.85: the first three tokens (0.56 + 0.21 + 0.13 = 0.90)
     assert probs[:2].sum() < 0.85 < probs[:3].sum()
     assert freq[3:].sum().item() == 0.0
@@ -206,13 +200,9 @@ def test_gumbel_sampler_with_top_p_removes_the_tail():
 
 
 def test_gumbel_sampler_is_seeded():
-    a = GumbelSampler(1.0, 1.0, torch.Generator().manual_seed(5))
-    b = GumbelSampler(1.0, 1.0, torch.Generator().manual_seed(5))
-    c = GumbelSampler(1.0, 1.0, torch.Generator().manual_seed(6))
     s = LOGITS.repeat(50, 1)
-    ids = torch.zeros(50, 1, dtype=torch.long)
-    ra, rb, rc = a(ids, s.clone()).argmax(-1), b(ids, s.clone()).argmax(-1), c(ids, s.clone()).argmax(-1)
-    assert torch.equal(ra, rb) and not torch.equal(ra, rc)
+    draw = lambda seed: gumbel_sample(s, 1.0, 1.0, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(5), draw(5)) and not torch.equal(draw(5), draw(6))
 
 
 def test_top_p_filter_keeps_smallest_set_reaching_p():

@@ -72,13 +72,44 @@ def test_adaptive_limit_backs_off_when_latency_climbs_without_429():
     lim.on_success(latency=1.5, tokens=10)  # 3x: a batching server's normal queueing, no decrease
     assert lim.limit == 16
     lim.in_flight = 8
-    lim.on_success(latency=5.0, tokens=10)  # ten times slower under load
+    for _ in range(4):
+        lim.on_success(latency=5.0, tokens=10)  # answers ten times slower, but not yet five in a row
+    assert lim.limit == 16
+    lim.on_success(latency=6.0, tokens=10)  # the fifth: the server is drowning, halve
     assert lim.limit == 8
     lim.on_success(latency=6.0, tokens=10)  # the same round: not halved again
-    assert lim.limit == 8
+    assert 8 <= lim.limit < 9 and lim.decreases == 1
     lim._cooldown = 0  # the round has finished
-    lim.on_success(latency=0.6, tokens=10)  # normal again: additive increase
+    for _ in range(5):
+        lim.on_success(latency=0.6, tokens=10)  # normal again: additive increase
     assert lim.limit > 8
+
+
+def test_short_answers_held_behind_a_long_batch_do_not_halve_the_limit():
+    lim = AdaptiveLimit(16)
+    lim.in_flight = 16
+    # a batching server answers a batch at once: per token, a 2-token answer looks 32x slower
+    for tokens in (64, 2, 3, 2, 4, 3, 2, 6, 5):
+        lim.on_success(latency=3.2, tokens=tokens, budget=64)
+    assert lim.limit == 16 and lim.decreases == 0
+
+
+def test_long_answers_from_a_one_at_a_time_server_do_not_halve_the_limit():
+    lim = AdaptiveLimit(16)
+    lim.in_flight = 16
+    # per budget token a 60-token answer is 30x slower than a 2-token one; per token it is not
+    for tokens in (2, 60, 64, 50, 60, 64, 58):
+        lim.on_success(latency=0.05 * tokens, tokens=tokens, budget=64)
+    assert lim.limit == 16 and lim.decreases == 0
+
+
+def test_a_drowning_server_is_slow_both_ways_and_halves_the_limit():
+    lim = AdaptiveLimit(16)
+    lim.in_flight = 16
+    lim.on_success(latency=0.5, tokens=10, budget=64)
+    for _ in range(5):
+        lim.on_success(latency=6.0, tokens=10, budget=64)
+    assert lim.decreases == 1 and lim.limit == 8
 
 
 def test_adaptive_limit_halves_once_per_round_of_errors():

@@ -13,7 +13,7 @@ import time
 from ..errors import StillhouseError
 
 
-def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None, window_ms: float = 10.0):
+def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None, window_ms: float = 50.0, gap_ms: float = 10.0):
     from .. import models
     from ..teachers.hf import HFTeacher
     from .app import create_app
@@ -25,7 +25,7 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
     fault_cfg = parse_faults(faults, seed)  # checked before the model loads
     lm = models.load(model)
     teacher = HFTeacher(lm.model, lm.tokenizer, name=lm.identity.spec)
-    return create_app(Batcher(teacher, max_batch, window_ms / 1000), served_name or model, fault_cfg)
+    return create_app(Batcher(teacher, max_batch, window_ms / 1000, gap_ms / 1000), served_name or model, fault_cfg)
 
 
 def _bind(host: str, port: int) -> socket.socket:

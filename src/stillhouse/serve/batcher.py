@@ -1,7 +1,7 @@
 """Collects concurrent generation requests into batched `HFTeacher.generate_text` calls.
 
-Requests that arrive within a short window (or while the previous batch is generating) and
-share their sampling parameters go through the model together, so throughput grows with the
+Requests that arrive close together (each within `gap_s` of the previous one, for at most
+`window_s`; or while the previous batch is generating) and share their sampling parameters go through the model together, so throughput grows with the
 number of concurrent clients instead of serialising them. One batch runs at a time, in a
 worker thread, so the event loop keeps accepting requests meanwhile.
 """
@@ -34,10 +34,11 @@ class Job:
 
 
 class Batcher:
-    def __init__(self, teacher: HFTeacher, max_batch: int = 16, window_s: float = 0.01):
+    def __init__(self, teacher: HFTeacher, max_batch: int = 16, window_s: float = 0.05, gap_s: float = 0.01):
         self.teacher = teacher
         self.max_batch = max_batch
         self.window_s = window_s
+        self.gap_s = gap_s
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
         self.stats = {"batches": 0, "prompts": 0, "largest_batch": 0}
         self._task: asyncio.Task | None = None
@@ -61,7 +62,7 @@ class Batcher:
         while True:
             if not pending:
                 pending.append(await self.queue.get())
-                await asyncio.sleep(self.window_s)  # let concurrent requests join
+                await self._gather(pending)
             while not self.queue.empty():
                 pending.append(self.queue.get_nowait())
             key = pending[0].key
@@ -77,6 +78,19 @@ class Batcher:
             for j, o in zip(batch, outs):
                 if not j.future.done():
                     j.future.set_result(o)
+
+    async def _gather(self, pending: list[Job]) -> None:
+        """Let a wave of concurrent requests join: a lone request waits only `gap_s`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.window_s
+        while len(pending) < self.max_batch:
+            wait = min(self.gap_s, deadline - loop.time())
+            if wait <= 0:
+                return
+            try:
+                pending.append(await asyncio.wait_for(self.queue.get(), wait))
+            except asyncio.TimeoutError:
+                return
 
     def _generate(self, texts: list[str], key: GenKey) -> list[list[Completion]]:
         self.stats["batches"] += 1

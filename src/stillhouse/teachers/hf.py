@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..progress import progress
 from .base import Completion, Messages, SamplingParams
+from .decode import decode, prefill
 
 
 def render_chat(tokenizer, messages: Messages) -> str:
@@ -63,24 +63,6 @@ class HFTeacher:
             ids.update(gen_eos)
         return sorted(i for i in ids if i is not None)
 
-    def _prefill(self, input_ids: torch.Tensor, attn: torch.Tensor):
-        """KV cache of all but each prompt's last token (generate feeds that one itself).
-
-        Positions follow generate's own rule for left padding (cumsum of the mask), and only
-        the decoder runs: no LM head over prompt positions.
-        """
-        from transformers import DynamicCache
-
-        from ..scoring import decoder
-
-        pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
-        cache = DynamicCache(config=self.model.config)
-        decoder(self.model)(
-            input_ids=input_ids[:, :-1], attention_mask=attn[:, :-1], position_ids=pos[:, :-1],
-            past_key_values=cache, use_cache=True,
-        )
-        return cache
-
     @torch.inference_mode()
     def generate(
         self,
@@ -122,50 +104,31 @@ class HFTeacher:
                 if params.n > 1:
                     # n samples of a prompt are n adjacent rows; the prompt is encoded once
                     # and its KV cache copied n times, instead of n identical prefills
-                    if width > 1:
-                        cache = self._prefill(input_ids, attn)
-                        cache.batch_repeat_interleave(params.n)
+                    cache = prefill(self.model, input_ids, attn)
+                    cache.batch_repeat_interleave(params.n)
                     input_ids = input_ids.repeat_interleave(params.n, dim=0)
                     attn = attn.repeat_interleave(params.n, dim=0)
-                kwargs = dict(
-                    max_new_tokens=params.max_new_tokens,
-                    do_sample=False,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=pad,
-                    eos_token_id=stop_ids,
-                    return_dict_in_generate=True,
-                    output_logits=top_k_logprobs > 0,
+                rows = decode(
+                    self.model, input_ids, attn,
+                    max_new_tokens=params.max_new_tokens, stop_ids=stop_ids,
+                    temperature=params.temperature, top_p=params.top_p,
+                    generator=torch.Generator().manual_seed(params.seed * 100_003 + b),
+                    top_k_logprobs=top_k_logprobs, cache=cache,
                 )
-                # Sampling runs as greedy decoding over Gumbel-perturbed logits: the same
-                # distribution as multinomial sampling, which is very slow on CPU at 50k vocab.
-                if params.temperature > 0:
-                    gen_seed = torch.Generator().manual_seed(params.seed * 100_003 + b)
-                    kwargs["logits_processor"] = LogitsProcessorList(
-                        [GumbelSampler(params.temperature, params.top_p, gen_seed)]
-                    )
-                if cache is not None:
-                    kwargs["past_key_values"] = cache
-                gen = self.model.generate(input_ids=input_ids, attention_mask=attn, **kwargs)
-                new = gen.sequences[:, width:].tolist()
-                topk = _topk_per_step(gen.logits, top_k_logprobs) if top_k_logprobs > 0 else None
                 for j, i in enumerate(idx):
                     comps = []
-                    for r in range(j * params.n, (j + 1) * params.n):
-                        ids, reason = _trim(new[r], stop_ids)
+                    for row in rows[j * params.n : (j + 1) * params.n]:
+                        ids = row.token_ids[:-1] if row.stopped else row.token_ids
                         self.stats["generated_tokens"] += len(ids)
                         c = Completion(
                             text=tok.decode(ids, skip_special_tokens=True),
                             token_ids=ids,
-                            finish_reason=reason,
+                            finish_reason="stop" if row.stopped else "length",
                             prompt_tokens=len(encoded[i]),
-                            stop_token=new[r][len(ids)] if reason == "stop" else None,
+                            stop_token=row.token_ids[-1] if row.stopped else None,
                         )
-                        if topk is not None:
-                            n_scored = len(ids) + (reason == "stop")
-                            c.topk_ids = topk[0][r, :n_scored].tolist()
-                            c.topk_logprobs = topk[1][r, :n_scored].tolist()
+                        if top_k_logprobs:
+                            c.topk_ids, c.topk_logprobs = row.topk_ids, row.topk_logprobs
                         comps.append(c)
                     out[i] = comps
                 elapsed = time.perf_counter() - start
@@ -173,46 +136,3 @@ class HFTeacher:
         self.stats["seconds"] += time.perf_counter() - start
         return out  # type: ignore[return-value]
 
-
-def _topk_per_step(step_logits: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows, steps, k] ids and log-probs of the k most likely tokens at each decoding step."""
-    ids, lps = [], []
-    for logits in step_logits:
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        v, i = lp.topk(k, dim=-1)
-        ids.append(i)
-        lps.append(v)
-    return torch.stack(ids, 1), torch.stack(lps, 1)
-
-
-def _trim(seq: list[int], stop_ids: list[int]) -> tuple[list[int], str]:
-    """Cut a generated row at its first stop token; report why it ended."""
-    for k, t in enumerate(seq):
-        if t in stop_ids:
-            return seq[:k], "stop"
-    return seq, "length"
-
-
-class GumbelSampler(LogitsProcessor):
-    """argmax(logits / T + Gumbel noise) is an exact sample from softmax(logits / T)."""
-
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
-        self.temperature = temperature
-        self.top_p = top_p
-        self.generator = generator
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            scores = top_p_filter(scores, self.top_p)
-        u = torch.rand(scores.shape, generator=self.generator).clamp_(1e-20, 1.0)
-        return scores - torch.log(-torch.log(u))
-
-
-def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens outside the smallest set whose probability reaches top_p."""
-    sorted_scores, idx = scores.sort(dim=-1, descending=True)
-    cum = sorted_scores.softmax(-1).cumsum(-1)
-    drop_sorted = cum - sorted_scores.softmax(-1) >= top_p  # keep the token that crosses top_p
-    drop = drop_sorted.scatter(-1, idx, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))

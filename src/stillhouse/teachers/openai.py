@@ -306,7 +306,7 @@ class OpenAITeacher:
         if not isinstance(data, dict) or "choices" not in data:
             raise _Retryable("dropped", "response without choices")
         tokens = (data.get("usage") or {}).get("completion_tokens", 1)
-        self.limit.on_success(time.monotonic() - t0, tokens)
+        self.limit.on_success(time.monotonic() - t0, tokens, budget=body.get("max_tokens"))
         return data
 
     def _scrub(self, text: str) -> str:

@@ -7,6 +7,7 @@ randomness are injected so the maths can be checked without sleeping.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import random
 import time
@@ -63,9 +64,10 @@ class TokenBucket:
 class AdaptiveLimit:
     """Concurrency limit by additive increase, multiplicative decrease (AIMD).
 
-    A 429, a timeout or a 5xx halves the limit; so does a latency well above the best seen
-    (a server slowing down under load without ever saying 429 must not be drowned). Each
-    success at normal latency adds 1/limit, i.e. about +1 per round of requests.
+    A 429, a timeout or a 5xx halves the limit; so do five answers in a row much slower than
+    the best seen (see `on_success`): a server slowing down under load without ever saying 429
+    must not be drowned. Each success at normal latency adds 1/limit, i.e. about +1 per round
+    of requests.
 
     Like TCP, it halves at most once per round: the requests already in flight were sent
     under the old limit, so their troubles are not counted again. The latency factor is
@@ -79,8 +81,11 @@ class AdaptiveLimit:
         self.minimum = max(1, min(minimum, self.maximum))
         self.limit = float(self.maximum)
         self.slow_factor = slow_factor
-        self.best_latency: float | None = None
+        self.best_latency: float | None = None  # seconds per generated token
+        self._best_budget: float | None = None  # seconds per token of max_tokens
         self.in_flight = 0
+        self._recent: collections.deque[float] = collections.deque(maxlen=5)
+        self.decreases = 0  # how often the limit was halved (reported by bench/openai_backend.py)
         self._cooldown = 0  # attempts to finish before the next decrease may apply
         self._cond: asyncio.Condition | None = None
 
@@ -93,12 +98,21 @@ class AdaptiveLimit:
     def current(self) -> int:
         return max(self.minimum, int(self.limit))
 
-    def on_success(self, latency: float, tokens: int = 1) -> None:
-        # latency per generated token, so long answers are not mistaken for an overloaded server
+    def on_success(self, latency: float, tokens: int = 1, budget: int | None = None) -> None:
+        """Judge an answer's latency per generated token and per token of its budget.
+
+        An answer is slow only if it is slow both ways: a short answer from a batching server
+        waits for the longest in its batch (slow per generated token, normal per budget token),
+        a long answer from a one-at-a-time server is slow per budget token only. A drowning
+        server slows every answer both ways. Five slow answers in a row halve the limit.
+        """
         per_tok = latency / max(1, tokens)
-        if self.best_latency is None or per_tok < self.best_latency:
-            self.best_latency = per_tok
-        if per_tok > self.slow_factor * self.best_latency and self.in_flight > 1:
+        per_budget = latency / max(1, budget or tokens)
+        self.best_latency = per_tok if self.best_latency is None else min(self.best_latency, per_tok)
+        self._best_budget = per_budget if self._best_budget is None else min(self._best_budget, per_budget)
+        self._recent.append(min(per_tok / self.best_latency, per_budget / self._best_budget))
+        full = len(self._recent) == self._recent.maxlen
+        if full and min(self._recent) > self.slow_factor and self.in_flight > 1:
             self.decrease()
         else:
             self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
@@ -107,6 +121,8 @@ class AdaptiveLimit:
         if self._cooldown > 0:
             return
         self.limit = max(float(self.minimum), self.limit / 2)
+        self.decreases += 1
+        self._recent.clear()  # judge the new limit on answers sent under it
         self._cooldown = self.in_flight
 
     async def __aenter__(self):
