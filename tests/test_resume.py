@@ -177,3 +177,52 @@ def test_user_errors_discard_the_work_dir_unless_raised_while_generating(tmp_pat
         with store.create("dataset", "never", **kw) as out:
             run_units("s", out.path, [[1], [2]], lambda u, i: dead_endpoint(1, i), "t")
     assert not store.partial_path("dataset", "never").exists()  # nothing committed: nothing left
+
+
+N_API = 32
+
+
+def test_ctrl_c_with_api_requests_in_flight_abandons_them_cleanly(tmp_path, tiny_model_dir, monkeypatch):
+    """SIGINT while a stage waits on an OpenAI-compatible endpoint: a prompt exit, the message
+    saying how to continue, no traceback; the rerun asks only for what was not yet kept."""
+    from stillhouse.serve import ServerThread, build_app
+
+    monkeypatch.setenv("STILLHOUSE_CACHE", str(tmp_path / "server-cache"))
+    # slow answers keep requests in flight when the signal arrives
+    app = build_app(str(tiny_model_dir), served_name="tiny", faults="slow=0.3,slow_s=5", seed=3)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(N_API)))
+    with ServerThread(app) as url:
+        recipe = tmp_path / "api.yaml"
+        recipe.write_text(yaml.safe_dump({
+            "name": "api-resume",
+            "teachers": {"api": {"backend": "openai", "base_url": url, "model": "tiny", "max_concurrency": 4,
+                                 "terms": "apache-2.0"}},
+            "stages": {"answers": {"type": "complete", "teacher": "api", "prompts_file": str(prompts),
+                                   "max_new_tokens": 8, "shard_size": SHARD}},
+        }))
+        ws = tmp_path / "ws"
+        monkeypatch.setenv("STILLHOUSE_CACHE", str(tmp_path / "client-cache"))
+        proc = _spawn(recipe, ws)
+        _wait_for_units(proc, ws, 2)
+        sent_before = app.state.stats["requests"]
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert time.time() - t0 < 4, "Ctrl-C waited for the slow requests in flight"
+        assert proc.returncode == 130, err[-2000:]
+        assert "Run the same command again to continue" in err
+        assert "Traceback" not in err, err[-2000:]
+        kept = len(Shards(_partial(ws)).markers())
+        assert 2 <= kept < N_API // SHARD
+
+        sent_at_stop = app.state.stats["requests"]
+        assert sent_at_stop >= sent_before
+        proc = _spawn(recipe, ws)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-2000:]
+        rerun_requests = app.state.stats["requests"] - sent_at_stop
+    rows = read_rows(ArtifactStore(ws).all()[0].file("data.parquet"))
+    assert len(rows) == N_API and len({r["id"] for r in rows}) == N_API
+    # kept shards are not asked for again; answers finished before the signal come from the cache
+    assert rerun_requests <= N_API - kept * SHARD
