@@ -226,3 +226,24 @@ def test_ctrl_c_with_api_requests_in_flight_abandons_them_cleanly(tmp_path, tiny
     assert len(rows) == N_API and len({r["id"] for r in rows}) == N_API
     # kept shards are not asked for again; answers finished before the signal come from the cache
     assert rerun_requests <= N_API - kept * SHARD
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, tiny_model_dir):
+    """A scheduler's SIGTERM (a pre-empted job): exit 143, committed shards kept, rerun continues.
+    (Temporary directories of non-resumable stages go on KeyboardInterrupt: test_artifacts.)"""
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    ws = tmp_path / "ws"
+    proc = _spawn(recipe, ws)
+    _wait_for_units(proc, ws, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Run the same command again to continue" in err and "terminated" in err
+    assert "Traceback" not in err, err[-2000:]
+    kept = len(Shards(_partial(ws)).markers())
+    assert 2 <= kept < UNITS
+    proc = _spawn(recipe, ws)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    rows = read_rows(ArtifactStore(ws).all()[0].file("data.parquet"))
+    assert len(rows) == 2 * N_PROMPTS and len({r["id"] for r in rows}) == len(rows)

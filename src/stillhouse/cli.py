@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -222,7 +223,31 @@ def serve(
     run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: temporary directories are removed, committed shards kept."""
+
+
+_terminated = threading.Event()  # click turns any KeyboardInterrupt into exit code 130: remember why
+
+
+def _on_sigterm(signum, frame):
+    _terminated.set()
+    raise Terminated()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    import signal
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None  # `serve` installs uvicorn's own
+    try:
+        _dispatch(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(argv: Optional[list[str]]) -> None:
     try:
         code = app(args=argv, standalone_mode=False)
         # typer turns Ctrl-C into Exit(130), which click returns (not raises) outside standalone mode
@@ -234,8 +259,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"stillhouse: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("stillhouse: interrupted; finished artifacts are kept, rerun the same command to continue", file=sys.stderr)
-        sys.exit(130)
+        what = "terminated" if _terminated.is_set() else "interrupted"
+        print(f"stillhouse: {what}; finished artifacts are kept, rerun the same command to continue", file=sys.stderr)
+        sys.exit(143 if _terminated.is_set() else 130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except SystemExit:
