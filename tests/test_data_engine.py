@@ -356,3 +356,25 @@ def test_a_judge_that_never_scores_fails_with_counts_and_an_example(tmp_path, mo
     msg = str(e.value)
     assert "skipped_unparsed=2, judge_unparsed=4" in msg and "I think it is quite good overall" in msg and "\n" not in msg
     assert not list((tmp_path / "ws" / "dataset").iterdir())  # nothing half-written, not even the work dir
+
+
+def test_eval_stage_on_humaneval_tasks_checks_code_in_the_sandbox(tmp_path, tiny_model_dir):
+    from stillhouse.api import run_recipe
+    from stillhouse.verify.code import CodeVerifier
+
+    recipe = tmp_path / "he.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "he-eval",
+        "models": {"t": str(tiny_model_dir)},
+        "stages": {"he": {"type": "tasks", "task": "humaneval", "train": {"size": 2, "seed": 0}, "eval": {"size": 3, "seed": 1}},
+                   "ev": {"type": "eval", "tasks": "he", "teacher": "t", "models": {}, "max_new_tokens": 8,
+                          "memory": False, "speed_batch": 2}},
+    }))
+    res = run_recipe(recipe, tmp_path / "ws")
+    rows = read_rows(res["ev"].file("outputs.parquet"))
+    assert len(rows) == 3 and {r["id"] for r in rows} <= {f"HumanEval/{i}" for i in range(164)}
+    assert all(r["passed"] is False for r in rows)  # a random tiny model writes no working code
+    # the held-out records carry their tests: the code verifier accepts the canonical solutions
+    ver = CodeVerifier()
+    for r in read_rows(res["he"].file("eval.parquet")):
+        assert ver(r, "```python\n" + r["prompt"] + r["canonical_solution"] + "```").passed

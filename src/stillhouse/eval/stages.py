@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import EmptyDatasetError
 from ..records import read_rows
-from ..verify.reasoning_gym import ReasoningGymVerifier
+from ..verify.choose import verifier_for
 from .compare import Candidate, EvalSettings, evaluate_models, write_results
 from .suites import Suite, parse_suite
 
@@ -18,7 +18,9 @@ def run_eval(ctx) -> None:
     if not records:
         raise EmptyDatasetError(f"stage '{ctx.name}': held-out split is empty")
     task = tasks.manifest["task"]
-    suites = [Suite(task["name"], f"tasks:{c.tasks}", records, ReasoningGymVerifier(task["name"], task["config"]), c.max_new_tokens)]
+    # the tasks stage's own verifier: a reasoning-gym scorer, or code run in the sandbox for HumanEval
+    verifier = verifier_for("auto", tasks.manifest, records, ctx.name)
+    suites = [Suite(task["name"], f"tasks:{c.tasks}", records, verifier, c.max_new_tokens)]
     suites += [parse_suite(spec) for spec in c.suites]
     settings = EvalSettings(batch_size=c.batch_size, speed_batches=tuple(sorted({1, c.speed_batch})), samples=c.samples,
                             ks=tuple(k for k in (1, 5, 10) if k <= c.samples), memory=c.memory,
