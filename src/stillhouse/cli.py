@@ -66,6 +66,52 @@ def quickstart(
 
 
 @app.command()
+def generate(
+    teacher: str = typer.Argument(..., help="Teacher model spec (built-in, directory, .gguf), or the model name an endpoint expects with --base-url."),
+    prompts: Path = typer.Option(..., "--prompts", "-p", help="JSONL or Parquet file of prompts."),
+    field: Optional[str] = typer.Option(None, help="The prompt field (default: prompt)."),
+    workspace: Path = WorkspaceOpt,
+    samples: int = typer.Option(1, help="Responses per prompt."),
+    temperature: float = typer.Option(0.7),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens"),
+    system: Optional[str] = typer.Option(None, help="System prompt."),
+    top_k_logprobs: int = typer.Option(0, "--top-k-logprobs", help="Keep the teacher's top-k log-probs per token (KD signal)."),
+    dedup: str = typer.Option("off", help="off, exact or near (MinHash)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="An OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Name of the environment variable holding the API key."),
+    terms: Optional[str] = typer.Option(None, help="Licence or terms id of an API teacher (for lineage), e.g. openai-terms."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the records as JSONL here."),
+    force: bool = typer.Option(False, "--force", help="Regenerate even if this dataset exists."),
+):
+    """Teacher completions for a prompt file, without writing a recipe (a one-stage `complete` recipe)."""
+    from .api import run_recipe
+    from .recipe import parse_recipe
+
+    stage = {"type": "complete", "teacher": teacher, "prompts_file": str(prompts), "samples": samples,
+             "temperature": temperature, "max_new_tokens": max_new_tokens, "top_k_logprobs": top_k_logprobs, "dedup": dedup}
+    stage.update({k: v for k, v in {"field": field, "system_prompt": system}.items() if v is not None})
+    recipe: dict = {"name": "generate", "stages": {"completions": stage}}
+    if base_url:
+        api = {"backend": "openai", "base_url": base_url, "model": teacher}
+        api.update({k: v for k, v in {"api_key_env": api_key_env, "terms": terms}.items() if v is not None})
+        recipe["teachers"] = {"api": api}
+        stage["teacher"] = "api"
+    elif api_key_env or terms:
+        raise StillhouseError("--api-key-env and --terms apply to an API teacher: give --base-url too")
+    art = run_recipe(parse_recipe(recipe, "generate"), workspace, force=force)["completions"]
+    from .progress import console
+
+    console.print(f"\nDone. Dataset: {art.path} ({art.manifest['counts']['records']} records)")
+    if out is not None:
+        from .fsutil import write_text_atomic
+        from .records import read_rows
+
+        rows = read_rows(art.file("data.parquet"))
+        write_text_atomic(out, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+        console.print(f"Wrote {len(rows)} records to {out}")
+
+
+@app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     """Check a recipe without running it."""
     from .recipe import load_recipe
