@@ -107,14 +107,10 @@ def _torch_threads(request):
     if request.node.get_closest_marker("slow") is not None:
         yield
         return
-    import torch
+    from support import one_thread
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- the real packaged teacher (slow tests) ------------------------------------------------

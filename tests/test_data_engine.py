@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from stillhouse.api import run_recipe
-from stillhouse.artifacts import ArtifactStore
 from stillhouse.cli import main
 from stillhouse.data.dedup import Contamination, NearDuplicates, RecordFilter, lsh_bands
 from stillhouse.data.judge import parse_score
@@ -359,7 +358,6 @@ def test_a_judge_that_never_scores_fails_with_counts_and_an_example(tmp_path, mo
 
 
 def test_eval_stage_on_humaneval_tasks_checks_code_in_the_sandbox(tmp_path, tiny_model_dir):
-    from stillhouse.api import run_recipe
     from stillhouse.verify.code import CodeVerifier
 
     recipe = tmp_path / "he.yaml"

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from stillhouse.artifacts import ArtifactStore
 from stillhouse.cli import main

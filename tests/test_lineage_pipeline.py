@@ -26,6 +26,7 @@ from stillhouse.lineage.policy import plan_sources
 from stillhouse.recipe import builtin_recipe, load_recipe, parse_recipe
 
 from test_pipeline_tiny import EVAL, TASK_CFG, TRAIN, _train_teacher
+from support import module_env, one_thread
 
 
 def _licensed(d: Path, licence: str) -> None:
@@ -35,9 +36,7 @@ def _licensed(d: Path, licence: str) -> None:
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("lineage-teachers")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         g = root / "gemma-like"
         _train_teacher(g)
         _licensed(g, "gemma")
@@ -49,8 +48,6 @@ def teachers(tmp_path_factory) -> dict:
         for f in g.glob("*token*"):
             (a / f.name).write_bytes(f.read_bytes())
         _licensed(a, "apache-2.0")
-    finally:
-        torch.set_num_threads(threads)
     return {"root": root, "gemma": g, "apache": a}
 
 
@@ -87,16 +84,9 @@ def _write(path: Path, recipe: dict) -> Path:
 @pytest.fixture(scope="module")
 def run(teachers, tmp_path_factory):
     root = tmp_path_factory.mktemp("two-stage")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STILLHOUSE_CACHE", str(root / "cache"))
-        mp.setenv("STILLHOUSE_QUIET", "1")
-        torch.set_num_threads(1)
-        try:
-            recipe = _write(root / "two.yaml", two_stage(teachers["gemma"], teachers["apache"], {"purpose": "research", "require_known_origin": True}))
-            results = run_recipe(recipe, root / "ws")
-        finally:
-            torch.set_num_threads(threads)
+    with module_env(root):
+        recipe = _write(root / "two.yaml", two_stage(teachers["gemma"], teachers["apache"], {"purpose": "research", "require_known_origin": True}))
+        results = run_recipe(recipe, root / "ws")
     return {"ws": root / "ws", "results": results, **teachers}
 
 

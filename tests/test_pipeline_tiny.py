@@ -26,6 +26,7 @@ from stillhouse.recipe import load_recipe
 from stillhouse.teachers.hf import render_chat
 from stillhouse.train.loop import Example, TrainConfig, train
 from stillhouse.verify.reasoning_gym import ReasoningGymVerifier, problems
+from support import module_env
 
 from conftest import assert_report, build_tiny_model, build_tokenizer
 
@@ -78,25 +79,18 @@ def _train_teacher(out: Path) -> None:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-pipeline")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STILLHOUSE_CACHE", str(root / "cache"))
-        mp.setenv("STILLHOUSE_QUIET", "1")
-        torch.set_num_threads(1)
-        try:
-            teacher_dir = root / "teacher"
-            _train_teacher(teacher_dir)
-            recipe_path = root / "tiny.yaml"
-            recipe_path.write_text(yaml.safe_dump(_recipe(teacher_dir), sort_keys=False))
-            ws = root / "ws"
-            t0 = time.perf_counter()
-            results = run_recipe(recipe_path, ws)
-            first_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            again = run_recipe(recipe_path, ws)
-            second_s = time.perf_counter() - t0
-        finally:
-            torch.set_num_threads(threads)
+    with module_env(root):
+        teacher_dir = root / "teacher"
+        _train_teacher(teacher_dir)
+        recipe_path = root / "tiny.yaml"
+        recipe_path.write_text(yaml.safe_dump(_recipe(teacher_dir), sort_keys=False))
+        ws = root / "ws"
+        t0 = time.perf_counter()
+        results = run_recipe(recipe_path, ws)
+        first_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        again = run_recipe(recipe_path, ws)
+        second_s = time.perf_counter() - t0
     return {"root": root, "ws": ws, "teacher_dir": teacher_dir, "recipe_path": recipe_path, "results": results,
             "again": again, "first_s": first_s, "second_s": second_s}
 

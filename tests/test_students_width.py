@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from stillhouse.errors import StillhouseError
-from stillhouse.scoring import selected_logits
 from stillhouse.train import students
 
 TEXTS = ["<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n7<|im_end|>", "Add 10 and 25: 35.", "hello there, friend"]

@@ -21,6 +21,7 @@ from stillhouse.serve.faults import parse_faults
 from stillhouse.teachers.base import SamplingParams
 from stillhouse.teachers.hf import HFTeacher, render_chat
 from stillhouse.teachers.openai import OpenAITeacher
+from support import module_env
 
 QUESTIONS = ["2+2?", "Sum 1, 2 and 3.", "x", "What is 13 - 5?", "Subtract 7 from 40.", "hi", "abc def", "7*6?"]
 GREEDY = SamplingParams(max_new_tokens=6)
@@ -30,13 +31,9 @@ def _msgs(questions=QUESTIONS):
     return [[{"role": "user", "content": q}] for q in questions]
 
 
-@contextlib.contextmanager
 def isolated(tmp_path_factory):
     """For module fixtures (set up before the per-test isolation): a temp cache, no progress bars."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STILLHOUSE_CACHE", str(tmp_path_factory.mktemp("module-cache")))
-        mp.setenv("STILLHOUSE_QUIET", "1")
-        yield
+    return module_env(tmp_path_factory.mktemp("module"), threads=False)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from stillhouse.api import run_recipe
@@ -23,6 +22,7 @@ from stillhouse.recipe import parse_recipe
 from stillhouse.runner import Runner
 from stillhouse.serve import ServerThread, build_app
 
+from support import module_env, one_thread
 from test_pipeline_tiny import EVAL, TASK_CFG, TRAIN, _train_teacher
 
 SECRET = "sk-test-" + "Q7" * 16
@@ -52,15 +52,9 @@ def _write(path: Path, recipe: dict) -> Path:
 def served(tmp_path_factory):
     """A teacher that solves most training problems, served over loopback."""
     root = tmp_path_factory.mktemp("api-recipe")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STILLHOUSE_CACHE", str(root / "cache"))
-        mp.setenv("STILLHOUSE_QUIET", "1")
-        torch.set_num_threads(1)  # tiny ops: one thread is much faster on a busy machine
-        try:
+    with module_env(root, threads=False):
+        with one_thread():
             _train_teacher(root / "teacher")
-        finally:
-            torch.set_num_threads(threads)
         app = build_app(str(root / "teacher"), served_name="arith")
     with ServerThread(app) as url:
         yield {"root": root, "teacher": root / "teacher", "url": url, "stats": app.state.stats}
@@ -69,11 +63,7 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def both_runs(served, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STILLHOUSE_CACHE", str(root / "cache"))
-        mp.setenv("STILLHOUSE_QUIET", "1")
+    with module_env(root) as mp:
         mp.setenv("SH_TEST_API_KEY", SECRET)
         local = run_recipe(_write(root / "local.yaml", {"name": "local", "models": {"teacher": str(served["teacher"])},
                                                         "stages": _stages("teacher")}), root / "ws-local")
@@ -83,7 +73,6 @@ def both_runs(served, tmp_path_factory):
         requests_after_first = served["stats"]["requests"]
         rerun = run_recipe(api_recipe, root / "ws-api", force=True)
         rerun_requests = served["stats"]["requests"] - requests_after_first
-    torch.set_num_threads(threads)
     return {"root": root, "local": local, "api": api, "rerun": rerun, "rerun_requests": rerun_requests}
 
 

@@ -16,40 +16,34 @@ from stillhouse.recipe import parse_recipe
 from stillhouse.train.stages import _pairs
 
 from test_pipeline_tiny import TASK_CFG, TRAIN, EVAL, _train_teacher
+from support import module_env
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-stages")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STILLHOUSE_CACHE", str(root / "cache"))
-        mp.setenv("STILLHOUSE_QUIET", "1")
-        torch.set_num_threads(1)
-        try:
-            teacher = root / "teacher"
-            _train_teacher(teacher)
-            recipe = {
-                "name": "train-stages",
-                "models": {"teacher": str(teacher)},
-                "stages": {
-                    "problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
-                    "traces": {"type": "rejection", "teacher": "teacher", "tasks": "problems", "samples": 2,
-                               "temperature": 1.0, "max_new_tokens": 4, "keep_per_problem": 2, "top_k_logprobs": 8,
-                               "batch_size": 8},
-                    "narrow": {"type": "prune", "model": "teacher", "calibration": "traces", "mlp_channels": 40, "kv_heads": 1},
-                    "fresh": {"type": "scratch", "teacher": "teacher", "layers": 2, "hidden_size": 16, "heads": 2},
-                    "adapted": {"type": "train", "student": "narrow", "data": "traces", "epochs": 2, "batch_size": 4,
-                                "micro_batch_size": 2, "lr": 1e-3, "checkpoint_every": 1, "lora": {"r": 4, "alpha": 8}},
-                    "from_scratch": {"type": "train", "student": "fresh", "data": "traces", "epochs": 1, "batch_size": 4,
-                                     "kd_weight": 0.0, "sft_weight": 1.0},
-                },
-            }
-            path = root / "recipe.yaml"
-            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-            results = run_recipe(path, root / "ws")
-        finally:
-            torch.set_num_threads(threads)
+    with module_env(root):
+        teacher = root / "teacher"
+        _train_teacher(teacher)
+        recipe = {
+            "name": "train-stages",
+            "models": {"teacher": str(teacher)},
+            "stages": {
+                "problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
+                "traces": {"type": "rejection", "teacher": "teacher", "tasks": "problems", "samples": 2,
+                           "temperature": 1.0, "max_new_tokens": 4, "keep_per_problem": 2, "top_k_logprobs": 8,
+                           "batch_size": 8},
+                "narrow": {"type": "prune", "model": "teacher", "calibration": "traces", "mlp_channels": 40, "kv_heads": 1},
+                "fresh": {"type": "scratch", "teacher": "teacher", "layers": 2, "hidden_size": 16, "heads": 2},
+                "adapted": {"type": "train", "student": "narrow", "data": "traces", "epochs": 2, "batch_size": 4,
+                            "micro_batch_size": 2, "lr": 1e-3, "checkpoint_every": 1, "lora": {"r": 4, "alpha": 8}},
+                "from_scratch": {"type": "train", "student": "fresh", "data": "traces", "epochs": 1, "batch_size": 4,
+                                 "kd_weight": 0.0, "sft_weight": 1.0},
+            },
+        }
+        path = root / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        results = run_recipe(path, root / "ws")
     return {"root": root, "results": results, "teacher": teacher}
 
 

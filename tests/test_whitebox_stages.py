@@ -21,6 +21,7 @@ from stillhouse.train.logit_cache import LogitCache
 from conftest import build_tiny_model
 from test_cross_tokenizer import build_merged_tokenizer
 from test_pipeline_tiny import EVAL, TASK_CFG, TRAIN, _train_teacher
+from support import module_env
 
 
 def _recipe(teacher_dir: Path, other_dir: Path) -> dict:
@@ -48,26 +49,19 @@ def _recipe(teacher_dir: Path, other_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def wb(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-whitebox")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STILLHOUSE_CACHE", str(root / "cache"))
-        mp.setenv("STILLHOUSE_QUIET", "1")
-        torch.set_num_threads(1)
-        try:
-            teacher_dir = root / "teacher"
-            _train_teacher(teacher_dir)
-            other_dir = root / "other"  # a student with another tokenizer
-            tok = build_merged_tokenizer()
-            models.prepare_tokenizer(tok)
-            build_tiny_model(tok, seed=5, layers=2).save_pretrained(other_dir)
-            tok.save_pretrained(other_dir)
-            recipe = _recipe(teacher_dir, other_dir)
-            path = root / "wb.yaml"
-            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-            ws = root / "ws"
-            results = run_recipe(path, ws)
-        finally:
-            torch.set_num_threads(threads)
+    with module_env(root):
+        teacher_dir = root / "teacher"
+        _train_teacher(teacher_dir)
+        other_dir = root / "other"  # a student with another tokenizer
+        tok = build_merged_tokenizer()
+        models.prepare_tokenizer(tok)
+        build_tiny_model(tok, seed=5, layers=2).save_pretrained(other_dir)
+        tok.save_pretrained(other_dir)
+        recipe = _recipe(teacher_dir, other_dir)
+        path = root / "wb.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        ws = root / "ws"
+        results = run_recipe(path, ws)
     return {"root": root, "ws": ws, "recipe": recipe, "results": results, "teacher_dir": teacher_dir}
 
 

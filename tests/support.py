@@ -1,0 +1,33 @@
+"""Helpers shared by test modules (not a test file: pytest collects only test_*.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread for tiny-model work (on a busy 2-core machine, two OpenMP threads
+    make tiny ops 10-50x slower); the previous count is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def module_env(root: Path, threads: bool = True):
+    """For module-scoped fixtures, which are set up before conftest's per-test isolation: a
+    stillhouse cache under `root`, no progress output and (by default) one torch thread.
+    Yields the MonkeyPatch, for more variables."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STILLHOUSE_CACHE", str(root / "cache"))
+        mp.setenv("STILLHOUSE_QUIET", "1")
+        with one_thread() if threads else contextlib.nullcontext():
+            yield mp
