@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,10 @@ def module_env(root: Path, threads: bool = True):
         mp.setenv("STILLHOUSE_QUIET", "1")
         with one_thread() if threads else contextlib.nullcontext():
             yield mp
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (free when checked; the caller binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

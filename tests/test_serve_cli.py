@@ -12,14 +12,7 @@ import httpx
 import pytest
 
 from stillhouse.cli import main
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from support import free_port
 
 
 def _cli(args, tmp_path, **kw):
@@ -28,7 +21,7 @@ def _cli(args, tmp_path, **kw):
 
 
 def test_serve_answers_openai_requests(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _cli(["serve", str(tiny_model_dir), "--port", str(port), "--served-name", "tiny", "--max-batch", "4"], tmp_path)
     try:
         url = f"http://127.0.0.1:{port}/v1"
@@ -60,12 +53,12 @@ def test_serve_answers_openai_requests(tiny_model_dir, tmp_path):
     (["--max-batch", "0"], "--max-batch must be at least 1"),
 ])
 def test_serve_bad_options_are_one_line(tiny_model_dir, args, culprit, capsys, monkeypatch):
-    err = _in_process(["serve", str(tiny_model_dir), "--port", str(_free_port()), *args], capsys, monkeypatch)
+    err = _in_process(["serve", str(tiny_model_dir), "--port", str(free_port()), *args], capsys, monkeypatch)
     assert culprit in err
 
 
 def test_serve_missing_model_and_busy_port_are_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    err = _in_process(["serve", str(tmp_path / "nope"), "--port", str(_free_port())], capsys, monkeypatch)
+    err = _in_process(["serve", str(tmp_path / "nope"), "--port", str(free_port())], capsys, monkeypatch)
     assert err == f"stillhouse: error: model path not found: {tmp_path / 'nope'}"
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -8,7 +8,6 @@ cut-off responses; every prompt must still complete exactly once, with the same 
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 
 import httpx
@@ -21,7 +20,7 @@ from stillhouse.serve.faults import parse_faults
 from stillhouse.teachers.base import SamplingParams
 from stillhouse.teachers.hf import HFTeacher, render_chat
 from stillhouse.teachers.openai import OpenAITeacher
-from support import module_env
+from support import free_port, module_env
 
 QUESTIONS = ["2+2?", "Sum 1, 2 and 3.", "x", "What is 13 - 5?", "Subtract 7 from 40.", "hi", "abc def", "7*6?"]
 GREEDY = SamplingParams(max_new_tokens=6)
@@ -161,11 +160,7 @@ def test_retry_after_is_honoured_and_bounded(tiny_model_dir, tmp_path_factory, t
 
 
 def _dead_url() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens there now
-    return f"http://127.0.0.1:{port}/v1"
+    return f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
 
 
 def test_dead_endpoint_is_one_line_error(tmp_path):
