@@ -119,7 +119,7 @@ def test_editing_the_prompt_file_gives_a_new_artifact(tmp_path, monkeypatch):
 @pytest.mark.parametrize("content, message", [
     ("", "has no prompts"),
     ('{"text": "hi"}\n', "has no field 'prompt'"),
-    ('{"prompt": "ok"}\n{"prompt": \n', "line 2: not valid JSON"),
+    ('{"prompt": "ok"}\n{"prompt": \n', "p.jsonl:2: not valid JSON"),
     ('{"prompt": "   "}\n', "field 'prompt' is empty"),
 ])
 def test_bad_prompt_files_fail_in_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, content, message):

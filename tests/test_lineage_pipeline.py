@@ -234,7 +234,7 @@ def test_import_errors_name_the_file(teachers, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{nope\n')
     r["stages"]["pairs"]["path"] = str(bad)
-    with pytest.raises(StillhouseError, match="bad.jsonl:2: not JSON"):
+    with pytest.raises(StillhouseError, match="bad.jsonl:2: not valid JSON"):
         run_recipe(_write(tmp_path / "r.yaml", r), tmp_path / "ws")
     assert not any((tmp_path / "ws").rglob("manifest.json"))
 

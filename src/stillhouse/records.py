@@ -1,7 +1,8 @@
-"""Reading and writing record lists as Parquet (Arrow schema inferred from the records)."""
+"""Reading and writing record lists: Parquet (Arrow schema inferred from the records) and JSONL."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,3 +24,21 @@ def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise StillhouseError(f"dataset file not found: {path}")
     return pq.read_table(path).to_pylist()
+
+
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a user's JSONL file.
+
+    A line that is not a JSON object is one error naming the file and the line."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StillhouseError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise StillhouseError(f"{path}:{n}: expected a JSON object")
+        out.append((n, obj))
+    return out

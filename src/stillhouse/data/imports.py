@@ -8,14 +8,13 @@ is what lineage weighs teacher shares by.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from ..errors import EmptyDatasetError, StillhouseError
 from ..lineage.signal import target_tokens
-from ..records import read_rows, write_rows
+from ..records import read_jsonl, read_rows, write_rows
 from ..teachers.hf import encode_prompt, render_chat
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
@@ -48,14 +47,7 @@ def _read_file(path: Path) -> list[dict]:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow raises several types for unreadable files
             raise StillhouseError(f"cannot read Parquet {path}: {e}") from None
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise StillhouseError(f"{path}:{i}: not JSON: {e.msg}") from None
-    return rows
+    return [obj for _, obj in read_jsonl(path)]
 
 
 def _field(row: dict, keys: tuple[str, ...], path: Path, i: int) -> str:

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from ..errors import EmptyDatasetError, StillhouseError
-from ..records import read_rows
+from ..records import read_jsonl, read_rows
 from ..teachers.base import Completion, SamplingParams
 from ..teachers.hf import encode_prompt, render_chat
 
@@ -31,18 +31,7 @@ def read_prompt_file(path: str | Path) -> list[dict]:
         raise StillhouseError(f"prompt file not found: {path}")
     if path.suffix == ".parquet":
         return read_rows(path)
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StillhouseError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise StillhouseError(f"{path}: line {n}: expected a JSON object")
-        rows.append(obj)
-    return rows
+    return [obj for _, obj in read_jsonl(path)]
 
 
 def load_prompts(ctx, source: str = "prompts", file_key: str = "prompts_file") -> list[dict]:

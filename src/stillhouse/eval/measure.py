@@ -8,11 +8,10 @@ import time
 
 import torch
 
-from ..models import param_count
 from ..progress import progress
 from ..scoring import right_pad, selected_logits
 from ..teachers.base import SamplingParams
-from ..teachers.hf import HFTeacher, encode_batch, encode_prompt, render_chat
+from ..teachers.hf import HFTeacher, encode_batch, encode_prompt
 from .metrics import mean, per_token_kl
 
 

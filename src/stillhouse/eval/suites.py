@@ -15,7 +15,6 @@ they do not overlap training problems drawn from small seeds (the quickstart tra
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ from typing import Callable
 import yaml
 
 from ..errors import StillhouseError
+from ..records import read_jsonl
 
 HELD_OUT_SEED = 1_000_000
 DEFAULT_SIZE = 50
@@ -90,15 +90,7 @@ def read_jsonl_records(path: Path, required: list[str]) -> list[dict]:
     if not path.is_file():
         raise StillhouseError(f"suite file not found: {path}")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StillhouseError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise StillhouseError(f"{path}:{n}: expected a JSON object")
+    for n, obj in read_jsonl(path):
         for f in required:
             if f not in obj or obj[f] is None:
                 raise StillhouseError(f"{path}:{n}: missing field '{f}'")

@@ -14,7 +14,6 @@ request header: never in a cache key, a manifest, a log line or an error message
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 import re
