@@ -46,13 +46,6 @@ def bench_prompts(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": r["question"]}] for r in recs]
 
 
-def stop_ids(tok, model) -> set[int]:
-    ids = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-    eos = model.generation_config.eos_token_id
-    ids.update(eos if isinstance(eos, list) else [eos])
-    return {i for i in ids if isinstance(i, int)}
-
-
 def count_until_stop(rows: list[list[int]], stops: set[int]) -> int:
     total = 0
     for row in rows:
@@ -83,15 +76,17 @@ def plain_batched(model, tok, msgs, args, stops, batch: int) -> int:
     return total
 
 
-def distilabel_stock(model_dir, msgs, args, tok, stops) -> int:
+def distilabel_stock(model_dir, msgs, args, tok) -> tuple[int, float]:
     from distilabel.models.llms import TransformersLLM
     from distilabel.steps.tasks import TextGeneration
 
-    llm = TransformersLLM(model=str(model_dir), device="cpu", torch_dtype="float32")
-    task = TextGeneration(llm=llm)
-    task.load()
+    # the same sampling as the other paths (distilabel's own defaults differ: 128 tokens,
+    # temperature 0.1, repetition penalty 1.1)
     gen = dict(max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
                repetition_penalty=1.0, do_sample=args.temperature > 0)
+    llm = TransformersLLM(model=str(model_dir), device="cpu", torch_dtype="float32", generation_kwargs=gen)
+    task = TextGeneration(llm=llm)
+    task.load()
     inputs = [{"instruction": m[-1]["content"]} for m in msgs]
     t0 = time.perf_counter()
     outs = []
@@ -124,11 +119,11 @@ def main() -> int:
     model_dir, _ = models.resolve(args.model)
     lm = models.load(args.model)
     model, tok = lm.model, lm.tokenizer
-    stops = stop_ids(tok, model)
     msgs = bench_prompts(args.prompts)
     slow = msgs[: args.slow_prompts]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature, seed=1)
     hf = HFTeacher(model, tok, **({"batch_size": args.batch} if args.batch else {}))
+    stops = set(hf._stop_ids())  # the peers stop where the backend does
     print(f"{args.model}: {args.prompts} prompts ({args.slow_prompts} for the slow paths), "
           f"{args.new_tokens} new tokens, temperature {args.temperature}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads on {os.cpu_count()} cores", flush=True)
@@ -159,7 +154,7 @@ def main() -> int:
             print("distilabel not installed (pip install -e '.[bench]'): skipped")
         else:
             record(f"distilabel {distilabel.__version__} TextGeneration (stock)",
-                   lambda: distilabel_stock(model_dir, slow, args, tok, stops))
+                   lambda: distilabel_stock(model_dir, slow, args, tok))
 
     ours = next(r for r in rows if r[0].startswith("stillhouse"))
     rate = ours[1] / ours[2]

@@ -269,16 +269,14 @@ def serve(
     run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: temporary directories are removed, committed shards kept."""
-
-
-_terminated = threading.Event()  # click turns any KeyboardInterrupt into exit code 130: remember why
+# SIGTERM is handled like Ctrl-C (temporary directories removed, committed shards kept); click
+# turns every KeyboardInterrupt into exit code 130, so the reason is remembered here
+_terminated = threading.Event()
 
 
 def _on_sigterm(signum, frame):
     _terminated.set()
-    raise Terminated()
+    raise KeyboardInterrupt
 
 
 def main(argv: Optional[list[str]] = None) -> None:
