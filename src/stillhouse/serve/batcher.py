@@ -1,8 +1,9 @@
 """Collects concurrent generation requests into batched `HFTeacher.generate_text` calls.
 
 Requests that arrive close together (each within `gap_s` of the previous one, for at most
-`window_s`; or while the previous batch is generating) and share their sampling parameters go through the model together, so throughput grows with the
-number of concurrent clients instead of serialising them. One batch runs at a time, in a
+`window_s`; or while the previous batch is generating) and share their sampling parameters
+go through the model together, so throughput grows with the number of concurrent clients
+instead of serialising them. One batch runs at a time, in a
 worker thread, so the event loop keeps accepting requests meanwhile.
 """
 
