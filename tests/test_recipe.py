@@ -233,3 +233,13 @@ def test_model_path_recipe_accepts_existing_dir(tmp_path, tiny_model_dir):
     assert r.order() == ["problems", "traces"]
     assert r.stages["traces"].samples == 4  # defaults filled in
     assert r.refs("traces") == [("teacher", "teacher", "model"), ("tasks", "problems", "data")]
+
+
+def test_low_memory_with_clipping_is_refused_when_the_recipe_loads(tmp_path, quickstart_data):
+    d = copy.deepcopy(quickstart_data)
+    d["stages"]["distilled"]["low_memory"] = True
+    with pytest.raises(StillhouseError, match=r"stages\.distilled.*low_memory: .*set grad_clip: 0") as ei:
+        load_recipe(_write(tmp_path, d))
+    assert "\n" not in str(ei.value)
+    d["stages"]["distilled"]["grad_clip"] = 0
+    assert load_recipe(_write(tmp_path, d)).stages["distilled"].low_memory is True

@@ -172,6 +172,18 @@ class TrainStage(Strict):
     # list of {name, weight, beta, alpha}. When set it replaces sft_weight / kd_weight.
     loss: list[LossTermSpec] | None = None
     logit_cache: str | None = None  # a cache_logits stage: the offline teacher signal
+    # optimizer step in the backward pass, sparse tied-embedding gradients, an allocator that
+    # returns freed memory (docs/training.md, "Low memory"); needs grad_clip: 0
+    low_memory: bool = False
+
+    @model_validator(mode="after")
+    def _low_memory_settings(self):
+        if self.low_memory:
+            from .train.low_memory import problem
+
+            if why := problem(self.grad_clip, 0 < self.micro_batch_size < self.batch_size):
+                raise ValueError(f"low_memory: {why}")
+        return self
 
     @field_validator("loss", mode="before")
     @classmethod

@@ -1,0 +1,92 @@
+"""Low-memory training (`low_memory: true`): three measures that lower peak memory on one machine.
+
+1. The optimizer steps each parameter inside the backward pass, the moment its gradient is
+   complete, and frees that gradient; the full set of gradients (4 bytes per parameter)
+   never exists. The price: no global-norm clipping (it needs every gradient at once), one
+   micro-batch per step, one process.
+2. A tied input embedding (the same matrix as the LM head) gets a sparse gradient for the
+   rows the batch looks up, instead of a dense vocabulary-sized one that is then added to
+   the LM head's: two [vocab, hidden] temporaries fewer at the end of every backward pass.
+3. glibc's allocator is told to serve blocks over 256 KiB with their own mappings and to
+   return freed memory promptly. By default it raises that threshold as large tensors come
+   and go, so the next step's activations and gradients land in a heap fragmented by the
+   last step's, and the process keeps hundreds of MB it does not use. The cost is page
+   faults on fresh blocks: bench/train.py measures both sides.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+import torch
+
+from ..errors import StillhouseError
+
+MMAP_THRESHOLD = 256 * 1024
+TRIM_THRESHOLD = 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def problem(grad_clip: float, micro_batches: bool, world: int = 1) -> str | None:
+    """Why stepping in the backward pass cannot honour these settings, or None."""
+    if world > 1:
+        return "it needs one process (data parallelism reduces gradients after the backward pass)"
+    if micro_batches:
+        return "it needs one micro-batch per step (micro_batch_size: 0): accumulation keeps every gradient"
+    if grad_clip:
+        return "global-norm clipping needs every gradient at once: set grad_clip: 0"
+    return None
+
+
+def check(grad_clip: float, micro_batches: bool, world: int) -> None:
+    if why := problem(grad_clip, micro_batches, world):
+        raise StillhouseError(f"low_memory: {why}")
+
+
+def step_in_backward(model: torch.nn.Module, optimizer) -> list:
+    """Apply `optimizer` to each parameter the moment its gradient is complete, then free it.
+
+    Every other gradient is None at that moment (applied and freed already, or not computed
+    yet), so `optimizer.step()` moves this one parameter, with the optimizer's own update rule,
+    parameter groups, learning rate and state: schedulers and checkpoints work unchanged. A
+    tied parameter fires once, after both of its contributions are summed. Returns the hook
+    handles (remove them when training ends)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper adds sync checks
+
+    def hook(p):
+        inner.step()
+        p.grad = None
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
+
+
+def sparse_tied_embedding(model: torch.nn.Module):
+    """Make a tied, trainable input embedding produce sparse gradients; returns an undo
+    function. An untied one is left alone: its gradient would stay sparse, which AdamW
+    refuses; tied, the LM head's dense gradient absorbs it."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and emb.weight is head.weight
+    if not (tied and emb.weight.requires_grad and isinstance(emb, torch.nn.Embedding)) or emb.sparse:
+        return lambda: None
+    emb.sparse = True
+
+    def undo():
+        emb.sparse = False
+
+    return undo
+
+
+def return_freed_memory() -> bool:
+    """Fix glibc's mmap threshold (and trim threshold) for this process; False where the C
+    library is not glibc. It cannot be undone to glibc's adaptive default, which is why it
+    is a training option and not something the library does on import."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
