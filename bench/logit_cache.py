@@ -14,7 +14,8 @@ same rule for every format). Formats, for k = 8, 32, 128:
   what it stores: ids at ceil(log2 V) bits, the top 16 log-probs exact (fp16), ranks 17..k
   approximated by a degree-8 least-squares polynomial in rank (fp32 coefficients);
 - stillhouse: `train/logit_cache.py` as written to disk (Parquet shards, zstd); its bytes are
-  the shard files' sizes; with `min_prob` > 0 entries below it stay in the rest bucket.
+  the shard files' sizes (each shard's id table included); with `min_prob` > 0 entries below
+  it stay in the rest bucket. Encode and decode times go to stderr.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def main() -> int:
     ap.add_argument("--general", type=int, default=8)
     ap.add_argument("--save", help="save the collected log-probs here (fp16) to rerun the analysis")
     ap.add_argument("--load", help="analyse log-probs saved with --save instead of collecting")
+    ap.add_argument("--entropy", action="store_true", help="also: bits per id of the top-128 ids under a few models")
     args = ap.parse_args()
-    from stillhouse.train.logit_cache import CacheWriter, Codec, decode, kl_error, reference_bytes_per_token, topk_signal
+    from stillhouse.train.logit_cache import CacheWriter, Codec, decode, kl_error, read_shard, reference_bytes_per_token, topk_signal
 
     t0 = time.perf_counter()
     if args.load:
@@ -123,18 +125,22 @@ def main() -> int:
         for min_prob in ((0.0, 1e-4, 1e-3) if k == 128 else (0.0,)):
             codec = Codec(top_k=k, min_prob=min_prob)
             with tempfile.TemporaryDirectory() as tmp:
+                t_enc = time.perf_counter()
                 writer = CacheWriter(Path(tmp), codec)
                 start = 0
                 for r, m in enumerate(lengths):
                     writer.add(str(r), values[start : start + m], ids[start : start + m], rest[start : start + m])
                     start += m
                 sizes = writer.close()
-                import pyarrow.parquet as pq
-
-                recs = [rec for s in writer.shards for rec in pq.read_table(Path(tmp) / s).to_pylist()]
+                t_read = time.perf_counter()
+                recs = [(rec, table) for s in writer.shards for table, shard in [read_shard(Path(tmp) / s)] for rec in shard]
+                t_dec = time.perf_counter()
+                decoded = [decode(codec, rec, table) for rec, table in recs]
+                t_end = time.perf_counter()
+            print(f"k={k} min_prob={min_prob:g}: encode + write {t_read - t_enc:.2f} s, read {t_dec - t_read:.2f} s, "
+                  f"decode {t_end - t_dec:.3f} s ({n} tokens)", file=sys.stderr)
             err = []
-            for rec in recs:
-                d_ids, d_lp, d_rest = decode(codec, rec)
+            for (rec, _), (d_ids, d_lp, d_rest) in zip(recs, decoded):
                 m = rec["n"]
                 lo = sum(lengths[: int(rec["id"])])
                 err.append(kl_error(full[lo : lo + m], torch.from_numpy(d_ids), torch.from_numpy(d_lp), torch.from_numpy(d_rest)))
@@ -147,7 +153,60 @@ def main() -> int:
     ours = next(r for r in rows if r[0] == "stillhouse" and r[1] == 128)
     print(f"\nk=128: stillhouse {ours[2]:.1f} B/tok at KL err {ours[3]:.5f}; reference {ref[2]:.1f} B/tok at {ref[3]:.5f} "
           f"(bytes ratio {ours[2] / ref[2]:.2f}; target <= 100 B/tok at err <= reference)")
+    if args.entropy:
+        id_entropy(*topk_signal(full, 128)[:2])
     return 0
+
+
+def _h0(x) -> float:
+    """Empirical order-0 entropy (bits per symbol) of non-negative integers."""
+    import numpy as np
+
+    c = np.bincount(np.asarray(x).ravel())
+    f = c[c > 0] / c.sum()
+    return float(-(f * np.log2(f)).sum())
+
+
+def id_entropy(values: torch.Tensor, ids: torch.Tensor) -> None:
+    """What the ids of a top-k cache can cost at best: empirical entropies under a few models,
+    every model's table free (fitted to these very ids, so these are optimistic bounds)."""
+    import numpy as np
+
+    from stillhouse.train.logit_cache import Codec, IdTable
+
+    ids = ids.numpy().astype(np.int64)
+    n, k = ids.shape
+    vocab_seen = np.bincount(ids.ravel())
+    rows = []
+    h = _h0(ids)
+    rows.append(("ids in rank order, order-0 (one frequency table)", h, h * k / 8))
+    # the ids as a set: each vocabulary id in or out of a token's set with its own frequency
+    pi = vocab_seen[vocab_seen > 0] / n
+    absent = -np.log2(1 - pi[pi < 1]).sum()
+    present = -np.log2(pi) + np.where(pi < 1, np.log2(1 - np.minimum(pi, 1 - 1e-12)), 0)
+    cost = np.zeros(len(vocab_seen))
+    cost[vocab_seen > 0] = present
+    set_bits = absent + cost[ids].sum(1).mean()
+    rows.append(("ids as a set (in/out per id, own frequency; no order, no values)", set_bits / k, set_bits / 8))
+    codec = Codec(top_k=k)
+    level = codec.levels(values.double().exp().numpy())
+    perm = np.mean([(math.lgamma(k + 1) - sum(math.lgamma(c + 1) for c in np.bincount(r) if c)) / math.log(2) for r in level])
+    rows.append(("which id has which level, given the set and the levels (v2 levels)", perm / k, perm / 8))
+    inc = np.diff(level, axis=1)
+    lv = _h0(level[:, 0]) + _h0(inc) * (k - 1)
+    rows.append(("the levels themselves (top level, then increments; order-0)", lv / k, lv / 8))
+    table = IdTable.build(ids)
+    number = table.numbers(ids.ravel()).reshape(n, k)
+    key = np.sort(level * len(table) + number, 1)
+    lvl, num = key // len(table), key % len(table)
+    new = np.ones_like(lvl, bool)
+    new[:, 1:] = lvl[:, 1:] != lvl[:, :-1]
+    prev = np.concatenate([np.full((n, 1), -1), num[:, :-1]], 1)
+    h = _h0(np.where(new, num, num - prev - 1))
+    rows.append(("v2's id stream: numbers per level as increments, order-0", h, h * k / 8))
+    print(f"\ntop-{k} ids, {len(table)} distinct: bits per id / bytes per token (tables free)")
+    for what, bits, bpt in rows:
+        print(f"{what:72} {bits:6.2f} {bpt:7.1f}")
 
 
 if __name__ == "__main__":
