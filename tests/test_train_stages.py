@@ -39,6 +39,8 @@ def run(tmp_path_factory):
                             "micro_batch_size": 2, "lr": 1e-3, "checkpoint_every": 1, "lora": {"r": 4, "alpha": 8}},
                 "from_scratch": {"type": "train", "student": "fresh", "data": "traces", "epochs": 1, "batch_size": 4,
                                  "kd_weight": 0.0, "sft_weight": 1.0},
+                "lean": {"type": "train", "student": "narrow", "data": "traces", "epochs": 2, "batch_size": 4,
+                         "lr": 1e-3, "low_memory": True, "grad_clip": 0},
             },
         }
         path = root / "recipe.yaml"
@@ -65,6 +67,17 @@ def test_scratch_student_uses_the_teachers_tokenizer(run):
     assert AutoTokenizer.from_pretrained(art.path).get_vocab() == AutoTokenizer.from_pretrained(run["teacher"]).get_vocab()
     trained = run["results"]["from_scratch"]
     assert trained.manifest["metrics"]["final_sft"] > 0
+
+
+def test_a_low_memory_stage_trains_every_weight_and_saves_a_plain_model(run):
+    art = run["results"]["lean"]
+    model = AutoModelForCausalLM.from_pretrained(art.path)
+    base = AutoModelForCausalLM.from_pretrained(run["results"]["narrow"].path)
+    assert all(not torch.equal(p, base.state_dict()[n]) for n, p in model.named_parameters())
+    assert model.get_input_embeddings().sparse is False
+    rows = [json.loads(x) for x in (art.path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2 and all(r["grad_norm"] is None for r in rows)  # no clipping in this mode
+    assert all(r["kl"] > 0 and r["sft"] > 0 for r in rows)
 
 
 def test_lora_training_merges_into_a_plain_model_and_logs_each_term(run):
