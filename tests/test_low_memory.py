@@ -83,7 +83,7 @@ def test_settings_it_cannot_honour_are_clear_errors(tiny, kw, match):
               tiny.tokenizer.pad_token_id)
     assert all(torch.equal(a, b) for a, b in zip(before, tiny.model.parameters()))
     with pytest.raises(StillhouseError, match="low_memory: it needs one process"):
-        low_memory.check(0.0, False, world=2)
+        low_memory.check(0.0, 4, 0, world=2)
 
 
 def test_only_a_tied_trainable_embedding_is_made_sparse(tiny):

@@ -181,7 +181,7 @@ class TrainStage(Strict):
         if self.low_memory:
             from .train.low_memory import problem
 
-            if why := problem(self.grad_clip, 0 < self.micro_batch_size < self.batch_size):
+            if why := problem(self.grad_clip, self.batch_size, self.micro_batch_size):
                 raise ValueError(f"low_memory: {why}")
         return self
 

@@ -364,7 +364,7 @@ def train(
         raise StillhouseError("nothing to train on: every example is empty or all prompt")
     _check_vocab(student, None if dpo else teacher, items, cfg.vocab_size)
     if cfg.low_memory:
-        low_memory.check(cfg.grad_clip, 0 < cfg.micro_batch_size < cfg.batch_size, accelerator.num_processes)
+        low_memory.check(cfg.grad_clip, cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
     if teacher is not None:
         teacher.eval()
     student.eval()
@@ -391,66 +391,58 @@ def train(
     student.train()
     tokens_seen = history[-1]["tokens"] if history else 0
     run_tokens, t0 = 0, time.perf_counter()
-    hooks, undo_sparse = [], lambda: None
-    if cfg.low_memory:
-        hooks, undo_sparse = low_memory.step_in_backward(student, opt), low_memory.sparse_tied_embedding(student)
-        low_memory.return_freed_memory()
-    try:
-        with progress(description, total=total) as advance:
-            advance(start_step)
-            for step in range(start_step, total):
-                batch = plan[step]
-                units = _units(batch, cfg.objective)
-                lr = sched.get_last_lr()[0]
-                logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, refs)
-                grad_norm = _clip_gradients(accelerator, scorer, cfg.grad_clip) if cfg.grad_clip else None
-                if not hooks:  # in-backward hooks have already stepped every parameter
-                    opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+    saving = low_memory.applied(student, opt) if cfg.low_memory else contextlib.nullcontext()
+    with saving, progress(description, total=total) as advance:
+        advance(start_step)
+        for step in range(start_step, total):
+            batch = plan[step]
+            units = _units(batch, cfg.objective)
+            lr = sched.get_last_lr()[0]
+            logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, refs)
+            grad_norm = _clip_gradients(accelerator, scorer, cfg.grad_clip) if cfg.grad_clip else None
+            if not cfg.low_memory:  # otherwise every parameter was stepped in the backward pass
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
 
-                # logging: sums over this step's micro-batches on every process, divided by the step's units
-                keys = sorted(logs)
-                summed = accelerator.reduce(torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=device) for k in keys]), "sum") if keys else []
-                totals = dict(zip(keys, [float(v) / max(units, 1) for v in summed]))
-                step_tokens = int(accelerator.reduce(torch.tensor(counts["tokens"], device=device), "sum"))
-                tokens_seen += step_tokens
-                run_tokens += step_tokens
-                elapsed = time.perf_counter() - t0
-                if dpo:
-                    loss_value = totals.get("dpo", 0.0)
-                    extra = {"dpo": loss_value, "reward_acc": totals.get("reward_acc", 0.0), "margin": totals.get("margin", 0.0)}
-                else:
-                    terms = cfg.terms()
-                    loss_value = sum(t.weight * totals.get(t.name, 0.0) for t in terms if t.weight)
-                    kd = [v for k, v in totals.items() if k != "sft"]
-                    # "kl" is the KD terms' unweighted sum; each term is also logged as loss/<name>
-                    extra = {"sft": totals.get("sft", 0.0), "kl": sum(kd), **{f"loss/{k}": v for k, v in totals.items()}}
-                rec = {
-                    "step": step + 1, "loss": loss_value, **extra, "lr": lr,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "tokens": tokens_seen, "tokens_per_s": run_tokens / max(elapsed, 1e-9),
-                    # this process's shapes (rows, padded width x rows, LM-head rows): for FLOP counts
-                    **{k: counts[k] for k in ("rows", "padded", "positions")},
-                }
-                history.append(rec)
-                if metrics_path and accelerator.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                done = step + 1
-                # the last step is checkpointed too, so a resumed multi-phase run skips finished phases
-                if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == total):
-                    accelerator.wait_for_everyone()
-                    if accelerator.is_main_process:
-                        ckpt.save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(scorer).model, opt, sched, history)
-                    accelerator.wait_for_everyone()
-                if on_step is not None:
-                    on_step(rec)
-                advance(1, info=f"loss {loss_value:.3f} {rec['tokens_per_s']:.0f} tok/s")
-    finally:  # a failed run leaves no hooks on the caller's model
-        for h in hooks:
-            h.remove()
-        undo_sparse()
+            # logging: sums over this step's micro-batches on every process, divided by the step's units
+            keys = sorted(logs)
+            summed = accelerator.reduce(torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=device) for k in keys]), "sum") if keys else []
+            totals = dict(zip(keys, [float(v) / max(units, 1) for v in summed]))
+            step_tokens = int(accelerator.reduce(torch.tensor(counts["tokens"], device=device), "sum"))
+            tokens_seen += step_tokens
+            run_tokens += step_tokens
+            elapsed = time.perf_counter() - t0
+            if dpo:
+                loss_value = totals.get("dpo", 0.0)
+                extra = {"dpo": loss_value, "reward_acc": totals.get("reward_acc", 0.0), "margin": totals.get("margin", 0.0)}
+            else:
+                terms = cfg.terms()
+                loss_value = sum(t.weight * totals.get(t.name, 0.0) for t in terms if t.weight)
+                kd = [v for k, v in totals.items() if k != "sft"]
+                # "kl" is the KD terms' unweighted sum; each term is also logged as loss/<name>
+                extra = {"sft": totals.get("sft", 0.0), "kl": sum(kd), **{f"loss/{k}": v for k, v in totals.items()}}
+            rec = {
+                "step": step + 1, "loss": loss_value, **extra, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens": tokens_seen, "tokens_per_s": run_tokens / max(elapsed, 1e-9),
+                # this process's shapes (rows, padded width x rows, LM-head rows): for FLOP counts
+                **{k: counts[k] for k in ("rows", "padded", "positions")},
+            }
+            history.append(rec)
+            if metrics_path and accelerator.is_main_process:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            done = step + 1
+            # the last step is checkpointed too, so a resumed multi-phase run skips finished phases
+            if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == total):
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    ckpt.save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(scorer).model, opt, sched, history)
+                accelerator.wait_for_everyone()
+            if on_step is not None:
+                on_step(rec)
+            advance(1, info=f"loss {loss_value:.3f} {rec['tokens_per_s']:.0f} tok/s")
     student.eval()
     return history
 

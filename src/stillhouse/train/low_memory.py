@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
@@ -29,20 +30,35 @@ TRIM_THRESHOLD = 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
-def problem(grad_clip: float, micro_batches: bool, world: int = 1) -> str | None:
+def problem(grad_clip: float, batch_size: int, micro_batch_size: int, world: int = 1) -> str | None:
     """Why stepping in the backward pass cannot honour these settings, or None."""
     if world > 1:
         return "it needs one process (data parallelism reduces gradients after the backward pass)"
-    if micro_batches:
+    if 0 < micro_batch_size < batch_size:
         return "it needs one micro-batch per step (micro_batch_size: 0): accumulation keeps every gradient"
     if grad_clip:
         return "global-norm clipping needs every gradient at once: set grad_clip: 0"
     return None
 
 
-def check(grad_clip: float, micro_batches: bool, world: int) -> None:
-    if why := problem(grad_clip, micro_batches, world):
+def check(grad_clip: float, batch_size: int, micro_batch_size: int, world: int) -> None:
+    if why := problem(grad_clip, batch_size, micro_batch_size, world):
         raise StillhouseError(f"low_memory: {why}")
+
+
+@contextlib.contextmanager
+def applied(model: torch.nn.Module, optimizer):
+    """All three measures for the duration of a training run; the hooks and the sparse
+    embedding are undone on the way out, also when the run fails."""
+    hooks = step_in_backward(model, optimizer)
+    undo_sparse = sparse_tied_embedding(model)
+    return_freed_memory()
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        undo_sparse()
 
 
 def step_in_backward(model: torch.nn.Module, optimizer) -> list:
