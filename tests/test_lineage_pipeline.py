@@ -25,7 +25,7 @@ from stillhouse.lineage import load_lineage, obligations, teacher_shares
 from stillhouse.lineage.policy import plan_sources
 from stillhouse.recipe import builtin_recipe, load_recipe, parse_recipe
 
-from test_pipeline_tiny import EVAL, TASK_CFG, TRAIN, _train_teacher
+from test_pipeline_tiny import PROBLEMS, _train_teacher
 from support import module_env, one_thread
 
 
@@ -59,7 +59,7 @@ def two_stage(g: Path, a: Path, policy: dict | None = None) -> dict:
         "name": "tiny-two-stage",
         "models": {"gemma": str(g), "smol": str(a)},
         "stages": {
-            "problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
+            "problems": PROBLEMS,
             "gemma_traces": {**rej, "teacher": "gemma"},
             "gemma_for_smol": {"type": "mix", "datasets": ["gemma_traces"], "tokenizer": "smol"},
             "student1": {"type": "train", "student": "smol", "data": "gemma_for_smol", "sft_weight": 1.0, "kd_weight": 0.0,
@@ -181,7 +181,7 @@ def test_policy_reads_the_lineage_of_a_model_made_by_another_run(run, tmp_path, 
     """student1 of the two-stage run, used as a plain path by a new recipe, still carries the Gemma terms."""
     student1 = str(run["results"]["student1"].path)
     recipe = {"name": "reuse", "policy": {"deny": ["gemma"]}, "models": {"s1": student1},
-              "stages": {"problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
+              "stages": {"problems": PROBLEMS,
                          "again": {"type": "rejection", "teacher": "s1", "tasks": "problems"}}}
     msg = _refused(tmp_path, recipe, "refuses stage 'again'")
     assert str(run["gemma"].resolve()) in msg and "gemma-terms-of-use" in msg and "through s1" in msg

@@ -33,6 +33,10 @@ from conftest import assert_report, build_tiny_model, build_tokenizer
 TASK_CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 TRAIN = {"size": 8, "seed": 1}
 EVAL = {"size": 4, "seed": 1000}
+# the tasks and rejection stages the tiny recipes of several test modules share
+PROBLEMS = {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL}
+TRACES = {"type": "rejection", "teacher": "teacher", "tasks": "problems", "samples": 2, "temperature": 1.0,
+          "max_new_tokens": 4, "keep_per_problem": 2, "top_k_logprobs": 8, "batch_size": 8}
 MEMORISED = 6  # the teacher learns the first 6 training problems, not the last 2
 
 
@@ -41,10 +45,8 @@ def _recipe(teacher_dir: Path, distill_epochs: float = 2) -> dict:
         "name": "tiny-pipeline",
         "models": {"teacher": str(teacher_dir)},
         "stages": {
-            "problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
-            "traces": {"type": "rejection", "teacher": "teacher", "tasks": "problems", "samples": 2,
-                       "temperature": 1.0, "max_new_tokens": 4, "keep_per_problem": 2, "top_k_logprobs": 8,
-                       "batch_size": 8},
+            "problems": PROBLEMS,
+            "traces": TRACES,
             "pruned": {"type": "prune", "model": "teacher", "calibration": "traces", "layers": 2},
             "pruned_loss": {"type": "prune", "model": "teacher", "calibration": "traces", "layers": 3,
                             "method": "loss", "protect": [0]},
@@ -290,8 +292,7 @@ def test_changed_stage_recomputes_only_downstream(pipeline, tmp_path):
 
 
 def test_force_recomputes_with_the_same_id(tmp_path, monkeypatch):
-    d = {"name": "tasks-only", "stages": {"problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG,
-                                                        "train": TRAIN, "eval": EVAL}}}
+    d = {"name": "tasks-only", "stages": {"problems": PROBLEMS}}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(d))
     ws = tmp_path / "ws"

@@ -23,7 +23,7 @@ from stillhouse.runner import Runner
 from stillhouse.serve import ServerThread, build_app
 
 from support import module_env, one_thread
-from test_pipeline_tiny import EVAL, TASK_CFG, TRAIN, _train_teacher
+from test_pipeline_tiny import PROBLEMS, _train_teacher
 
 SECRET = "sk-test-" + "Q7" * 16
 PRICE = {"input_per_mtok": 2.0, "output_per_mtok": 8.0}
@@ -31,7 +31,7 @@ PRICE = {"input_per_mtok": 2.0, "output_per_mtok": 8.0}
 
 def _stages(teacher_ref: str) -> dict:
     return {
-        "problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
+        "problems": PROBLEMS,
         "traces": {"type": "rejection", "teacher": teacher_ref, "tasks": "problems", "samples": 0,
                    "max_new_tokens": 4, "top_k_logprobs": 4, "batch_size": 8},
     }

@@ -15,7 +15,7 @@ from stillhouse.errors import StillhouseError
 from stillhouse.recipe import parse_recipe
 from stillhouse.train.stages import _pairs
 
-from test_pipeline_tiny import TASK_CFG, TRAIN, EVAL, _train_teacher
+from test_pipeline_tiny import PROBLEMS, TRACES, _train_teacher
 from support import module_env
 
 
@@ -29,10 +29,8 @@ def run(tmp_path_factory):
             "name": "train-stages",
             "models": {"teacher": str(teacher)},
             "stages": {
-                "problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
-                "traces": {"type": "rejection", "teacher": "teacher", "tasks": "problems", "samples": 2,
-                           "temperature": 1.0, "max_new_tokens": 4, "keep_per_problem": 2, "top_k_logprobs": 8,
-                           "batch_size": 8},
+                "problems": PROBLEMS,
+                "traces": TRACES,
                 "narrow": {"type": "prune", "model": "teacher", "calibration": "traces", "mlp_channels": 40, "kv_heads": 1},
                 "fresh": {"type": "scratch", "teacher": "teacher", "layers": 2, "hidden_size": 16, "heads": 2},
                 "adapted": {"type": "train", "student": "narrow", "data": "traces", "epochs": 2, "batch_size": 4,

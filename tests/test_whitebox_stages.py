@@ -21,7 +21,7 @@ from stillhouse.train.logit_cache import FORMAT, LogitCache
 
 from conftest import build_tiny_model
 from test_cross_tokenizer import build_merged_tokenizer
-from test_pipeline_tiny import EVAL, TASK_CFG, TRAIN, _train_teacher
+from test_pipeline_tiny import PROBLEMS, _train_teacher
 from support import module_env
 
 
@@ -30,7 +30,7 @@ def _recipe(teacher_dir: Path, other_dir: Path) -> dict:
         "name": "tiny-whitebox",
         "models": {"teacher": str(teacher_dir), "other": str(other_dir)},
         "stages": {
-            "problems": {"type": "tasks", "task": "chain_sum", "config": TASK_CFG, "train": TRAIN, "eval": EVAL},
+            "problems": PROBLEMS,
             "traces": {"type": "rejection", "teacher": "teacher", "tasks": "problems", "samples": 2,
                        "temperature": 1.0, "max_new_tokens": 4, "keep_per_problem": 2, "batch_size": 8},
             "pruned": {"type": "prune", "model": "teacher", "calibration": "traces", "layers": 2},
