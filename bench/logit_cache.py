@@ -154,7 +154,7 @@ def main() -> int:
     print(f"\nk=128: stillhouse {ours[2]:.1f} B/tok at KL err {ours[3]:.5f}; reference {ref[2]:.1f} B/tok at {ref[3]:.5f} "
           f"(bytes ratio {ours[2] / ref[2]:.2f}; target <= 100 B/tok at err <= reference)")
     if args.entropy:
-        id_entropy(*topk_signal(full, 128)[:2])
+        id_entropy(*topk_signal(full, 128))
     return 0
 
 
@@ -167,12 +167,12 @@ def _h0(x) -> float:
     return float(-(f * np.log2(f)).sum())
 
 
-def id_entropy(values: torch.Tensor, ids: torch.Tensor) -> None:
+def id_entropy(values: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor) -> None:
     """What the ids of a top-k cache can cost at best: empirical entropies under a few models,
     every model's table free (fitted to these very ids, so these are optimistic bounds)."""
     import numpy as np
 
-    from stillhouse.train.logit_cache import Codec, IdTable
+    from stillhouse.train.logit_cache import Codec, IdTable, _from_planes, _pack_record, _prepare
 
     ids = ids.numpy().astype(np.int64)
     n, k = ids.shape
@@ -195,14 +195,10 @@ def id_entropy(values: torch.Tensor, ids: torch.Tensor) -> None:
     inc = np.diff(level, axis=1)
     lv = _h0(level[:, 0]) + _h0(inc) * (k - 1)
     rows.append(("the levels themselves (top level, then increments; order-0)", lv / k, lv / 8))
+    # the stream the writer stores, as integers (before byte planes and zstd)
     table = IdTable.build(ids)
-    number = table.numbers(ids.ravel()).reshape(n, k)
-    key = np.sort(level * len(table) + number, 1)
-    lvl, num = key // len(table), key % len(table)
-    new = np.ones_like(lvl, bool)
-    new[:, 1:] = lvl[:, 1:] != lvl[:, :-1]
-    prev = np.concatenate([np.full((n, 1), -1), num[:, :-1]], 1)
-    h = _h0(np.where(new, num, num - prev - 1))
+    rec = _pack_record(_prepare(codec, values, torch.from_numpy(ids), rest), table)
+    h = _h0(_from_planes(rec["ids"], rec["ids_hi"]))
     rows.append(("v2's id stream: numbers per level as increments, order-0", h, h * k / 8))
     print(f"\ntop-{k} ids, {len(table)} distinct: bits per id / bytes per token (tables free)")
     for what, bits, bpt in rows:
