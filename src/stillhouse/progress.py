@@ -18,7 +18,8 @@ from rich.progress import (
 )
 
 def _quiet() -> bool:
-    return os.environ.get("STILLHOUSE_QUIET", "") not in ("", "0")
+    # under a multi-process launcher only the main process (RANK 0) draws bars and logs
+    return os.environ.get("STILLHOUSE_QUIET", "") not in ("", "0") or os.environ.get("RANK", "0") not in ("", "0")
 
 
 class _Console(Console):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Callable
 
 from . import models as model_specs
 from .artifacts import Artifact, ArtifactStore, ArtifactWriter, artifact_id
+from .errors import StillhouseError
 from .progress import console
 from .recipe import STAGE_KIND, Recipe
 
@@ -159,31 +161,71 @@ class Runner:
 
     def run(self, only: list[str] | None = None) -> dict[str, Artifact]:
         from .lineage.policy import check_policy
+        from .processes import PARALLEL_STAGES, from_environment
 
         policy_notes = check_policy(self.recipe)  # refuses before any model loads
+        procs = from_environment()  # one process, or one of several under a launcher
         fns = _stage_functions()
         order = self.recipe.order()
         for i, name in enumerate(order, 1):
             stage = self.recipe.stages[name]
             kind = STAGE_KIND[stage.type]
             aid, cfg, parents = self._key(name)
-            existing = self.store.get(kind, aid)
-            if existing is not None and not self.force:
+            # the main process decides, so every process takes the same branch
+            reuse = procs.from_main(self.store.get(kind, aid) is not None and not self.force)
+            if reuse:
                 console.print(f"[dim][{i}/{len(order)}] {name} ({stage.type}): reusing {kind}/{aid}[/dim]")
-                self.results[name] = existing
+                self.results[name] = self._shared(kind, aid, name)
                 continue
             console.rule(f"[{i}/{len(order)}] {name} ({stage.type})")
             start = time.perf_counter()
             inputs = {fld: self.results[ref] for fld, ref, _ in self.recipe.refs(name) if ref in self.recipe.stages}
-            # Resumable stages keep their unfinished work across a crash or Ctrl-C; --force discards it.
-            resumable = getattr(fns[stage.type], "resumable", False)
-            if self.force:
-                shutil.rmtree(self.store.partial_path(kind, aid), ignore_errors=True)
-            with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents, recipe=self.recipe.name, resumable=resumable) as out:
-                out.extra.update(policy_notes.get(name, {}))
-                ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
-                fns[stage.type](ctx)
-                ctx.record_teacher_usage()
-            self.results[name] = self.store.get(kind, aid)
+            parallel = stage.type in PARALLEL_STAGES
+            if procs.main:
+                try:
+                    self._write(fns[stage.type], name, stage, kind, aid, cfg, parents, inputs, policy_notes.get(name, {}))
+                except BaseException as e:
+                    # the others wait for this stage's outcome; in a parallel stage they are
+                    # inside the same collectives and the launcher stops them
+                    if procs.many and not parallel:
+                        _tell_others(procs, f"{type(e).__name__}: {e}")
+                    raise
+            elif parallel:
+                self._scratch(fns[stage.type], name, stage, aid, kind, inputs)
+            failed = procs.from_main(None)  # the main process has its artifact (or an error) by now
+            if failed:
+                raise StillhouseError(f"stage '{name}' failed on the main process: {failed}")
+            self.results[name] = self._shared(kind, aid, name)
             console.print(f"{name}: wrote {kind}/{aid} in {time.perf_counter() - start:.1f}s")
         return self.results
+
+    def _write(self, fn, name, stage, kind, aid, cfg, parents, inputs, notes) -> None:
+        # Resumable stages keep their unfinished work across a crash or Ctrl-C; --force discards it.
+        resumable = getattr(fn, "resumable", False)
+        if self.force:
+            shutil.rmtree(self.store.partial_path(kind, aid), ignore_errors=True)
+        with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents,
+                               recipe=self.recipe.name, resumable=resumable) as out:
+            out.extra.update(notes)
+            ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
+            fn(ctx)
+            ctx.record_teacher_usage()
+
+    def _scratch(self, fn, name, stage, aid, kind, inputs) -> None:
+        """A parallel stage on a process other than the main one: the same work, its files discarded."""
+        with tempfile.TemporaryDirectory(prefix=f"stillhouse-{name}-") as tmp:
+            fn(StageContext(name, stage, inputs, ArtifactWriter(Path(tmp), kind, aid), self, self.recipe.name))
+
+    def _shared(self, kind: str, aid: str, name: str) -> Artifact:
+        art = self.store.get(kind, aid)
+        if art is None:  # only a process that does not see the main process's files gets here
+            raise StillhouseError(f"stage '{name}': artifact {kind}/{aid} is not in workspace {self.workspace} on this "
+                                  "process; every process of a launched run needs the same workspace (a shared file system)")
+        return art
+
+
+def _tell_others(procs, error: str) -> None:
+    try:
+        procs.from_main(error)
+    except Exception:  # the others are gone already: nothing to tell
+        pass

@@ -345,14 +345,14 @@ def train(
     latest one. `metrics_path` gets one JSON line per step. `on_step(record)` is called after
     every step (on every process).
     """
-    from accelerate import Accelerator
+    from ..processes import accelerator as default_accelerator
 
     dpo = cfg.objective == "dpo"
     if cfg.objective not in ("distill", "dpo"):
         raise StillhouseError(f"unknown training objective '{cfg.objective}' (distill, dpo)")
     if not dpo and needs_teacher(cfg.terms()) and teacher is None and any(e.topk_ids is None for e in examples):
         raise ValueError("a KD loss term needs a teacher model or a cached teacher signal on every example")
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or default_accelerator()
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     if dpo:

@@ -1,0 +1,88 @@
+"""A recipe under a multi-process launcher (torchrun, `accelerate launch`): who runs what.
+
+Every process runs the same recipe, stage by stage, and they agree on each stage through the
+main process:
+- a `train` stage runs on every process (data parallel through accelerate, each process
+  training its share of every batch); only the main process writes the artifact, the others
+  write into a scratch directory that is thrown away;
+- every other stage (data engine, pruning, scoring, evaluation) runs on the main process
+  alone while the others wait, then read its artifact. Two processes sampling the same
+  teacher would only duplicate work and race on the same files.
+
+Waiting goes through a gloo group of its own with a timeout of days: a data-engine stage can
+run for hours, far longer than a collective's default timeout. The workspace must be one
+directory that every process sees (on several nodes: a shared file system).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+# stage types whose work is split over the processes
+PARALLEL_STAGES = frozenset({"train"})
+_WAIT = timedelta(days=7)
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+@dataclass
+class Processes:
+    rank: int = 0
+    world: int = 1
+    _group: object = None  # the gloo group the processes wait on
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def many(self) -> bool:
+        return self.world > 1
+
+    def from_main(self, value):
+        """The main process's `value`, on every process (every process must call this)."""
+        if not self.many:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+
+def _cpu_only() -> bool:
+    """Whether accelerate must be told `cpu=True`: without it, a launched run on a machine
+    with no CUDA device stays single-process in every process (each trains the whole batch)."""
+    import torch
+
+    return launched_world_size() > 1 and not torch.cuda.is_available()
+
+
+def accelerator():
+    """The Accelerator a training loop uses when its caller gives none."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=_cpu_only())
+
+
+def from_environment() -> Processes:
+    """The processes of this run. Under a launcher this joins the default process group
+    (accelerate's PartialState, which the training loop's Accelerator then reuses) and opens
+    the long-timeout group for waiting."""
+    if launched_world_size() == 1:
+        return Processes()
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_cpu_only())
+    if state.num_processes == 1:
+        return Processes()
+    return Processes(state.process_index, state.num_processes, dist.new_group(backend="gloo", timeout=_WAIT))
