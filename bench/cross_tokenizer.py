@@ -35,7 +35,8 @@ def main() -> int:
     from stillhouse.scoring import selected_logits
     from stillhouse.teachers.base import SamplingParams
     from stillhouse.teachers.hf import HFTeacher
-    from stillhouse.train.cross_tokenizer import CrossConfig, _student_batch, prepare, train_cross, uld_distance
+    from stillhouse.train.cross_tokenizer import CrossConfig, prepare, train_cross, uld_distance
+    from stillhouse.train.loop import collate
     from stillhouse.train.losses import cross_entropy
     from stillhouse.verify.reasoning_gym import problems
 
@@ -53,14 +54,14 @@ def main() -> int:
     s_tok, t_tok = student.tokenizer, teacher.tokenizer
     prep_train = prepare(s_tok, t_tok, teacher.model, train_recs, cfg)
     prep_held = prepare(s_tok, t_tok, teacher.model, held, cfg)
-    aligned = sum(len(a) for _, a, _ in prep_held) / max(1, sum(len(s.completion_ids) for s, _, _ in prep_held))
+    aligned = sum(len(e.sorted_rows) for e in prep_held) / max(1, sum(len(e.input_ids) - e.n_prompt for e in prep_held))
     print(f"{len(train_recs)} train / {len(held)} held-out teacher answers, {aligned:.0%} of student tokens aligned; "
           f"set-up {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     del teacher
 
     def perplexity(model) -> float:
         with torch.no_grad():
-            ids, attn, predict, targets, _ = _student_batch(prep_held, s_tok.pad_token_id, cfg.max_length)
+            ids, attn, predict, targets, _ = collate(prep_held, s_tok.pad_token_id)
             return math.exp(cross_entropy(selected_logits(model, ids, attn, predict), targets).item())
 
     rows = [("initial student", perplexity(student.model), uld_distance(student.model, s_tok.pad_token_id, prep_held, cfg), 0.0)]

@@ -1,7 +1,7 @@
 """A whole recipe under a multi-process launcher (torchrun, 2 CPU processes over gloo).
 
-The data and model stages run once, on the main process; the train stage runs on both, each
-process training half of every batch; the result matches a single-process run of the same
+The data and model stages run once, on the main process; the train and cross-tokenizer
+stages run on both, each process training half of every batch; the result matches a single-process run of the same
 recipe. A stage that fails on the main process stops both with its error.
 """
 
@@ -21,7 +21,10 @@ from stillhouse.artifacts import ArtifactWriter
 from stillhouse.processes import Processes
 from stillhouse.recipe import load_recipe
 from stillhouse.runner import Runner
+from stillhouse import models
 from support import free_port, module_env
+from conftest import build_tiny_model
+from test_cross_tokenizer import build_merged_tokenizer
 from test_pipeline_tiny import PROBLEMS, TRACES, _train_teacher
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -30,13 +33,16 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def _recipe(teacher_dir: Path, prune_layers: int = 2) -> dict:
     return {
         "name": "tiny-launched",
-        "models": {"teacher": str(teacher_dir)},
+        "models": {"teacher": str(teacher_dir), "other": str(teacher_dir.parent / "other")},
         "stages": {
             "problems": PROBLEMS,
             "traces": TRACES,
             "pruned": {"type": "prune", "model": "teacher", "calibration": "traces", "layers": prune_layers},
             "distilled": {"type": "train", "student": "pruned", "data": "traces", "epochs": 2, "batch_size": 4,
                           "lr": 1e-3, "seed": 3},
+            # a student with another tokenizer: trains through the same loop, split the same way
+            "xtok": {"type": "cross_tokenizer", "student": "other", "teacher": "teacher", "data": "traces",
+                     "epochs": 2, "batch_size": 4, "top_k": 16, "lr": 1e-3},
             "evaluation": {"type": "eval", "tasks": "problems", "teacher": "teacher", "models": {"distilled": "distilled"},
                            "max_new_tokens": 4, "batch_size": 4, "speed_batch": 4, "memory": False},
         },
@@ -60,6 +66,10 @@ def launched(tmp_path_factory):
     root = tmp_path_factory.mktemp("launched")
     with module_env(root):
         _train_teacher(root / "teacher")
+        tok = build_merged_tokenizer()
+        models.prepare_tokenizer(tok)
+        build_tiny_model(tok, seed=5, layers=2).save_pretrained(root / "other")
+        tok.save_pretrained(root / "other")
     recipe = root / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(root / "teacher"), sort_keys=False))
     single = _run(root, recipe, root / "ws-single", 1)
@@ -93,16 +103,17 @@ def test_launched_train_stage_splits_batches_and_matches_one_process(launched):
     assert launched["multi"].returncode == 0, launched["multi"].stderr[-3000:]
     root = launched["root"]
 
-    def history(ws):
-        art = _artifacts(ws)["distilled"]
+    def history(ws, stage):
+        art = _artifacts(ws)[stage]
         return [json.loads(x) for x in (ws / "model" / art["id"] / "metrics.jsonl").read_text().splitlines()]
 
-    one, two = history(root / "ws-single"), history(root / "ws-multi")
-    assert len(one) == len(two) > 1
-    for a, b in zip(one, two):
-        assert b["tokens"] == a["tokens"]
-        assert b["rows"] == math.ceil(a["rows"] / 2)  # the main process trained half of every batch
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    for stage in ("distilled", "xtok"):
+        one, two = history(root / "ws-single", stage), history(root / "ws-multi", stage)
+        assert len(one) == len(two) > 1
+        for a, b in zip(one, two):
+            assert b["tokens"] == a["tokens"]
+            assert b["rows"] == math.ceil(a["rows"] / 2)  # the main process trained half of every batch
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     # the data stages ran once: both runs scored the same traces
     single, multi = _artifacts(root / "ws-single"), _artifacts(root / "ws-multi")
     assert multi["traces"]["counts"] == single["traces"]["counts"]
@@ -162,7 +173,7 @@ def test_other_processes_run_only_parallel_stages_and_read_the_rest(launched, mo
     # the main process's answers, per stage: rerun it (not reuse), then "finished"
     monkeypatch.setattr(processes, "from_environment", lambda: _Follower([False, None] * len(recipe.stages)))
     results = Runner(recipe, ws, force=True).run()
-    assert list(calls) == ["distilled"]
+    assert list(calls) == ["distilled", "xtok"]
     assert isinstance(calls["distilled"], ArtifactWriter) and ws not in calls["distilled"].path.parents
     assert not calls["distilled"].path.exists()  # the scratch copy is gone
     assert {n: a.path.parent.parent for n, a in results.items()} == {n: ws for n in recipe.stages}

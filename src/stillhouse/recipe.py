@@ -329,6 +329,10 @@ class CrossTokenizerStage(Strict):
     temperature: float = Field(1.0, gt=0)
     max_length: int = Field(256, gt=1)
     seed: int = 0
+    # the shared training loop's knobs (as a train stage's)
+    grad_clip: float = Field(1.0, ge=0)
+    micro_batch_size: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0)
 
 
 Stage = Annotated[

@@ -11,24 +11,22 @@ Two signals, both defined without a shared vocabulary:
    L1 / Wasserstein distance, `losses.sorted_wasserstein`).
 
 The teacher runs once, up front (no grad), and keeps only its top-k sorted probabilities at
-the aligned positions; training then needs the student alone in memory. This module has its
-own small loop because the shared loop (`loop.py`) scores one token sequence with both
-models, which is exactly what different tokenizers rule out.
+the aligned positions; those ride on the student's training examples (`Example.sorted_*`),
+so training holds the student alone and goes through the shared loop (`loop.train`, a
+"uld" loss term): accumulation, data parallelism, checkpoints and resume included.
 """
 
 from __future__ import annotations
 
-import math
-import random
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
-from ..progress import progress
 from ..scoring import right_pad, selected_logits
 from ..teachers.hf import encode_prompt, render_chat
-from .losses import cross_entropy, sorted_probs, sorted_wasserstein
+from .loop import Example, TrainConfig, collate, collate_sorted, train
+from .losses import sorted_probs, sorted_wasserstein
 
 
 @dataclass
@@ -42,6 +40,17 @@ class CrossConfig:
     temperature: float = 1.0
     max_length: int = 256
     seed: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 0
+    checkpoint_every: int = 0
+
+    def train_config(self) -> TrainConfig:
+        """The shared loop's settings: SFT plus ULD, each summed over the step's target tokens."""
+        terms = [{"name": "sft", "weight": self.sft_weight}, {"name": "uld", "weight": self.uld_weight}]
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, max_length=self.max_length,
+                           temperature=self.temperature, grad_clip=self.grad_clip, seed=self.seed,
+                           micro_batch_size=self.micro_batch_size, checkpoint_every=self.checkpoint_every,
+                           loss_terms=terms)
 
 
 @dataclass
@@ -97,11 +106,11 @@ def teacher_signal(teacher, pad_id: int, pairs: list[tuple[Side, Side, list]], c
     return out
 
 
-def prepare(student_tok, teacher_tok, teacher, records: list[tuple[list[dict], str]], cfg: CrossConfig):
-    """Tokenise every (messages, completion text) record for both sides, align, score the teacher.
-
-    Alignments are cut to what fits in max_length on both sides.
-    """
+def prepare(student_tok, teacher_tok, teacher, records: list[tuple[list[dict], str]], cfg: CrossConfig) -> list[Example]:
+    """The student's training examples for (messages, completion text) records: its own
+    tokens of the teacher's text, and (with uld_weight > 0) the teacher's sorted top-k
+    probabilities at the aligned tokens. Alignments are cut to what fits in max_length on
+    both sides."""
     items = []
     for messages, text in records:
         s = encode_side(student_tok, messages, text, student_tok.eos_token_id)
@@ -111,68 +120,33 @@ def prepare(student_tok, teacher_tok, teacher, records: list[tuple[list[dict], s
               len(s.prompt_ids) + i >= 1 and len(t.prompt_ids) + j >= 1]
         items.append((s, t, al))
     signal = teacher_signal(teacher, teacher_tok.pad_token_id, items, cfg) if cfg.uld_weight > 0 else [None] * len(items)
-    return [(s, al, sig) for (s, _, al), sig in zip(items, signal)]
+    out = []
+    for (s, _, al), sig in zip(items, signal):
+        e = Example(s.prompt_ids + s.completion_ids, len(s.prompt_ids))
+        if sig is not None:  # completion token i is target row i
+            e.sorted_rows, e.sorted_top, e.sorted_rest = [i for i, _ in al], sig[0], sig[1]
+        out.append(e)
+    return out
 
 
-def _student_batch(batch, pad_id: int, max_length: int):
-    seqs = [(s.prompt_ids + s.completion_ids)[:max_length] for s, _, _ in batch]
-    ids, attn = right_pad(seqs, pad_id)
-    predict = torch.zeros_like(ids, dtype=torch.bool)
-    aligned = torch.zeros_like(ids, dtype=torch.bool)
-    for r, ((s, al, _), seq) in enumerate(zip(batch, seqs)):
-        first = max(len(s.prompt_ids), 1)
-        predict[r, first - 1 : len(seq) - 1] = True
-        for i, _ in al:
-            aligned[r, len(s.prompt_ids) + i - 1] = True
-    targets = torch.full_like(ids, -100)
-    targets[:, :-1] = torch.where(predict[:, :-1], ids[:, 1:], -100)
-    return ids, attn, predict, targets[predict], aligned[predict]
-
-
-def uld_distance(student, pad_id: int, prepared, cfg: CrossConfig) -> float:
+@torch.no_grad()
+def uld_distance(student, pad_id: int, examples: list[Example], cfg: CrossConfig, batch_size: int = 16) -> float:
     """Mean sorted-probability distance to the teacher at aligned positions (evaluation)."""
-    with torch.no_grad():
-        ids, attn, predict, _, aligned = _student_batch(prepared, pad_id, cfg.max_length)
-        logits = selected_logits(student, ids, attn, predict)[aligned]
-        top = torch.cat([sig[0] for _, _, sig in prepared])
-        rest = torch.cat([sig[1] for _, _, sig in prepared])
-        return sorted_wasserstein(logits, top, rest, cfg.temperature).item()
+    total, rows = 0.0, 0
+    for b in range(0, len(examples), batch_size):
+        batch = [replace(e, input_ids=e.input_ids[: cfg.max_length]) for e in examples[b : b + batch_size]]
+        ids, attn, predict, _, _ = collate(batch, pad_id)
+        ranked = collate_sorted(batch)
+        logits = selected_logits(student, ids, attn, predict)[ranked.rows]
+        total += sorted_wasserstein(logits, ranked.top, ranked.rest, cfg.temperature, reduction="sum").item()
+        rows += len(ranked.rows)
+    return total / max(rows, 1)
 
 
-def train_cross(student, pad_id: int, prepared, cfg: CrossConfig, description: str = "Cross-tokenizer distillation") -> list[dict]:
-    """SFT on the student's tokens of the teacher's text, plus ULD at aligned positions."""
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    total = max(1, int(round(math.ceil(len(prepared) / cfg.batch_size) * cfg.epochs)))
-    student.train()
-    history, order, tokens_seen, start = [], [], 0, time.perf_counter()
-    with progress(description, total=total) as advance:
-        for step in range(total):
-            if not order:
-                order = list(range(len(prepared)))
-                rng.shuffle(order)
-            batch = [prepared[i] for i in order[: cfg.batch_size]]
-            order = order[cfg.batch_size :]
-            ids, attn, predict, targets, aligned = _student_batch(batch, pad_id, cfg.max_length)
-            logits = selected_logits(student, ids, attn, predict)
-            sft = cross_entropy(logits, targets)
-            loss = cfg.sft_weight * sft
-            uld = torch.zeros(())
-            if cfg.uld_weight > 0 and aligned.any():
-                top = torch.cat([sig[0] for _, _, sig in batch])
-                rest = torch.cat([sig[1] for _, _, sig in batch])
-                uld = sorted_wasserstein(logits[aligned], top, rest, cfg.temperature)
-                loss = loss + cfg.uld_weight * uld
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            opt.step()
-            tokens_seen += int(attn.sum())
-            rec = {"step": step + 1, "loss": loss.item(), "sft": sft.item(), "uld": uld.item(),
-                   "aligned_share": aligned.float().mean().item(), "tokens": tokens_seen,
-                   "tokens_per_s": tokens_seen / max(time.perf_counter() - start, 1e-9)}
-            history.append(rec)
-            advance(1, info=f"sft {rec['sft']:.3f} uld {rec['uld']:.3f}")
-    student.eval()
-    return history
+def train_cross(student, pad_id: int, examples: list[Example], cfg: CrossConfig,
+                description: str = "Cross-tokenizer distillation", checkpoint_dir: str | Path | None = None,
+                resume: bool = False, metrics_path: str | Path | None = None) -> list[dict]:
+    """SFT on the student's tokens of the teacher's text, plus ULD at aligned positions; the
+    shared loop's per-step history (`sft`, `loss/uld`, ...)."""
+    return train(student, examples, cfg.train_config(), pad_id, description=description,
+                 checkpoint_dir=checkpoint_dir, resume=resume, metrics_path=metrics_path)

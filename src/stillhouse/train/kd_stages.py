@@ -147,12 +147,18 @@ def run_cross_tokenizer(ctx) -> None:
     cfg = CrossConfig(**{f.name: getattr(c, f.name) for f in fields(CrossConfig)})
     # each side wraps the question in its own chat template; the completion text is shared
     records = [([{"role": "user", "content": r["question"]}], r["completion"]) for r in rows]
-    prepared = prepare(tok, t.tokenizer, t.model, records, cfg)
-    aligned = sum(len(al) for _, al, _ in prepared)
-    tokens = sum(len(s.completion_ids) for s, _, _ in prepared)
-    before = uld_distance(student_lm.model, tok.pad_token_id, prepared, cfg) if cfg.uld_weight > 0 else None
-    history = train_cross(student_lm.model, tok.pad_token_id, prepared, cfg)
-    after = uld_distance(student_lm.model, tok.pad_token_id, prepared, cfg) if cfg.uld_weight > 0 else None
+    examples = prepare(tok, t.tokenizer, t.model, records, cfg)
+    aligned = sum(len(e.sorted_rows or []) for e in examples)
+    tokens = sum(len(e.input_ids) - e.n_prompt for e in examples)
+    before = uld_distance(student_lm.model, tok.pad_token_id, examples, cfg) if cfg.uld_weight > 0 else None
+    # checkpoints live outside the artifact, under its id, as a train stage's do
+    ckpt_dir = ctx.runner.workspace / "checkpoints" / f"{ctx.name}-{ctx.out.id}"
+    try:
+        history = train_cross(student_lm.model, tok.pad_token_id, examples, cfg, checkpoint_dir=ckpt_dir,
+                              resume=getattr(ctx.runner, "resume", False), metrics_path=ckpt_dir / "metrics.jsonl")
+    except ValueError as e:
+        raise StillhouseError(f"stage '{ctx.name}': {e}") from None
+    after = uld_distance(student_lm.model, tok.pad_token_id, examples, cfg) if cfg.uld_weight > 0 else None
     entries = [({**d, "role": "sft-targets"}, c.sft_weight * d.get("token_share", 1.0))
                for d in ctx.inputs["data"].manifest.get("teachers", [])]
     if c.uld_weight > 0:
@@ -162,6 +168,7 @@ def run_cross_tokenizer(ctx) -> None:
     ctx.out.metrics.update(
         steps=len(history), aligned_share=round(aligned / max(1, tokens), 4), uld_before=before, uld_after=after,
         final_sft=round(sum(h["sft"] for h in tail) / max(1, len(tail)), 5),
+        tokens_per_s=round(history[-1]["tokens_per_s"], 1) if history else 0.0,
     )
     ctx.out.counts.update(train_records=len(rows), student_tokens=tokens, aligned_tokens=aligned)
     with open(ctx.out.path / "metrics.jsonl", "w") as f:

@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
 from . import low_memory
-from .losses import LossTerm, TopK, cross_entropy, mixture, needs_teacher, terms_from_weights
+from .losses import LossTerm, SortedProbs, TopK, cross_entropy, mixture, needs_sorted, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
 
 
@@ -79,6 +79,11 @@ class Example:
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
     topk_rest: list[float] | None = None  # probability mass outside the top-k (a logit cache has it)
+    # Cross-tokenizer signal (no shared ids): the target rows (0 = the token at n_prompt) where a
+    # teacher token starts at the same character, and the teacher's sorted top-k probabilities there.
+    sorted_rows: list[int] | None = None
+    sorted_top: torch.Tensor | None = None  # [len(sorted_rows), k]
+    sorted_rest: torch.Tensor | None = None  # [len(sorted_rows)]
 
 
 @dataclass
@@ -124,6 +129,21 @@ def collate(examples: list[Example], pad_id: int):
         rest = stack("topk_rest", torch.float32) if all(e.topk_rest is not None for e in examples) else None
         cached = TopK(stack("topk_ids", torch.long), stack("topk_logprobs", torch.float32), rest)
     return ids, attn, predict, targets[predict], cached
+
+
+def collate_sorted(examples: list[Example]) -> SortedProbs:
+    """The examples' sorted teacher rows, indexed into `collate`'s row-major target positions
+    (rows cut off by truncation, or without a predicting position, are dropped)."""
+    rows, tops, rests, offset = [], [], [], 0
+    for e in examples:
+        first = max(e.n_prompt, 1) - e.n_prompt  # with n_prompt == 0 the first token is never predicted
+        n = n_targets(e)
+        keep = [j for j, r in enumerate(e.sorted_rows) if first <= r < first + n]
+        rows += [offset + e.sorted_rows[j] - first for j in keep]
+        tops.append(e.sorted_top[keep])
+        rests.append(e.sorted_rest[keep])
+        offset += n
+    return SortedProbs(torch.tensor(rows, dtype=torch.long), torch.cat(tops).float(), torch.cat(rests).float())
 
 
 def n_targets(e: Example) -> int:
@@ -232,7 +252,12 @@ def _distill_terms(scorer, teacher, batch: list[Example], pad_id: int, cfg: Trai
         else:  # offline: top-k log-probs cached with the data or in a logit cache
             signal = TopK(cached.ids.to(device), cached.logprobs.to(device),
                           None if cached.rest is None else cached.rest.to(device))
-    loss, parts = mixture(terms, s_logits, targets, signal, temperature=cfg.temperature, reduction="sum")
+    ranked = None
+    if needs_sorted(terms):  # cross-tokenizer: the teacher's sorted probabilities at aligned rows
+        ranked = collate_sorted(batch)
+        ranked = SortedProbs(ranked.rows.to(device), ranked.top.to(device), ranked.rest.to(device))
+    loss, parts = mixture(terms, s_logits, targets, signal, temperature=cfg.temperature, reduction="sum",
+                          sorted_teacher=ranked)
     if "sft" not in parts:  # the SFT term is always logged, so a user sees when one term dwarfs another
         with torch.no_grad():
             parts["sft"] = cross_entropy(s_logits.detach(), targets, reduction="sum").item()
@@ -352,13 +377,15 @@ def train(
         raise StillhouseError(f"unknown training objective '{cfg.objective}' (distill, dpo)")
     if not dpo and needs_teacher(cfg.terms()) and teacher is None and any(e.topk_ids is None for e in examples):
         raise ValueError("a KD loss term needs a teacher model or a cached teacher signal on every example")
+    if not dpo and needs_sorted(cfg.terms()) and any(e.sorted_rows is None for e in examples):
+        raise ValueError("a uld loss term needs the teacher's sorted probabilities on every example (cross_tokenizer.prepare)")
     accelerator = accelerator or default_accelerator()
     device = accelerator.device
     torch.manual_seed(cfg.seed)
     if dpo:
         items = [p for p in examples if p.chosen_ids and p.rejected_ids]
     else:
-        items = [Example(e.input_ids[: cfg.max_length], e.n_prompt, e.topk_ids, e.topk_logprobs, e.topk_rest) for e in examples]
+        items = [replace(e, input_ids=e.input_ids[: cfg.max_length]) for e in examples]
         items = [e for e in items if n_targets(e) > 0]
     if not items:
         raise StillhouseError("nothing to train on: every example is empty or all prompt")

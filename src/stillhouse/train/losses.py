@@ -261,7 +261,7 @@ def sparse_forward_kl(student_logits, topk_ids, topk_logprobs, temperature: floa
 # -- mixtures from the recipe ----------------------------------------------------------------
 @dataclass(frozen=True)
 class LossTerm:
-    name: str  # "sft" or a key of DIVERGENCES
+    name: str  # "sft", a key of DIVERGENCES, or "uld" (cross-tokenizer, with a SortedProbs signal)
     weight: float = 1.0
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skew KLs
@@ -276,7 +276,13 @@ def terms_from_weights(sft_weight: float, kd_weight: float) -> list[LossTerm]:
 
 
 def needs_teacher(terms: list[LossTerm]) -> bool:
-    return any(t.name != "sft" and t.weight > 0 for t in terms)
+    """Whether a term compares against teacher logits or a cached top-k (same tokenizer)."""
+    return any(t.name not in ("sft", "uld") and t.weight > 0 for t in terms)
+
+
+def needs_sorted(terms: list[LossTerm]) -> bool:
+    """Whether a term compares against the teacher's sorted probabilities (cross-tokenizer)."""
+    return any(t.name == "uld" and t.weight > 0 for t in terms)
 
 
 def mixture(
@@ -287,11 +293,13 @@ def mixture(
     *,
     temperature: float = 1.0,
     reduction: str = "mean",
+    sorted_teacher: "SortedProbs | None" = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted sum of the terms, and each term's unweighted value for the log.
 
     Logging the terms apart shows when one is orders of magnitude smaller than another and
-    its weight does nothing.
+    its weight does nothing. A "uld" term reads `sorted_teacher` (its rows only: the
+    positions where the two tokenizations align).
     """
     total = student_logits.new_zeros((), dtype=torch.float32)
     parts: dict[str, float] = {}
@@ -300,6 +308,11 @@ def mixture(
             continue
         if term.name == "sft":
             value = cross_entropy(student_logits, targets, reduction=reduction)
+        elif term.name == "uld":
+            if sorted_teacher is None:
+                raise ValueError("loss term 'uld' needs the teacher's sorted probabilities")
+            value = sorted_wasserstein(student_logits[sorted_teacher.rows], sorted_teacher.top, sorted_teacher.rest,
+                                       temperature, reduction=reduction)
         else:
             if teacher is None:
                 raise ValueError(f"loss term '{term.name}' needs a teacher signal")
@@ -328,6 +341,16 @@ def policy_gradient(token_logprobs: torch.Tensor, advantages: torch.Tensor, mask
 
 
 # -- cross-tokenizer: no shared vocabulary ---------------------------------------------------
+@dataclass
+class SortedProbs:
+    """A teacher signal without token ids: at some of N positions (`rows`), the teacher's k
+    largest probabilities, sorted, and the mass beyond them."""
+
+    rows: torch.Tensor  # [M] long, indices into the N scored positions
+    top: torch.Tensor  # [M, k]
+    rest: torch.Tensor  # [M]
+
+
 def sorted_probs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest probabilities of each row, sorted (ids dropped), and the mass of the rest."""
     p = F.softmax(logits.float() / temperature, -1)
@@ -337,7 +360,7 @@ def sorted_probs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tupl
 
 def sorted_wasserstein(
     student_logits: torch.Tensor, teacher_top: torch.Tensor, teacher_rest: torch.Tensor,
-    temperature: float = 1.0, chunk: int = 1024,
+    temperature: float = 1.0, chunk: int = 1024, reduction: str = "mean",
 ) -> torch.Tensor:
     """Universal Logit Distillation (Boizard et al. 2024): the L1 distance between the two
     distributions' sorted probability vectors, which needs no shared vocabulary.
@@ -357,4 +380,4 @@ def sorted_wasserstein(
         if s_top.size(-1) < k:  # a student vocabulary smaller than k: zero-probability tail
             s_top = F.pad(s_top, (0, k - s_top.size(-1)))
         total = total + (s_top - t_top).abs().sum() + (s_rest - teacher_rest[sl].float()).abs().sum()
-    return total / n
+    return total if reduction == "sum" else total / n
