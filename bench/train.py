@@ -43,6 +43,9 @@ STUDENT_LAYERS = 15
 TOP_K = 64
 DATA_VERSION = 2  # bump when chat_examples changes
 SYSTEMS = ["trl-gkd", "trl-sft", "sh-kd-cached", "sh-kd-lowmem", "sh-kd-online", "sh-sft"]
+# also: "sh-kd-lora" and "sh-kd-qlora" (cached KD into LoRA adapters, r=16 on every linear
+# layer; QLoRA with the student's linear weights in NF4)
+ADAPTERS = {"sh-kd-lora": None, "sh-kd-qlora": "nf4"}
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -160,11 +163,13 @@ def worker(system: str, work: Path, batch: int, lr: float, steps: int) -> dict:
         result.update(trl_worker(system, work, data, info, batch, lr, steps))
     else:
         from stillhouse import models
+        from stillhouse.train import lora
         from stillhouse.train.loop import Example, TrainConfig, train
 
-        student = models.load(str(work / "student"))
+        student = models.load(str(work / "student"), quantize=ADAPTERS.get(system))
+        model = lora.add_lora(student.model, 16, 32) if system in ADAPTERS else student.model
         teacher = models.load(TEACHER).model if system == "sh-kd-online" else None
-        cached = system in ("sh-kd-cached", "sh-kd-lowmem")
+        cached = system in ("sh-kd-cached", "sh-kd-lowmem", *ADAPTERS)
         low = system == "sh-kd-lowmem"
         examples = [
             Example(ids, p, c["ids"] if cached else None, c["lp"] if cached else None)
@@ -175,10 +180,12 @@ def worker(system: str, work: Path, batch: int, lr: float, steps: int) -> dict:
                           sft_weight=0.0 if kd else 1.0, kd_weight=1.0 if kd else 0.0,
                           low_memory=low, grad_clip=0.0 if low else 1.0)
         t0, c0 = time.perf_counter(), time.process_time()
-        history = train(student.model, examples, cfg, student.tokenizer.pad_token_id, teacher=teacher)
+        history = train(model, examples, cfg, student.tokenizer.pad_token_id, teacher=teacher)
         seconds = time.perf_counter() - t0
         result.update(seconds=seconds, cpu_seconds=time.process_time() - c0, tokens=history[-1]["tokens"], final_loss=history[-1]["loss"],
-                      flops=step_flops(student.model.config, history), steps=len(history))
+                      steps=len(history))
+        if system not in ADAPTERS:  # (frozen weights get no gradient: the count below does not hold)
+            result["flops"] = step_flops(student.model.config, history)
         if teacher is not None:  # the teacher's forward: 2 x FLOPs, full width, LM head at counted rows
             tcfg = teacher.config
             result["flops"] += step_flops(tcfg, history) / 3

@@ -157,15 +157,28 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _from_dir(model_dir: Path, trust_remote_code: bool, dtype: torch.dtype):
+def _from_dir(model_dir: Path, trust_remote_code: bool, dtype: torch.dtype, **extra):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
     )
     return model, tok
+
+
+def _four_bit(quantize: str | None, dtype: torch.dtype) -> dict:
+    """from_pretrained arguments for 4-bit base weights (QLoRA) through bitsandbytes."""
+    if quantize is None:
+        return {}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise StillhouseError("4-bit weights (QLoRA) need bitsandbytes: pip install 'stillhouse[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
+                                                      bnb_4bit_compute_dtype=dtype), "device_map": device}
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, license: str = "unknown") -> Path:
@@ -243,21 +256,26 @@ def resolve(spec: str) -> tuple[Path | str, ModelIdentity]:
     raise StillhouseError(f"unknown model '{spec}': not a built-in ({known}), a directory, a .gguf file or a hub id")
 
 
-def load(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model and tokenizer from any spec stillhouse understands."""
+def load(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+         quantize: str | None = None) -> LoadedModel:
+    """Load a model and tokenizer from any spec stillhouse understands.
+
+    `quantize` ("nf4" or "fp4"): the linear layers' weights in 4 bits through bitsandbytes
+    (QLoRA's frozen base; the LM head and embeddings stay in `dtype`)."""
     target, identity = resolve(spec)
+    extra = _four_bit(quantize, dtype)
     if identity.source == "hub":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
             tok = AutoTokenizer.from_pretrained(target, trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
-                target, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+                target, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **extra
             )
         except OSError as e:
             raise StillhouseError(f"cannot load hub model '{spec}': {e}".splitlines()[0]) from None
     else:
-        model, tok = _from_dir(Path(target), trust_remote_code, dtype)
+        model, tok = _from_dir(Path(target), trust_remote_code, dtype, **extra)
     prepare_tokenizer(tok)
     model.eval()
     return LoadedModel(model, tok, identity)

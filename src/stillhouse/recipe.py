@@ -114,6 +114,8 @@ class LoraSpec(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     merge: bool = True  # fold the adapters into the saved weights (a plain HF model)
+    # QLoRA: the student's linear weights in 4 bits (bitsandbytes) while the adapters train
+    quantize: Literal["nf4", "fp4"] | None = None
 
 
 class ScratchStage(Strict):

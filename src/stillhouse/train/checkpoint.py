@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..errors import StillhouseError
 from ..fsutil import atomic_dir
@@ -27,7 +27,11 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history:
     root = Path(root)
     final = root / f"{PREFIX}{step:08d}"
     with atomic_dir(final) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        trained = _trained(model)
+        if trained is None:
+            save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        else:
+            save_file({n: p.detach().contiguous() for n, p in trained.items()}, str(tmp / "model.safetensors"))
         torch.save(
             {
                 "step": step,
@@ -42,6 +46,28 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history:
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _trained(model) -> dict | None:
+    """The trainable parameters when part of the model is frozen (LoRA, QLoRA): the rest is the
+    base the run starts from, loaded again on resume, and a 4-bit base does not round-trip
+    through a state dict. None when everything trains: the whole model is saved."""
+    named = dict(model.named_parameters())
+    if all(p.requires_grad for p in named.values()):
+        return None
+    return {n: p for n, p in named.items() if p.requires_grad}
+
+
+def _restore(model, path: Path) -> tuple[list[str], list[str]]:
+    """Load a checkpoint's weights in place; returns (missing, unexpected) tensor names."""
+    trained = _trained(model)
+    if trained is None:
+        return load_model(model, str(path), strict=False)
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for name in set(tensors) & set(trained):
+            trained[name].copy_(tensors[name])
+    return sorted(set(trained) - set(tensors)), sorted(set(tensors) - set(trained))
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -62,7 +88,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[
     path = Path(path)
     try:
         state = torch.load(path / "state.pt", weights_only=True)
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        missing, unexpected = _restore(model, path / "model.safetensors")
     except Exception as e:  # a checkpoint from another model or a damaged file
         raise StillhouseError(f"cannot resume from {path}: {e}") from None
     if missing or unexpected:

@@ -145,7 +145,8 @@ def run_train(ctx) -> None:
         t = ctx.model(c.teacher)
         teacher_model, kd_teacher_ident = t.model, t.identity.to_dict()
     # The student is loaded fresh (not from the runner's cache): training changes it in place.
-    student_lm = model_specs.load(ctx.runner.spec_of(c.student))
+    quantize = c.lora.quantize if c.lora is not None else None
+    student_lm = model_specs.load(ctx.runner.spec_of(c.student), quantize=quantize)
     tok = student_lm.tokenizer
     if not dpo:  # the student trains on the dataset's token ids: they must be its tokenizer's
         alignment.check_scored_text(tok, rows, f"stages.{ctx.name}.data")
@@ -162,7 +163,7 @@ def run_train(ctx) -> None:
         cache.check_student(tok, f"stages.{ctx.name}.logit_cache")
     model = student_lm.model
     if c.lora is not None:
-        model = lora.add_lora(model, c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules)
+        model = lora.add_lora(model, c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules, seed=c.seed)
         ctx.out.metrics["lora_trainable_share"] = round(lora.trainable_share(model), 5)
     # checkpoints live outside the artifact (which is only renamed into place when complete),
     # under the artifact's id: a resumed run with the same inputs and config finds them
@@ -206,7 +207,8 @@ def run_train(ctx) -> None:
     write_text_atomic(ctx.out.path / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     export_history(history, ctx.out.path, c.log_to, ctx.name)
     if c.lora is not None:
-        model = lora.finish_lora(model, c.lora.merge)
+        full = (lambda: model_specs.load(ctx.runner.spec_of(c.student)).model) if quantize else None
+        model = lora.finish_lora(model, c.lora.merge, full)
     _save_model(ctx, model, tok, _base_models_of(ctx, c.student))
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the model is saved; its checkpoints are spent
 
