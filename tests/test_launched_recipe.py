@@ -94,6 +94,7 @@ def test_launched_recipe_writes_every_artifact_once_and_nothing_else(launched):
     arts = _artifacts(ws)
     assert set(arts) == set(load_recipe(launched["recipe"]).stages)
     assert not [p for p in ws.rglob("*") if "partial" in p.name]
+    assert not list((ws / "checkpoints").iterdir())  # the trained models are saved: checkpoints spent
     # same inputs and config: the same content-addressed ids as the single-process run
     single = _artifacts(launched["root"] / "ws-single")
     assert {n: m["id"] for n, m in arts.items()} == {n: m["id"] for n, m in single.items()}

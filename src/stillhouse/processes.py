@@ -34,6 +34,12 @@ def launched_world_size() -> int:
         return 1
 
 
+def is_main_process() -> bool:
+    """Whether this is the launcher's rank 0 (or there is no launcher): the one that owns the
+    workspace's shared files (checkpoints, artifacts)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 @dataclass
 class Processes:
     rank: int = 0

@@ -210,7 +210,15 @@ def run_train(ctx) -> None:
         full = (lambda: model_specs.load(ctx.runner.spec_of(c.student)).model) if quantize else None
         model = lora.finish_lora(model, c.lora.merge, full)
     _save_model(ctx, model, tok, _base_models_of(ctx, c.student))
-    shutil.rmtree(ckpt_root, ignore_errors=True)  # the model is saved; its checkpoints are spent
+    spend_checkpoints(ckpt_root)
+
+
+def spend_checkpoints(root) -> None:
+    """The model is saved: its checkpoints are spent (the main process owns them under a launcher)."""
+    from ..processes import is_main_process
+
+    if is_main_process():
+        shutil.rmtree(root, ignore_errors=True)
 
 def _open_cache(ctx):
     """The logit cache a train stage names, checked against the stage's dataset and teacher."""
