@@ -86,22 +86,6 @@ def test_settings_it_cannot_honour_are_clear_errors(tiny, kw, match):
         low_memory.check(0.0, 4, 0, world=2)
 
 
-def test_only_a_tied_trainable_embedding_is_made_sparse(tiny):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    undo = low_memory.sparse_tied_embedding(tiny.model)
-    assert tiny.model.get_input_embeddings().sparse is True
-    undo()
-    assert tiny.model.get_input_embeddings().sparse is False
-    untied = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False))
-    low_memory.sparse_tied_embedding(untied)()
-    assert untied.get_input_embeddings().sparse is False
-    tiny.model.get_input_embeddings().weight.requires_grad_(False)  # e.g. frozen under LoRA
-    low_memory.sparse_tied_embedding(tiny.model)
-    assert tiny.model.get_input_embeddings().sparse is False
-
-
 def test_the_allocator_setting_takes_on_glibc():
     import platform
 

@@ -31,7 +31,7 @@ from ..errors import StillhouseError
 from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
-from . import low_memory
+from . import low_memory, tied_embedding
 from .losses import LossTerm, SortedProbs, TopK, cross_entropy, mixture, needs_sorted, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
 
@@ -58,7 +58,7 @@ class TrainConfig:
     # sft_weight * SFT + kd_weight * forward KL.
     loss_terms: list | None = None
     vocab_size: int | None = None  # compare logits on the tokenizer's real vocabulary (padded heads)
-    # Optimizer step inside the backward pass, sparse tied-embedding gradients and an allocator
+    # Optimizer step inside the backward pass and an allocator
     # that returns freed memory (train/low_memory.py): one process, one micro-batch, grad_clip 0.
     low_memory: bool = False
 
@@ -419,7 +419,9 @@ def train(
     tokens_seen = history[-1]["tokens"] if history else 0
     run_tokens, t0 = 0, time.perf_counter()
     saving = low_memory.applied(student, opt) if cfg.low_memory else contextlib.nullcontext()
-    with saving, progress(description, total=total) as advance:
+    # a tied embedding's gradient as the rows the batch used, not a vocabulary-wide copy
+    sparse_rows = tied_embedding.sparse_gradient(student, enabled=accelerator.num_processes == 1)
+    with saving, sparse_rows, progress(description, total=total) as advance:
         advance(start_step)
         for step in range(start_step, total):
             batch = plan[step]

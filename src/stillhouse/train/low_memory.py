@@ -1,13 +1,11 @@
-"""Low-memory training (`low_memory: true`): three measures that lower peak memory on one machine.
+"""Low-memory training (`low_memory: true`): two measures that lower peak memory on one machine,
+on top of the sparse tied-embedding gradient every single-process run gets (tied_embedding.py).
 
 1. The optimizer steps each parameter inside the backward pass, the moment its gradient is
    complete, and frees that gradient; the full set of gradients (4 bytes per parameter)
    never exists. The price: no global-norm clipping (it needs every gradient at once), one
    micro-batch per step, one process.
-2. A tied input embedding (the same matrix as the LM head) gets a sparse gradient for the
-   rows the batch looks up, instead of a dense vocabulary-sized one that is then added to
-   the LM head's: two [vocab, hidden] temporaries fewer at the end of every backward pass.
-3. glibc's allocator is told to serve blocks over 256 KiB with their own mappings and to
+2. glibc's allocator is told to serve blocks over 256 KiB with their own mappings and to
    return freed memory promptly. By default it raises that threshold as large tensors come
    and go, so the next step's activations and gradients land in a heap fragmented by the
    last step's, and the process keeps hundreds of MB it does not use. The cost is page
@@ -48,17 +46,15 @@ def check(grad_clip: float, batch_size: int, micro_batch_size: int, world: int) 
 
 @contextlib.contextmanager
 def applied(model: torch.nn.Module, optimizer):
-    """All three measures for the duration of a training run; the hooks and the sparse
-    embedding are undone on the way out, also when the run fails."""
+    """Both measures for the duration of a training run; the hooks are removed on the way
+    out, also when the run fails."""
     hooks = step_in_backward(model, optimizer)
-    undo_sparse = sparse_tied_embedding(model)
     return_freed_memory()
     try:
         yield
     finally:
         for h in hooks:
             h.remove()
-        undo_sparse()
 
 
 def step_in_backward(model: torch.nn.Module, optimizer) -> list:
@@ -76,22 +72,6 @@ def step_in_backward(model: torch.nn.Module, optimizer) -> list:
         p.grad = None
 
     return [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
-
-
-def sparse_tied_embedding(model: torch.nn.Module):
-    """Make a tied, trainable input embedding produce sparse gradients; returns an undo
-    function. An untied one is left alone: its gradient would stay sparse, which AdamW
-    refuses; tied, the LM head's dense gradient absorbs it."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and emb.weight is head.weight
-    if not (tied and emb.weight.requires_grad and isinstance(emb, torch.nn.Embedding)) or emb.sparse:
-        return lambda: None
-    emb.sparse = True
-
-    def undo():
-        emb.sparse = False
-
-    return undo
 
 
 def return_freed_memory() -> bool:
