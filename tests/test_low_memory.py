@@ -86,9 +86,15 @@ def test_settings_it_cannot_honour_are_clear_errors(tiny, kw, match):
         low_memory.check(0.0, 4, 0, world=2)
 
 
-def test_the_allocator_setting_takes_on_glibc():
+def test_the_allocator_settings_take_on_glibc(tiny):
     import platform
 
+    from stillhouse.train import allocator
+
+    with pytest.raises(StillhouseError, match="unknown allocator setting 'big' \\(reuse, system\\)"):
+        train(tiny.model, train_worker.examples(tiny.tokenizer, 4), train_worker.config(allocator="big"), tiny.tokenizer.pad_token_id)
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
-    assert low_memory.return_freed_memory() is True
+    # glibc refuses out-of-range values (mallopt returns 0): these are accepted
+    assert allocator.return_freed_memory() is True
+    assert allocator.keep_freed_memory() is True

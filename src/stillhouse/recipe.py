@@ -174,9 +174,12 @@ class TrainStage(Strict):
     # list of {name, weight, beta, alpha}. When set it replaces sft_weight / kd_weight.
     loss: list[LossTermSpec] | None = None
     logit_cache: str | None = None  # a cache_logits stage: the offline teacher signal
-    # optimizer step in the backward pass, sparse tied-embedding gradients, an allocator that
-    # returns freed memory (docs/training.md, "Low memory"); needs grad_clip: 0
+    # optimizer step in the backward pass and an allocator that returns freed memory
+    # (docs/training.md, "Low memory"); needs grad_clip: 0
     low_memory: bool = False
+    # reuse: glibc keeps a step's freed large blocks for the next step (faster, same peak);
+    # system: leave the allocator alone (train/allocator.py)
+    allocator: Literal["reuse", "system"] = "reuse"
 
     @model_validator(mode="after")
     def _low_memory_settings(self):

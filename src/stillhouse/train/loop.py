@@ -31,7 +31,7 @@ from ..errors import StillhouseError
 from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
-from . import low_memory, tied_embedding
+from . import allocator, low_memory, tied_embedding
 from .losses import LossTerm, SortedProbs, TopK, cross_entropy, mixture, needs_sorted, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
 
@@ -61,6 +61,9 @@ class TrainConfig:
     # Optimizer step inside the backward pass and an allocator
     # that returns freed memory (train/low_memory.py): one process, one micro-batch, grad_clip 0.
     low_memory: bool = False
+    # "reuse": glibc keeps a step's freed large blocks for the next step (train/allocator.py);
+    # "system": leave the allocator alone. low_memory uses its own setting.
+    allocator: str = "reuse"
 
     def terms(self) -> list[LossTerm]:
         if self.loss_terms is None:
@@ -392,6 +395,10 @@ def train(
     _check_vocab(student, None if dpo else teacher, items, cfg.vocab_size)
     if cfg.low_memory:
         low_memory.check(cfg.grad_clip, cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    elif cfg.allocator == "reuse":
+        allocator.keep_freed_memory()
+    elif cfg.allocator != "system":
+        raise StillhouseError(f"unknown allocator setting '{cfg.allocator}' (reuse, system)")
     if teacher is not None:
         teacher.eval()
     student.eval()

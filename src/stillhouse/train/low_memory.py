@@ -6,26 +6,20 @@ on top of the sparse tied-embedding gradient every single-process run gets (tied
    never exists. The price: no global-norm clipping (it needs every gradient at once), one
    micro-batch per step, one process.
 2. glibc's allocator is told to serve blocks over 256 KiB with their own mappings and to
-   return freed memory promptly. By default it raises that threshold as large tensors come
-   and go, so the next step's activations and gradients land in a heap fragmented by the
-   last step's, and the process keeps hundreds of MB it does not use. The cost is page
-   faults on fresh blocks: bench/train.py measures both sides.
+   return freed memory promptly (`allocator.return_freed_memory`), instead of keeping a
+   step's large blocks for the next one as the default loop does. The cost is page faults
+   on fresh blocks: bench/train.py measures both sides.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import sys
 
 import torch
 
 from ..errors import StillhouseError
+from .allocator import return_freed_memory
 
-MMAP_THRESHOLD = 256 * 1024
-TRIM_THRESHOLD = 1024 * 1024
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 def problem(grad_clip: float, batch_size: int, micro_batch_size: int, world: int = 1) -> str | None:
@@ -72,17 +66,3 @@ def step_in_backward(model: torch.nn.Module, optimizer) -> list:
         p.grad = None
 
     return [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
-
-
-def return_freed_memory() -> bool:
-    """Fix glibc's mmap threshold (and trim threshold) for this process; False where the C
-    library is not glibc. It cannot be undone to glibc's adaptive default, which is why it
-    is a training option and not something the library does on import."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
