@@ -78,6 +78,21 @@ def _train_teacher(out: Path) -> None:
     (out / "README.md").write_text("---\nlicense: mit\n---\n\n# tiny arithmetic teacher\n")
 
 
+def run_tiny(tmp_path_factory, name: str, stages: dict) -> dict:
+    """For other modules' fixtures: train the tiny teacher and run a recipe of PROBLEMS,
+    TRACES and `stages` on it; returns its root, results and the teacher's directory."""
+    root = tmp_path_factory.mktemp(name)
+    with module_env(root):
+        teacher = root / "teacher"
+        _train_teacher(teacher)
+        recipe = {"name": name, "models": {"teacher": str(teacher)},
+                  "stages": {"problems": PROBLEMS, "traces": TRACES, **stages}}
+        path = root / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        results = run_recipe(path, root / "ws")
+    return {"root": root, "results": results, "teacher": teacher}
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-pipeline")

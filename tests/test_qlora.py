@@ -9,42 +9,25 @@ import sys
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM
 
 from stillhouse import models
-from stillhouse.api import run_recipe
 from stillhouse.errors import StillhouseError
 
-from test_pipeline_tiny import PROBLEMS, TRACES, _train_teacher
-from support import module_env
+from test_pipeline_tiny import run_tiny
 
 pytest.importorskip("bitsandbytes")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qlora")
-    with module_env(root):
-        teacher = root / "teacher"
-        _train_teacher(teacher)
-        recipe = {
-            "name": "qlora",
-            "models": {"teacher": str(teacher)},
-            "stages": {
-                "problems": PROBLEMS,
-                "traces": TRACES,
-                "wide": {"type": "scratch", "teacher": "teacher", "layers": 2, "hidden_size": 64, "heads": 4,
-                         "intermediate_size": 128},
-                "q": {"type": "train", "student": "wide", "data": "traces", "epochs": 3, "batch_size": 4, "lr": 5e-3,
-                      "sft_weight": 1.0, "kd_weight": 0.0,
-                      "lora": {"r": 4, "alpha": 8, "quantize": "nf4", "target_modules": ["q_proj", "v_proj", "up_proj"]}},
-            },
-        }
-        path = root / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        results = run_recipe(path, root / "ws")
-    return {"root": root, "results": results}
+    return run_tiny(tmp_path_factory, "qlora", {
+        "wide": {"type": "scratch", "teacher": "teacher", "layers": 2, "hidden_size": 64, "heads": 4,
+                 "intermediate_size": 128},
+        "q": {"type": "train", "student": "wide", "data": "traces", "epochs": 3, "batch_size": 4, "lr": 5e-3,
+              "sft_weight": 1.0, "kd_weight": 0.0,
+              "lora": {"r": 4, "alpha": 8, "quantize": "nf4", "target_modules": ["q_proj", "v_proj", "up_proj"]}},
+    })
 
 
 def test_four_bit_load_quantises_the_linear_layers_only(run):

@@ -7,44 +7,27 @@ import json
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM
 
-from stillhouse.api import run_recipe
 from stillhouse.errors import StillhouseError
 from stillhouse.recipe import parse_recipe
 from stillhouse.train.stages import _pairs
 
-from test_pipeline_tiny import PROBLEMS, TRACES, _train_teacher
-from support import module_env
+from test_pipeline_tiny import run_tiny
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train-stages")
-    with module_env(root):
-        teacher = root / "teacher"
-        _train_teacher(teacher)
-        recipe = {
-            "name": "train-stages",
-            "models": {"teacher": str(teacher)},
-            "stages": {
-                "problems": PROBLEMS,
-                "traces": TRACES,
-                "narrow": {"type": "prune", "model": "teacher", "calibration": "traces", "mlp_channels": 40, "kv_heads": 1},
-                "fresh": {"type": "scratch", "teacher": "teacher", "layers": 2, "hidden_size": 16, "heads": 2},
-                "adapted": {"type": "train", "student": "narrow", "data": "traces", "epochs": 2, "batch_size": 4,
-                            "micro_batch_size": 2, "lr": 1e-3, "checkpoint_every": 1, "lora": {"r": 4, "alpha": 8}},
-                "from_scratch": {"type": "train", "student": "fresh", "data": "traces", "epochs": 1, "batch_size": 4,
-                                 "kd_weight": 0.0, "sft_weight": 1.0},
-                "lean": {"type": "train", "student": "narrow", "data": "traces", "epochs": 2, "batch_size": 4,
-                         "lr": 1e-3, "low_memory": True, "grad_clip": 0},
-            },
-        }
-        path = root / "recipe.yaml"
-        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        results = run_recipe(path, root / "ws")
-    return {"root": root, "results": results, "teacher": teacher}
+    return run_tiny(tmp_path_factory, "train-stages", {
+        "narrow": {"type": "prune", "model": "teacher", "calibration": "traces", "mlp_channels": 40, "kv_heads": 1},
+        "fresh": {"type": "scratch", "teacher": "teacher", "layers": 2, "hidden_size": 16, "heads": 2},
+        "adapted": {"type": "train", "student": "narrow", "data": "traces", "epochs": 2, "batch_size": 4,
+                    "micro_batch_size": 2, "lr": 1e-3, "checkpoint_every": 1, "lora": {"r": 4, "alpha": 8}},
+        "from_scratch": {"type": "train", "student": "fresh", "data": "traces", "epochs": 1, "batch_size": 4,
+                         "kd_weight": 0.0, "sft_weight": 1.0},
+        "lean": {"type": "train", "student": "narrow", "data": "traces", "epochs": 2, "batch_size": 4,
+                 "lr": 1e-3, "low_memory": True, "grad_clip": 0},
+    })
 
 
 def test_width_pruned_student_is_a_plain_hf_model(run):
