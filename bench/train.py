@@ -135,6 +135,26 @@ def matmul_peak_flops(size: int = 2048, reps: int = 8) -> tuple[float, float]:
     return best, best_cpu
 
 
+def layer_gemm_flops(hidden: int, intermediate: int, kv: int, rows: int, reps: int = 30) -> float:
+    """FLOP/s of one decoder layer's GEMMs (q, k, v, o, gate, up, down; forward, input and
+    weight gradients) at `rows` token rows, hot in cache: the ceiling for the matmuls of a
+    step at this batch, before any other work."""
+    import torch
+
+    flops = seconds = 0.0
+    for k, n in [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),
+                 (hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]:
+        x, w, g = torch.randn(rows, k), torch.randn(k, n), torch.randn(rows, n)
+        for fn in (lambda: x @ w, lambda: g @ w.t(), lambda: x.t() @ g):
+            fn()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                fn()
+            flops += 2 * rows * k * n
+            seconds += (time.perf_counter() - t0) / reps
+    return flops / seconds
+
+
 # -- workers (one subprocess each) -------------------------------------------------------------
 def step_flops(cfg, history: list[dict], lm_head_rows_key: str = "positions") -> float:
     """FLOPs performed by the student's training steps: 6 x params x padded tokens through the
@@ -259,6 +279,12 @@ def main() -> int:
           f"{info['targets'] / info['n']:.1f} of them targets); teacher top-{TOP_K} cache built in {info['cache_build_s']:.1f} s (one-off)")
     print(f"fp32 matmul peak (2048^3 GEMM, best of 8): {peak / 1e9:.0f} GFLOP/s, {peak_cpu / 1e9:.0f} GFLOP per CPU-second; "
           f"load average {os.getloadavg()[0]:.1f}")
+    rows = round(args.batch * info["tokens"] / info["n"])
+    sc = json.loads((work / "student" / "config.json").read_text())
+    kv = sc["hidden_size"] // sc["num_attention_heads"] * sc["num_key_value_heads"]
+    layer = layer_gemm_flops(sc["hidden_size"], sc["intermediate_size"], kv, rows)
+    print(f"one student layer's GEMMs at {rows} rows (batch x mean length), hot in cache: {layer / 1e9:.0f} GFLOP/s, "
+          f"{layer / peak:.0%} of the peak: the ceiling for the matmul share of a step")
     runs: dict[str, list[dict]] = {}
     for _ in range(args.repeat):
         for system in args.systems.split(","):
