@@ -17,9 +17,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .processes import is_main_process
+
+
 def _quiet() -> bool:
-    # under a multi-process launcher only the main process (RANK 0) draws bars and logs
-    return os.environ.get("STILLHOUSE_QUIET", "") not in ("", "0") or os.environ.get("RANK", "0") not in ("", "0")
+    # under a multi-process launcher only the main process draws bars and logs
+    return os.environ.get("STILLHOUSE_QUIET", "") not in ("", "0") or not is_main_process()
 
 
 class _Console(Console):

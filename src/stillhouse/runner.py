@@ -191,7 +191,7 @@ class Runner:
                         _tell_others(procs, f"{type(e).__name__}: {e}")
                     raise
             elif parallel:
-                self._scratch(fns[stage.type], name, stage, aid, kind, inputs)
+                self._scratch(fns[stage.type], name, stage, kind, aid, inputs)
             failed = procs.from_main(None)  # the main process has its artifact (or an error) by now
             if failed:
                 raise StillhouseError(f"stage '{name}' failed on the main process: {failed}")
@@ -211,7 +211,7 @@ class Runner:
             fn(ctx)
             ctx.record_teacher_usage()
 
-    def _scratch(self, fn, name, stage, aid, kind, inputs) -> None:
+    def _scratch(self, fn, name, stage, kind, aid, inputs) -> None:
         """A parallel stage on a process other than the main one: the same work, its files discarded."""
         with tempfile.TemporaryDirectory(prefix=f"stillhouse-{name}-") as tmp:
             fn(StageContext(name, stage, inputs, ArtifactWriter(Path(tmp), kind, aid), self, self.recipe.name))

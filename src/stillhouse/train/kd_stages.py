@@ -133,7 +133,7 @@ def run_cross_tokenizer(ctx) -> None:
     from .. import models as model_specs
     from ..lineage import merge_teachers
     from .cross_tokenizer import CrossConfig, prepare, train_cross, uld_distance
-    from .stages import _base_models_of, _save_model, spend_checkpoints
+    from .stages import _base_models_of, _save_model, checkpoint_root, spend_checkpoints
 
     c = ctx.config
     rows = [r for r in _dataset_rows(ctx) if r.get("passed", True)]
@@ -151,8 +151,7 @@ def run_cross_tokenizer(ctx) -> None:
     aligned = sum(len(e.sorted_rows or []) for e in examples)
     tokens = sum(len(e.input_ids) - e.n_prompt for e in examples)
     before = uld_distance(student_lm.model, tok.pad_token_id, examples, cfg) if cfg.uld_weight > 0 else None
-    # checkpoints live outside the artifact, under its id, as a train stage's do
-    ckpt_dir = ctx.runner.workspace / "checkpoints" / f"{ctx.name}-{ctx.out.id}"
+    ckpt_dir = checkpoint_root(ctx)
     try:
         history = train_cross(student_lm.model, tok.pad_token_id, examples, cfg, checkpoint_dir=ckpt_dir,
                               resume=getattr(ctx.runner, "resume", False), metrics_path=ckpt_dir / "metrics.jsonl")

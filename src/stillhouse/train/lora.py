@@ -48,7 +48,6 @@ def finish_lora(model, merge: bool, full_precision_base: Callable[[], object] | 
     return plain.merge_and_unload()
 
 
-
 def _numel(p) -> int:
     state = getattr(p, "quant_state", None)  # a 4-bit weight packs two values per stored byte
     return state.shape.numel() if state is not None else p.numel()

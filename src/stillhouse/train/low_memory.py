@@ -21,7 +21,6 @@ from ..errors import StillhouseError
 from .allocator import return_freed_memory
 
 
-
 def problem(grad_clip: float, batch_size: int, micro_batch_size: int, world: int = 1) -> str | None:
     """Why stepping in the backward pass cannot honour these settings, or None."""
     if world > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import fields, replace
+from pathlib import Path
 
 from .. import models as model_specs
 from ..records import read_rows
@@ -165,9 +166,7 @@ def run_train(ctx) -> None:
     if c.lora is not None:
         model = lora.add_lora(model, c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules, seed=c.seed)
         ctx.out.metrics["lora_trainable_share"] = round(lora.trainable_share(model), 5)
-    # checkpoints live outside the artifact (which is only renamed into place when complete),
-    # under the artifact's id: a resumed run with the same inputs and config finds them
-    ckpt_root = ctx.runner.workspace / "checkpoints" / f"{ctx.name}-{ctx.out.id}"
+    ckpt_root = checkpoint_root(ctx)
     resume = getattr(ctx.runner, "resume", False)
 
     def phase(name, examples, phase_cfg, description):
@@ -213,12 +212,20 @@ def run_train(ctx) -> None:
     spend_checkpoints(ckpt_root)
 
 
+def checkpoint_root(ctx) -> Path:
+    """Where a training stage keeps its checkpoints: outside the artifact (which is only renamed
+    into place when complete), under the artifact's id, so a resumed run with the same inputs
+    and config finds them."""
+    return ctx.runner.workspace / "checkpoints" / f"{ctx.name}-{ctx.out.id}"
+
+
 def spend_checkpoints(root) -> None:
     """The model is saved: its checkpoints are spent (the main process owns them under a launcher)."""
     from ..processes import is_main_process
 
     if is_main_process():
         shutil.rmtree(root, ignore_errors=True)
+
 
 def _open_cache(ctx):
     """The logit cache a train stage names, checked against the stage's dataset and teacher."""
