@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from pathlib import Path
 
@@ -39,3 +40,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a stillhouse run in another process: this checkout's sources, one
+    OpenMP thread per process, no progress output; `extra` variables on top."""
+    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "STILLHOUSE_QUIET": "1", **extra}

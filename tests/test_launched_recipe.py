@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +21,10 @@ from stillhouse.processes import Processes
 from stillhouse.recipe import load_recipe
 from stillhouse.runner import Runner
 from stillhouse import models
-from support import free_port, module_env
+from support import free_port, module_env, subprocess_env
 from conftest import build_tiny_model
 from test_cross_tokenizer import build_merged_tokenizer
 from test_pipeline_tiny import PROBLEMS, TRACES, _train_teacher
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
 
 def _recipe(teacher_dir: Path, prune_layers: int = 2) -> dict:
     return {
@@ -49,16 +45,14 @@ def _recipe(teacher_dir: Path, prune_layers: int = 2) -> dict:
     }
 
 
-def _env(root: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "STILLHOUSE_QUIET": "1",
-            "STILLHOUSE_CACHE": str(root / "cache")}
 
 
 def _run(root: Path, recipe: Path, ws: Path, processes: int) -> subprocess.CompletedProcess:
     cli = ["-m", "stillhouse.cli", "run", str(recipe), "--workspace", str(ws)]
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                                           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    return subprocess.run([sys.executable, *launcher, *cli], env=_env(root), capture_output=True, text=True, timeout=900)
+    env = subprocess_env(STILLHOUSE_CACHE=str(root / "cache"))
+    return subprocess.run([sys.executable, *launcher, *cli], env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ interrupted with Ctrl-C (SIGINT), then rerun; the final dataset equals an uninte
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,8 +17,8 @@ from stillhouse.api import run_recipe
 from stillhouse.artifacts import ArtifactStore
 from stillhouse.data.shards import Shards, run_units
 from stillhouse.records import read_rows
+from support import subprocess_env
 
-SRC = Path(__file__).resolve().parents[1] / "src"
 N_PROMPTS, SHARD = 96, 4
 UNITS = N_PROMPTS // SHARD
 
@@ -40,9 +39,8 @@ def _recipe(tmp_path: Path, model_dir: Path) -> Path:
 
 
 def _spawn(recipe: Path, ws: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "STILLHOUSE_QUIET": "1"}
     return subprocess.Popen([sys.executable, "-m", "stillhouse.cli", "run", str(recipe), "-w", str(ws)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _partial(ws: Path) -> Path | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 
 import train_worker
 from conftest import build_tiny_model
+from support import subprocess_env
 from stillhouse.errors import StillhouseError
 from stillhouse.train import checkpoint as ckpt
 from stillhouse.train.loop import (
@@ -26,9 +26,6 @@ from stillhouse.train.preference import dpo_losses, sequence_logprobs
 WORKER = Path(__file__).with_name("train_worker.py")
 
 
-def _env():
-    src = Path(__file__).resolve().parents[1] / "src"
-    return {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "STILLHOUSE_QUIET": "1"}
 
 
 def _grads(model, batch, cfg, pad, teacher=None):
@@ -85,7 +82,7 @@ def test_two_process_ddp_training_matches_single_process(tmp_path, tiny):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
          str(WORKER), str(tmp_path / "ddp")],
-        env=_env(), capture_output=True, text=True, timeout=600,
+        env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     ddp = json.loads((tmp_path / "ddp" / "history.json").read_text())
@@ -107,11 +104,11 @@ def test_two_process_ddp_training_matches_single_process(tmp_path, tiny):
 
 def test_resume_after_kill_9_reproduces_the_uninterrupted_loss_curve(tmp_path, tiny):
     out = tmp_path / "run"
-    killed = subprocess.run([sys.executable, str(WORKER), str(out), "--kill-at", "5"], env=_env(), capture_output=True, text=True, timeout=600)
+    killed = subprocess.run([sys.executable, str(WORKER), str(out), "--kill-at", "5"], env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "history.json").exists()
     assert [p.name for p in ckpt.list_checkpoints(out / "ckpt")] == ["step-00000004"]  # only the latest is kept
-    resumed = subprocess.run([sys.executable, str(WORKER), str(out), "--resume"], env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run([sys.executable, str(WORKER), str(out), "--resume"], env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = json.loads((out / "history.json").read_text())
 
