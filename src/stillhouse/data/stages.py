@@ -105,9 +105,6 @@ def run_rejection(ctx) -> None:
     ctx.out.extra["task"] = tasks.manifest["task"]
 
 
-run_rejection.resumable = True
-
-
 def _sum_stats(stats: list[dict], n_problems: int) -> dict:
     """Per-shard rejection statistics as totals and rates over the whole stage."""
     total = lambda k: sum(s.get(k) or 0 for s in stats)  # noqa: E731

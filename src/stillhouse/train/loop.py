@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,38 +32,19 @@ from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
 from . import allocator, low_memory, tied_embedding
+from .config import LoopSettings
 from .losses import LossTerm, SortedProbs, TopK, cross_entropy, mixture, needs_sorted, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
 
 
-@dataclass
-class TrainConfig:
-    epochs: float = 3.0
-    lr: float = 2e-4
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    batch_size: int = 16  # examples (or pairs) per optimizer step, over all processes
-    max_length: int = 256
-    sft_weight: float = 0.5
-    kd_weight: float = 0.5
-    temperature: float = 1.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    micro_batch_size: int = 0  # examples per forward pass; 0 = the whole per-process batch
-    objective: str = "distill"  # "distill" (SFT + KD) or "dpo" (preference pairs)
-    dpo_beta: float = 0.1
-    checkpoint_every: int = 0  # steps; 0 = no checkpoints
+class TrainConfig(LoopSettings):
+    """The loop's settings (train/config.LoopSettings, declared once for the loop and the train
+    stage) and what the stage works out before training."""
+
     # The objective (losses.mixture): term dicts {name, weight, beta, alpha}; None means
     # sft_weight * SFT + kd_weight * forward KL.
     loss_terms: list | None = None
     vocab_size: int | None = None  # compare logits on the tokenizer's real vocabulary (padded heads)
-    # Optimizer step inside the backward pass and an allocator
-    # that returns freed memory (train/low_memory.py): one process, one micro-batch, grad_clip 0.
-    low_memory: bool = False
-    # "reuse": glibc keeps a step's freed large blocks for the next step (train/allocator.py);
-    # "system": leave the allocator alone. low_memory uses its own setting.
-    allocator: str = "reuse"
 
     def terms(self) -> list[LossTerm]:
         if self.loss_terms is None:
@@ -71,7 +52,7 @@ class TrainConfig:
         return [LossTerm(**t) for t in self.loss_terms]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass
