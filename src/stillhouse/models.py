@@ -205,6 +205,16 @@ def prepare_tokenizer(tok) -> None:
     tok.padding_side = "left"
 
 
+def load_tokenizer(spec: str):
+    """Only the tokenizer of a model spec (an API teacher needs no weights)."""
+    from transformers import AutoTokenizer
+
+    target, _ = resolve(spec)
+    tok = AutoTokenizer.from_pretrained(target)
+    prepare_tokenizer(tok)
+    return tok
+
+
 def save(model: torch.nn.Module, tokenizer, out_dir: Path, extra: dict | None = None) -> None:
     """Save as a plain HF directory (safetensors) that `from_pretrained(dir)` loads unchanged."""
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -54,8 +54,8 @@ def run_rejection(ctx) -> None:
     """Rejection sampling in resumable shards of `shard_size` problems (see data/shards.py)."""
     from ..teachers.base import SamplingParams
     from .output import finish_dataset, record_filter
-    from .prompts import provenance, teacher_tokens
-    from .rejection import rejection_sample, template_hash
+    from .prompts import provenance, teacher_tokens, template_hash
+    from .rejection import rejection_sample
     from .shards import run_units, unit_seed, units_of
     from ..verify.choose import verifier_for
 
@@ -68,7 +68,7 @@ def run_rejection(ctx) -> None:
         raise StillhouseError(
             f"stage '{ctx.name}': teacher '{c.teacher}' has no tokenizer; set `tokenizer:` (the served model's) in its teachers: entry"
         )
-    tpl = template_hash(teacher.tokenizer)
+    tpl = template_hash(teacher, c.system_prompt)
 
     def work(u: int, unit) -> tuple[list[dict], dict]:
         before, secs = teacher.stats["generated_tokens"], teacher.stats["seconds"]

@@ -29,6 +29,7 @@ from ..models import ModelIdentity, cache_dir
 from ..progress import progress
 from .base import Completion, Messages, SamplingParams
 from .cache import ResponseCache, response_key
+from .config import Price
 from .ratelimit import AdaptiveLimit, TokenBucket, backoff_delay, parse_retry_after
 from .tokens import end_of_turn_ids
 
@@ -53,15 +54,6 @@ class Usage:
 
     def fail(self, kind: str) -> None:
         self.failures[kind] = self.failures.get(kind, 0) + 1
-
-
-@dataclass(frozen=True)
-class Price:
-    input_per_mtok: float = 0.0
-    output_per_mtok: float = 0.0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
 
 
 class _Retryable(Exception):
