@@ -44,6 +44,7 @@ class CountingTeacher:
     """Answers 'ok' greedily for questions containing 'easy', else samples 'ok' on odd seeds' rows."""
 
     name = "counting"
+    backend = "counting"
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

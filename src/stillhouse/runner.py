@@ -47,7 +47,7 @@ class StageContext:
 
     def record_teacher_usage(self) -> None:
         """Token and cost accounting of the API teachers this stage used, under metrics.teacher_usage."""
-        usage = {ref: t.usage_metrics() for ref, t in self._teachers if hasattr(t, "usage_metrics")}
+        usage = {ref: m for ref, t in self._teachers if (m := t.usage_metrics())}
         if usage:
             self.out.metrics.setdefault("teacher_usage", {}).update(usage)
 

@@ -64,7 +64,7 @@ def run_rejection(ctx) -> None:
     records = read_rows(tasks.file("train.parquet"))
     verifier = verifier_for(c.verifier, tasks.manifest, records, ctx.name)
     teacher = ctx.teacher(c.teacher, batch_size=c.batch_size)
-    if getattr(teacher, "tokenizer", None) is None:  # prompt and answer token ids are training data
+    if teacher.tokenizer is None:  # prompt and answer token ids are training data
         raise StillhouseError(
             f"stage '{ctx.name}': teacher '{c.teacher}' has no tokenizer; set `tokenizer:` (the served model's) in its teachers: entry"
         )

@@ -51,14 +51,7 @@ def make_teacher(spec_or_config, *, name: str | None = None, loader: Callable | 
     if isinstance(cfg, OpenAITeacherConfig):
         from .openai import OpenAITeacher
 
-        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-        return OpenAITeacher(
-            cfg.base_url, cfg.model, name=name, api_key_env=cfg.api_key_env, terms=cfg.terms,
-            max_concurrency=cfg.max_concurrency, requests_per_minute=cfg.requests_per_minute,
-            tokens_per_minute=cfg.tokens_per_minute, price=cfg.price, cache=cfg.cache,
-            cache_path=cfg.cache_dir, timeout=cfg.timeout, max_retries=cfg.max_retries,
-            token_ids=cfg.token_ids, tokenizer=tokenizer,
-        )
+        return OpenAITeacher.from_config(cfg, name=name, tokenizer=load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
     if isinstance(cfg, VLLMTeacherConfig):
         from .vllm import VLLMTeacher
 

@@ -44,12 +44,17 @@ def encode_batch(tokenizer, texts: list[str], **kwargs):
 
 
 class HFTeacher:
+    backend = "hf"
+
     def __init__(self, model, tokenizer, name: str = "hf", batch_size: int = 32):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         self.stats = {"generated_tokens": 0, "seconds": 0.0}
+
+    def usage_metrics(self) -> dict:
+        return {}  # a local model: nothing is billed or rate-limited
 
     def _stop_ids(self) -> list[int]:
         ids = end_of_turn_ids(self.tokenizer)

@@ -110,6 +110,17 @@ class OpenAITeacher:
         self.usage = Usage()
         self.stats = {"generated_tokens": 0, "seconds": 0.0}  # same keys as HFTeacher.stats
 
+    @classmethod
+    def from_config(cls, cfg, name: str | None = None, tokenizer=None) -> "OpenAITeacher":
+        """The teacher a `teachers:` entry declares (config.OpenAITeacherConfig)."""
+        return cls(
+            cfg.base_url, cfg.model, name=name, api_key_env=cfg.api_key_env, terms=cfg.terms,
+            max_concurrency=cfg.max_concurrency, requests_per_minute=cfg.requests_per_minute,
+            tokens_per_minute=cfg.tokens_per_minute, price=cfg.price, cache=cfg.cache,
+            cache_path=cfg.cache_dir, timeout=cfg.timeout, max_retries=cfg.max_retries,
+            token_ids=cfg.token_ids, tokenizer=tokenizer,
+        )
+
     def __repr__(self) -> str:  # never the key
         return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"
 
