@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from stillhouse.data.filter import filter_records
+from stillhouse.artifacts import ArtifactStore
 from stillhouse.errors import StillhouseError
+from stillhouse.lineage import load_lineage, teacher_shares
 from stillhouse.recipe import parse_recipe
 from stillhouse.records import read_rows
 from stillhouse.runner import Runner
@@ -37,6 +39,9 @@ def test_a_length_bound_keeps_the_records_inside_it(tmp_path, tiny_model_dir):
     assert [r["id"] for r in kept] == ["import/1", "import/2", "import/3"]  # the parent's records, unchanged
     assert art.manifest["counts"]["dropped_length"] == 3 and art.manifest["counts"]["records"] == 3
     assert art.manifest["kind"] == "dataset" and art.manifest["parents"] == [results["pairs"].id]
+    # lineage follows the filter to the parent's declared origin
+    shares = teacher_shares(load_lineage(ArtifactStore(tmp_path / "ws"), art.id))
+    assert [(s.spec, round(s.share, 6)) for s in shares] == [("org/t", 1.0)]
     # a rerun reuses it; another bound is another artifact
     assert Runner(recipe, tmp_path / "ws").run()["short"].id == art.id
     wider = parse_recipe(_recipe(tmp_path, tiny_model_dir, max_completion_tokens=7))

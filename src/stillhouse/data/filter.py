@@ -1,7 +1,7 @@
 """Stage `filter`: the records of a dataset that pass a verifier and a completion-length bound.
 
 A filtered dataset is a subset of its parent: same columns, same ids, so a train stage reads it
-as it would the parent, and lineage follows it to the parent's teachers.
+as it would the parent; its `signal` names the parent, so lineage follows it to the parent's teachers.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import EmptyDatasetError, StillhouseError
+from ..lineage.signal import target_tokens
 from ..records import read_rows, write_rows
 
 
@@ -48,5 +49,7 @@ def run_filter(ctx) -> None:
     write_rows(ctx.out.path / "data.parquet", kept)
     ctx.out.counts.update(records=len(kept), dropped_length=dropped["length"], dropped_verifier=dropped["verifier"],
                           target_tokens=sum(len(r["completion_ids"]) for r in kept))
+    # what lineage weighs teacher shares by: the kept target tokens all come from the parent
+    ctx.out.extra["signal"] = {"unit": "tokens", "sources": [{"parent": data.id, "role": "data", "tokens": target_tokens(kept, 1 << 30)}]}
     if data.manifest.get("task"):  # a verifier downstream (or an eval) still knows the task
         ctx.out.extra["task"] = data.manifest["task"]
