@@ -6,7 +6,8 @@ import pytest
 
 from stillhouse import models
 from stillhouse.errors import StillhouseError
-from stillhouse.recipe import LossName, parse_recipe
+from stillhouse.recipe import parse_recipe
+from stillhouse.train.config import LossName
 from stillhouse.train import alignment
 from stillhouse.train.loop import Example, TrainConfig, train
 from stillhouse.train.losses import LOSS_NAMES

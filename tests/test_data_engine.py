@@ -41,6 +41,14 @@ class ScriptedTeacher:
         self.stats = {"generated_tokens": 0, "seconds": 0.0}
         self.calls = 0
 
+    def usage_metrics(self) -> dict:
+        return {}
+
+    def generate(self, prompts, params, description="", top_k_logprobs=0):
+        from stillhouse.teachers.hf import render_chat
+
+        return self.generate_text([render_chat(self.tokenizer, m) for m in prompts], params, description, top_k_logprobs)
+
     def generate_text(self, texts, params, description="", top_k_logprobs=0):
         self.calls += 1
         out = []

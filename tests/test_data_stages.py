@@ -10,7 +10,7 @@ import pytest
 from stillhouse.data.rejection import rejection_sample
 from stillhouse.data.stages import run_tasks
 from stillhouse.records import read_rows
-from stillhouse.recipe import TasksStage
+from stillhouse.data.config import TasksStage
 from stillhouse.teachers.base import Completion
 from stillhouse.verify.base import Verdict
 
@@ -44,6 +44,7 @@ class CountingTeacher:
     """Answers 'ok' greedily for questions containing 'easy', else samples 'ok' on odd seeds' rows."""
 
     name = "counting"
+    backend = "counting"
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer

@@ -144,7 +144,7 @@ def test_other_processes_run_only_parallel_stages_and_read_the_rest(launched, mo
     """Rank 1's view of a run whose main process has written every artifact (the single run's
     workspace): it runs the train stage into a scratch directory and reads everything else."""
     import stillhouse.processes as processes
-    import stillhouse.runner as runner
+    from stillhouse.stages import StageType
 
     root = launched["root"]
     ws = root / "ws-single"
@@ -156,15 +156,15 @@ def test_other_processes_run_only_parallel_stages_and_read_the_rest(launched, mo
     before = files()
     recipe = load_recipe(launched["recipe"])
     calls = {}
-    real = runner._stage_functions()
+    real = StageType.run_function
 
-    def recording(kind):
+    def recording(entry):
         def fn(ctx):
             calls[ctx.name] = ctx.out
-            return real[kind](ctx)
+            return real(entry)(ctx)
         return fn
 
-    monkeypatch.setattr(runner, "_stage_functions", lambda: {k: recording(k) for k in real})
+    monkeypatch.setattr(StageType, "run_function", recording)
     # the main process's answers, per stage: rerun it (not reuse), then "finished"
     monkeypatch.setattr(processes, "from_environment", lambda: _Follower([False, None] * len(recipe.stages)))
     results = Runner(recipe, ws, force=True).run()

@@ -9,7 +9,17 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from stillhouse.eval.metrics import per_token_kl
-from stillhouse.train.losses import cross_entropy, forward_kl, sparse_forward_kl
+from stillhouse.train.losses import TopK, cross_entropy, divergence
+
+
+def forward_kl(s, t, temperature: float = 1.0, chunk: int = 1024, mask=None):
+    """Forward KL as the training loop computes it (losses.divergence)."""
+    return divergence("forward_kl", s, t, mask, temperature=temperature, chunk=chunk)
+
+
+def sparse_forward_kl(s, ids, lps, temperature: float = 1.0, chunk: int = 1024, rest=None):
+    """Forward KL against a top-k teacher signal (renormalised top-k when `rest` is None)."""
+    return divergence("forward_kl", s, TopK(ids, lps, rest), temperature=temperature, chunk=chunk)
 
 N, V = 11, 17
 

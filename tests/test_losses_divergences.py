@@ -14,9 +14,15 @@ from stillhouse.train.losses import (
     cross_entropy,
     divergence,
     mixture,
-    per_token,
     terms_from_weights,
 )
+
+
+def per_token(name: str, s, t) -> torch.Tensor:
+    """The divergence at each position: `divergence` over a one-position mask."""
+    with torch.no_grad():
+        return torch.stack([divergence(name, s, t, torch.arange(len(s)) == i) for i in range(len(s))])
+
 
 N, V = 9, 13
 NAMES = list(DIVERGENCES)

@@ -91,8 +91,11 @@ def test_the_allocator_settings_take_on_glibc(tiny):
 
     from stillhouse.train import allocator
 
+    with pytest.raises(ValueError, match="allocator\n  Input should be 'reuse' or 'system'"):  # the loop's config refuses it
+        train_worker.config(allocator="big")
+    odd = train_worker.config().model_copy(update={"allocator": "big"})  # unvalidated: the loop still refuses it
     with pytest.raises(StillhouseError, match="unknown allocator setting 'big' \\(reuse, system\\)"):
-        train(tiny.model, train_worker.examples(tiny.tokenizer, 4), train_worker.config(allocator="big"), tiny.tokenizer.pad_token_id)
+        train(tiny.model, train_worker.examples(tiny.tokenizer, 4), odd, tiny.tokenizer.pad_token_id)
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     # glibc refuses out-of-range values (mallopt returns 0): these are accepted

@@ -232,7 +232,7 @@ def test_model_path_recipe_accepts_existing_dir(tmp_path, tiny_model_dir):
     r = load_recipe(_write(tmp_path, d))
     assert r.order() == ["problems", "traces"]
     assert r.stages["traces"].samples == 4  # defaults filled in
-    assert r.refs("traces") == [("teacher", "teacher", "model"), ("tasks", "problems", "data")]
+    assert [(f, t, ref.expects) for f, t, ref in r.refs("traces")] == [("teacher", "teacher", "model"), ("tasks", "problems", "dataset")]
 
 
 def test_low_memory_with_clipping_is_refused_when_the_recipe_loads(tmp_path, quickstart_data):

@@ -2,9 +2,10 @@
 
 Every process runs the same recipe, stage by stage, and they agree on each stage through the
 main process:
-- a `train` or `cross_tokenizer` stage runs on every process (data parallel through
-  accelerate, each process training its share of every batch); only the main process writes
-  the artifact, the others write into a scratch directory that is thrown away;
+- a stage type registered `parallel` (stages.py: those that train through the shared loop,
+  whose Accelerator expects every process in each step) runs on every process (data parallel
+  through accelerate, each process training its share of every batch); only the main process
+  writes the artifact, the others write into a scratch directory that is thrown away;
 - every other stage (data engine, pruning, scoring, evaluation) runs on the main process
   alone while the others wait, then read its artifact. Two processes sampling the same
   teacher would only duplicate work and race on the same files.
@@ -20,9 +21,6 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
-# stage types whose work is split over the processes: those that train through the shared
-# loop (`train.loop.train`, whose Accelerator expects every process in each step)
-PARALLEL_STAGES = frozenset({"train", "cross_tokenizer"})
 _WAIT = timedelta(days=7)
 
 

@@ -7,13 +7,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import models as model_specs
 from .artifacts import Artifact, ArtifactStore, ArtifactWriter, artifact_id
 from .errors import StillhouseError
 from .progress import console
-from .recipe import STAGE_KIND, Recipe
+from .recipe import Recipe
+from .stages import STAGES
 
 
 @dataclass
@@ -27,6 +27,11 @@ class StageContext:
     runner: "Runner"
     recipe_name: str
     _teachers: list = field(default_factory=list)
+
+    @property
+    def store(self) -> ArtifactStore:
+        """The workspace's artifacts (the ones this stage's inputs are among)."""
+        return self.runner.store
 
     def model(self, ref: str) -> model_specs.LoadedModel:
         return self.runner.load_model(ref)
@@ -42,42 +47,9 @@ class StageContext:
 
     def record_teacher_usage(self) -> None:
         """Token and cost accounting of the API teachers this stage used, under metrics.teacher_usage."""
-        usage = {ref: t.usage_metrics() for ref, t in self._teachers if hasattr(t, "usage_metrics")}
+        usage = {ref: m for ref, t in self._teachers if (m := t.usage_metrics())}
         if usage:
             self.out.metrics.setdefault("teacher_usage", {}).update(usage)
-
-
-def _stage_functions() -> dict[str, Callable[[StageContext], None]]:
-    # Imported lazily so `stillhouse show` and recipe validation never import torch.
-    from .data.stages import run_rejection, run_tasks
-    from .data.complete import run_complete
-    from .data.critique import run_critique_revise
-    from .data.preference import run_preference
-    from .data.self_instruct import run_self_instruct
-    from .eval.stages import run_eval
-    from .eval.report import run_report
-    from .train.stages import run_prune, run_scratch, run_train
-    from .data.imports import run_import, run_mix
-    from .train.kd_stages import run_cache_logits, run_cross_tokenizer, run_onpolicy
-
-    return {
-        "tasks": run_tasks,
-        "rejection": run_rejection,
-        "prune": run_prune,
-        "train": run_train,
-        "eval": run_eval,
-        "report": run_report,
-        "import": run_import,
-        "mix": run_mix,
-        "complete": run_complete,
-        "preference": run_preference,
-        "critique_revise": run_critique_revise,
-        "self_instruct": run_self_instruct,
-        "scratch": run_scratch,
-        "cache_logits": run_cache_logits,
-        "onpolicy": run_onpolicy,
-        "cross_tokenizer": run_cross_tokenizer,
-    }
 
 
 @dataclass
@@ -157,19 +129,19 @@ class Runner:
             from .fsutil import sha256_file
 
             key_cfg["_external_files"] = {str(p): sha256_file(p) for p in files}
-        return artifact_id(STAGE_KIND[stage.type], stage.type, key_cfg, parents), cfg, parents
+        return artifact_id(STAGES[stage.type].kind, stage.type, key_cfg, parents), cfg, parents
 
-    def run(self, only: list[str] | None = None) -> dict[str, Artifact]:
+    def run(self) -> dict[str, Artifact]:
         from .lineage.policy import check_policy
-        from .processes import PARALLEL_STAGES, from_environment
+        from .processes import from_environment
 
         policy_notes = check_policy(self.recipe)  # refuses before any model loads
         procs = from_environment()  # one process, or one of several under a launcher
-        fns = _stage_functions()
         order = self.recipe.order()
         for i, name in enumerate(order, 1):
             stage = self.recipe.stages[name]
-            kind = STAGE_KIND[stage.type]
+            entry = STAGES[stage.type]
+            kind = entry.kind
             aid, cfg, parents = self._key(name)
             # the main process decides, so every process takes the same branch
             reuse = procs.from_main(self.store.get(kind, aid) is not None and not self.force)
@@ -180,10 +152,10 @@ class Runner:
             console.rule(f"[{i}/{len(order)}] {name} ({stage.type})")
             start = time.perf_counter()
             inputs = {fld: self.results[ref] for fld, ref, _ in self.recipe.refs(name) if ref in self.recipe.stages}
-            parallel = stage.type in PARALLEL_STAGES
+            parallel = entry.parallel  # the others run it too (into scratch) or wait for the main process
             if procs.main:
                 try:
-                    self._write(fns[stage.type], name, stage, kind, aid, cfg, parents, inputs, policy_notes.get(name, {}))
+                    self._write(entry, name, stage, aid, cfg, parents, inputs, policy_notes.get(name, {}))
                 except BaseException as e:
                     # the others wait for this stage's outcome; in a parallel stage they are
                     # inside the same collectives and the launcher stops them
@@ -191,7 +163,7 @@ class Runner:
                         _tell_others(procs, f"{type(e).__name__}: {e}")
                     raise
             elif parallel:
-                self._scratch(fns[stage.type], name, stage, kind, aid, inputs)
+                self._scratch(entry.run_function(), name, stage, kind, aid, inputs)
             failed = procs.from_main(None)  # the main process has its artifact (or an error) by now
             if failed:
                 raise StillhouseError(f"stage '{name}' failed on the main process: {failed}")
@@ -199,13 +171,14 @@ class Runner:
             console.print(f"{name}: wrote {kind}/{aid} in {time.perf_counter() - start:.1f}s")
         return self.results
 
-    def _write(self, fn, name, stage, kind, aid, cfg, parents, inputs, notes) -> None:
+    def _write(self, entry, name, stage, aid, cfg, parents, inputs, notes) -> None:
         # Resumable stages keep their unfinished work across a crash or Ctrl-C; --force discards it.
-        resumable = getattr(fn, "resumable", False)
+        kind = entry.kind
+        fn = entry.run_function()
         if self.force:
             shutil.rmtree(self.store.partial_path(kind, aid), ignore_errors=True)
         with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents,
-                               recipe=self.recipe.name, resumable=resumable) as out:
+                               recipe=self.recipe.name, resumable=entry.resumable) as out:
             out.extra.update(notes)
             ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
             fn(ctx)

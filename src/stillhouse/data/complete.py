@@ -35,6 +35,3 @@ def run_complete(ctx) -> None:
     ctx.out.counts["prompts"] = len(prompts)
     ctx.out.metrics["teacher_generated_tokens"] = teacher_tokens(stats)
     ctx.out.teachers.append({**ctx.identity(c.teacher).to_dict(), "role": "data", "token_share": 1.0})
-
-
-run_complete.resumable = True

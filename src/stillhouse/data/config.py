@@ -1,4 +1,5 @@
-"""Recipe fields of the data-engine stages; recipe.py puts them in its stage union.
+"""Recipe fields of the dataset stages: problems from a task generator, verified teacher
+traces, imported and mixed data, and the data-engine stages; stages.py registers them.
 
 Shared pieces are mixins: `DataOptions` (resumable shards, dedup, decontamination: every
 generating dataset stage), `PromptSource` (a dataset stage or a prompt file) and
@@ -8,17 +9,12 @@ generating dataset stage), `PromptSource` (a dataset stage or a prompt file) and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-DATA_STAGE_TYPES = ("complete", "preference", "critique_revise", "self_instruct")
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors (as in recipe.py, which imports this module and so cannot be imported here)."""
-
-    model_config = ConfigDict(extra="forbid")
+from ..errors import StillhouseError
+from ..strict import Strict
 
 
 class DataOptions(Strict):
@@ -38,13 +34,141 @@ class DataOptions(Strict):
                 raise ValueError(f"decontaminate[{i}]: file not found: {name}")
         return v
 
-    def extra_refs(self) -> list[tuple[str, str, str]]:
-        """Decontamination sets that name stages (everything but files and built-in sets)."""
-        return [(f"decontaminate[{i}]", v, "data") for i, v in enumerate(self.decontaminate)
-                if v != "humaneval" and not v.endswith((".jsonl", ".parquet"))]
-
     def external_files(self) -> list[Path]:
         return [Path(v) for v in self.decontaminate if v.endswith((".jsonl", ".parquet"))]
+
+
+class Split(Strict):
+    size: int = Field(gt=0)
+    seed: int = 0
+
+
+class TasksStage(Strict):
+    """Procedural problems with verifiers (reasoning-gym), as a train and a held-out split."""
+
+    type: Literal["tasks"]
+    task: str
+    config: dict[str, Any] = {}
+    train: Split
+    eval: Split
+    # Repeats are part of a generator's distribution (small tasks repeat their easy cases);
+    # removing them shifts training away from what the held-out split measures.
+    dedup: bool = False
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        from ..verify.reasoning_gym import task_names
+
+        if v not in task_names() and v != "humaneval":
+            raise ValueError(f"unknown task '{v}'")
+        return v
+
+    @model_validator(mode="after")
+    def _known_config(self):
+        from ..verify.reasoning_gym import make_dataset
+
+        if self.task == "humaneval":  # HumanEval's fixed problems (code verifier); no config
+            if self.config:
+                raise ValueError("config: the humaneval task takes no config")
+            return self
+        try:  # building a one-problem generator checks the config keys and values cheaply
+            make_dataset(self.task, self.config, 1, 0)
+        except StillhouseError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class RejectionStage(DataOptions):
+    """Teacher samples answers; the task's verifier keeps the correct ones."""
+
+    type: Literal["rejection"]
+    teacher: str
+    tasks: str
+    verifier: Literal["auto", "reasoning_gym", "math", "code"] = "auto"  # auto: the tasks stage's own
+    shard_size: int = Field(256, gt=0)  # problems per resumable unit; larger units batch the sampling pass better
+    samples: int = Field(4, ge=0)
+    greedy_first: bool = True
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, gt=0)
+    keep_per_problem: int = Field(4, gt=0)
+    top_k_logprobs: int = Field(0, ge=0)
+    system_prompt: str | None = None
+    batch_size: int = Field(64, gt=0)
+    seed: int = 0
+
+
+class Origin(Strict):
+    """Where imported data came from: a teacher model or an API, and the terms it is under."""
+
+    teacher: str | None = None
+    api: str | None = None
+    license: str | None = None
+
+
+class ImportStage(Strict):
+    """Prompt/completion pairs brought in from a JSONL or Parquet file, encoded for one model's tokenizer.
+
+    `origin` declares who wrote the completions and under which terms; without it lineage
+    shows the data's origin as unknown (never as clean)."""
+
+    type: Literal["import"]
+    path: str
+    tokenizer: str  # a model whose tokenizer (and chat template) encodes the rows
+    origin: Origin | None = None
+    system_prompt: str | None = None
+    sha256: str | None = None  # of the file; filled in when the recipe loads, so edits give a new artifact
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not Path(v).expanduser().is_file():
+            raise ValueError(f"file not found: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _hash_file(self):
+        from ..fsutil import sha256_file
+
+        digest = sha256_file(Path(self.path).expanduser())
+        if self.sha256 is not None and self.sha256 != digest:
+            raise ValueError(f"sha256: {self.path} has changed (hash {digest[:12]}..., recipe says {self.sha256[:12]}...)")
+        self.sha256 = digest
+        return self
+
+
+class MixStage(Strict):
+    """Several datasets as one; with `tokenizer`, every row is re-encoded for that model (cached top-k dropped)."""
+
+    type: Literal["mix"]
+    datasets: list[str] = Field(min_length=1)
+    tokenizer: str | None = None
+    system_prompt: str | None = None
+
+
+class FilterStage(Strict):
+    """The records of a dataset that pass a verifier and a completion-length bound; the rest are dropped."""
+
+    type: Literal["filter"]
+    data: str  # a dataset stage whose records have `completion` / `completion_ids` (rejection, complete, import, mix)
+    # keep the records this verifier passes; auto: the data's own tasks stage's verifier (verify/choose.py)
+    verifier: Literal["none", "auto", "reasoning_gym", "math", "code"] = "none"
+    min_completion_tokens: int = Field(0, ge=0)  # completion token ids, end-of-turn included
+    max_completion_tokens: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _filters_something(self):
+        if self.verifier == "none" and self.min_completion_tokens == 0 and self.max_completion_tokens is None:
+            raise ValueError("a filter stage needs a verifier, min_completion_tokens or max_completion_tokens")
+        if self.max_completion_tokens is not None and self.max_completion_tokens < self.min_completion_tokens:
+            raise ValueError("max_completion_tokens: less than min_completion_tokens")
+        return self
+
+
+def names_a_stage(entry: str) -> bool:
+    """Whether a `decontaminate` entry names a dataset stage (not a file or a built-in set)."""
+    return entry != "humaneval" and not entry.endswith((".jsonl", ".parquet"))
 
 
 class PromptSource(Strict):

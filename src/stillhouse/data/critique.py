@@ -61,6 +61,3 @@ def run_critique_revise(ctx) -> None:
     ctx.out.metrics["teacher_generated_tokens"] = teacher_tokens(stats)
     ctx.out.extra["principles"] = list(c.principles)
     ctx.out.teachers.append({**ctx.identity(c.teacher).to_dict(), "role": "data", "token_share": 1.0})
-
-
-run_critique_revise.resumable = True

@@ -13,24 +13,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ..errors import EmptyDatasetError, StillhouseError
+from ..models import load_tokenizer
 from ..lineage.signal import target_tokens
 from ..records import read_jsonl, read_rows, write_rows
 from ..teachers.hf import encode_prompt, render_chat
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 COMPLETION_KEYS = ("completion", "response", "answer", "output")
-
-
-def load_tokenizer(ctx, ref: str):
-    """Only the tokenizer of a model (no weights): what encoding rows for it needs."""
-    from transformers import AutoTokenizer
-
-    from .. import models
-
-    target, _ = models.resolve(ctx.runner.spec_of(ref))
-    tok = AutoTokenizer.from_pretrained(target)
-    models.prepare_tokenizer(tok)
-    return tok
 
 
 def encode_pair(tok, question: str, completion: str, system_prompt: str | None) -> dict:
@@ -63,7 +52,7 @@ def run_import(ctx) -> None:
     raw = _read_file(path)
     if not raw:
         raise EmptyDatasetError(f"stage '{ctx.name}': {path} has no records")
-    tok = load_tokenizer(ctx, c.tokenizer)
+    tok = load_tokenizer(ctx.runner.spec_of(c.tokenizer))
     origin = c.origin.model_dump() if c.origin else None
     author = (origin or {}).get("teacher") or (origin or {}).get("api") or "unknown"
     rows = []
@@ -81,7 +70,7 @@ def run_import(ctx) -> None:
 
 def run_mix(ctx) -> None:
     c = ctx.config
-    tok = load_tokenizer(ctx, c.tokenizer) if c.tokenizer else None
+    tok = load_tokenizer(ctx.runner.spec_of(c.tokenizer)) if c.tokenizer else None
     rows, sources = [], []
     for i, name in enumerate(c.datasets):
         art = ctx.inputs[f"datasets[{i}]"]

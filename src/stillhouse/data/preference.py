@@ -109,6 +109,3 @@ def run_preference(ctx) -> None:
     ctx.out.teachers.append({**ctx.identity(c.teacher).to_dict(), "role": "data", "token_share": 1.0})
     if c.judge and c.method == "judge":
         ctx.out.teachers.append({**ctx.identity(c.judge).to_dict(), "role": "judge", "token_share": 0.0})
-
-
-run_preference.resumable = True

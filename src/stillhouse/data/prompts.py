@@ -78,7 +78,7 @@ def messages(system_prompt: str | None, user: str) -> list[dict]:
 
 def template_hash(teacher, system_prompt: str | None, *templates: str) -> str:
     """Hash of everything between a prompt and the text the teacher sees."""
-    chat = getattr(getattr(teacher, "tokenizer", None), "chat_template", None) or ""
+    chat = getattr(teacher.tokenizer, "chat_template", None) or ""
     return short_hash(json.dumps([chat, system_prompt or "", *templates]))
 
 
@@ -88,8 +88,8 @@ def generate(teacher, msgs: list[list[dict]], params: SamplingParams, descriptio
     In-process teachers render the chat template here so the record keeps the exact prompt
     tokens (what training needs); API backends render on the server.
     """
-    tok = getattr(teacher, "tokenizer", None)
-    if tok is not None and hasattr(teacher, "generate_text"):
+    tok = teacher.tokenizer
+    if tok is not None:
         texts = [render_chat(tok, m) for m in msgs]
         ids = [encode_prompt(tok, t) for t in texts]
         return texts, ids, teacher.generate_text(texts, params, description, top_k_logprobs)
@@ -104,7 +104,7 @@ def provenance(ctx, teacher_ref: str, teacher, params: SamplingParams, tpl_hash:
         "teacher": ident.spec,
         "teacher_sha256": ident.weights_sha256,
         "teacher_license": ident.license,
-        "backend": getattr(teacher, "backend", "hf"),
+        "backend": teacher.backend,
         "sampling": json.dumps(params.to_dict(), sort_keys=True),
         "template_hash": tpl_hash,
     }

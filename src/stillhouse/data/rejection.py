@@ -7,15 +7,11 @@ problems it already gets right.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable
 
 from ..teachers.base import Completion, SamplingParams
 from ..teachers.hf import encode_prompt, render_chat
-
-
-def template_hash(tokenizer) -> str:
-    return hashlib.sha256((getattr(tokenizer, "chat_template", None) or "").encode()).hexdigest()[:16]
+from .prompts import template_hash
 
 
 def _row(rec, prompt_text, prompt_ids, c: Completion, idx, verdict, teacher_name, params, tpl_hash) -> dict:
@@ -69,7 +65,7 @@ def rejection_sample(
     msgs = [([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": r["question"]}] for r in records]
     prompt_texts = [render_chat(tok, m) for m in msgs]
     prompt_ids = [encode_prompt(tok, t) for t in prompt_texts]
-    tpl = template_hash(tok)
+    tpl = template_hash(teacher, system_prompt)
     kept: dict[int, list[dict]] = {i: [] for i in range(len(records))}
     failed: dict[int, list[dict]] = {i: [] for i in range(len(records))}
     seen: dict[int, set] = {i: set() for i in range(len(records))}

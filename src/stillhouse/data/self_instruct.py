@@ -71,6 +71,3 @@ def run_self_instruct(ctx) -> None:
     ctx.out.counts.update(seeds=len(seeds), dropped_malformed=sum(s["dropped_malformed"] for s in stats))
     ctx.out.metrics["teacher_generated_tokens"] = teacher_tokens(stats)
     ctx.out.teachers.append({**ctx.identity(c.teacher).to_dict(), "role": "data", "token_share": 1.0})
-
-
-run_self_instruct.resumable = True

@@ -54,8 +54,8 @@ def run_rejection(ctx) -> None:
     """Rejection sampling in resumable shards of `shard_size` problems (see data/shards.py)."""
     from ..teachers.base import SamplingParams
     from .output import finish_dataset, record_filter
-    from .prompts import provenance, teacher_tokens
-    from .rejection import rejection_sample, template_hash
+    from .prompts import provenance, teacher_tokens, template_hash
+    from .rejection import rejection_sample
     from .shards import run_units, unit_seed, units_of
     from ..verify.choose import verifier_for
 
@@ -64,11 +64,11 @@ def run_rejection(ctx) -> None:
     records = read_rows(tasks.file("train.parquet"))
     verifier = verifier_for(c.verifier, tasks.manifest, records, ctx.name)
     teacher = ctx.teacher(c.teacher, batch_size=c.batch_size)
-    if getattr(teacher, "tokenizer", None) is None:  # prompt and answer token ids are training data
+    if teacher.tokenizer is None:  # prompt and answer token ids are training data
         raise StillhouseError(
             f"stage '{ctx.name}': teacher '{c.teacher}' has no tokenizer; set `tokenizer:` (the served model's) in its teachers: entry"
         )
-    tpl = template_hash(teacher.tokenizer)
+    tpl = template_hash(teacher, c.system_prompt)
 
     def work(u: int, unit) -> tuple[list[dict], dict]:
         before, secs = teacher.stats["generated_tokens"], teacher.stats["seconds"]
@@ -103,9 +103,6 @@ def run_rejection(ctx) -> None:
     ctx.out.metrics.update(_sum_stats(stats, len(records)), teacher_generated_tokens=teacher_tokens(stats))
     ctx.out.teachers.append({**ctx.identity(c.teacher).to_dict(), "role": "data", "token_share": 1.0})
     ctx.out.extra["task"] = tasks.manifest["task"]
-
-
-run_rejection.resumable = True
 
 
 def _sum_stats(stats: list[dict], n_problems: int) -> dict:

@@ -13,7 +13,7 @@ Everything here reads manifests only; nothing is re-run.
 
 from __future__ import annotations
 
-from .cards import eval_figures, license_of, merge_teachers, model_card
+from .cards import eval_figures, merge_teachers, model_card
 from .graph import Lineage, load_lineage
 from .shares import teacher_shares
 from .signal import record_training_signal
@@ -33,5 +33,5 @@ def card_for(store, ref: str) -> str:
     return model_card(m.get("name") or m["id"], m, m.get("base_models") or [], lineage=lin, evals=eval_figures(store, m["id"]))
 
 
-__all__ = ["Lineage", "load_lineage", "teacher_shares", "obligations", "model_card", "merge_teachers", "license_of",
+__all__ = ["Lineage", "load_lineage", "teacher_shares", "obligations", "model_card", "merge_teachers",
            "record_training_signal", "pending_card", "card_for", "eval_figures"]

@@ -33,14 +33,6 @@ def merge_teachers(entries: list[tuple[dict, float]]) -> list[dict]:
     return sorted(by_key.values(), key=lambda t: -t["token_share"])
 
 
-def license_of(teachers: list[dict], base_models: list[dict]) -> str:
-    """Card licence from direct teachers and base weights only (no ancestry): kept for callers
-    without a workspace; `model_card(..., lineage=)` uses the full lineage instead."""
-    ids = [lookup(x.get("license"))["id"] for x in base_models]
-    ids += [lookup(t.get("license"))["id"] for t in teachers if lookup(t.get("license"))["outputs_make_derivative"] != "no"]
-    return hf_license(list(dict.fromkeys(ids))) if ids else "other"
-
-
 def _stages(lin: Lineage) -> list[dict]:
     """Artifacts of the ancestry that produced data or weights, oldest first."""
     arts = [n for n in lin.artifacts() if n.kind in ("dataset", "model")]
@@ -67,13 +59,9 @@ def distillation_block(lin: Lineage) -> dict:
     }
 
 
-def model_card(name: str, manifest: dict, base_models: list[dict], lineage: Lineage | None = None,
-               evals: list[dict] | None = None) -> str:
-    """A Hugging Face model card. With `lineage` (the model's ancestry) it carries teachers with
-    shares through every stage, the inherited obligations and the stages; without, only the
-    direct teachers recorded in `manifest`."""
-    if lineage is None:
-        return _direct_card(name, manifest, base_models)
+def model_card(name: str, manifest: dict, base_models: list[dict], lineage: Lineage, evals: list[dict] | None = None) -> str:
+    """A Hugging Face model card from the model's ancestry (`lineage`): teachers with shares
+    through every stage, the inherited obligations and the stages."""
     block = distillation_block(lineage)
     ids = card_licenses(lineage)
     lic = hf_license(ids) if ids else "other"
@@ -139,22 +127,3 @@ def eval_figures(store, model_id: str) -> list[dict]:
                 out.append({"eval": art.id, "task": res.get("task", {}).get("name"), "label": label,
                             "pass_at_1": r.get("pass_at_1"), "decode_tok_per_s": r.get("decode_tok_per_s")})
     return out
-
-
-def _direct_card(name: str, manifest: dict, base_models: list[dict]) -> str:
-    teachers = manifest.get("teachers", [])
-    lic = license_of(teachers, base_models)
-    meta = {"license": lic, "library_name": "transformers", "pipeline_tag": "text-generation", "tags": ["distillation", "stillhouse"]}
-    if lic == "other":
-        meta["license_name"] = "see-lineage"
-    if base_models:
-        meta["base_model"] = [b["spec"] for b in base_models]
-    meta["distillation"] = {
-        "teachers": [{k: t.get(k) for k in ("spec", "weights_sha256", "license", "token_share", "roles")} for t in teachers],
-        "base_models": [{k: b.get(k) for k in ("spec", "weights_sha256", "license")} for b in base_models],
-        "stage": manifest.get("stage"), "artifact_id": manifest.get("id"), "parents": manifest.get("parents", []),
-    }
-    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "", "## Lineage", ""]
-    lines += [f"- `{t['spec']}` ({t.get('license', 'unknown')}): {t.get('token_share', 0):.0%}" for t in teachers] or ["No teacher signal."]
-    lines += _figures(manifest.get("metrics") or {}, [])
-    return "\n".join(lines) + "\n"

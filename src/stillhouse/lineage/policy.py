@@ -18,34 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..errors import StillhouseError
+from ..strict import Strict
 from .terms import lookup, rules_for
 
 
-class Override(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Override(Strict):
     source: str  # a terms id, model spec or models: key
     rule: str | None = None  # one rule id of those terms; none: every rule and the deny list
     reason: str = Field(min_length=1)
 
 
-class Policy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Policy(Strict):
     purpose: Literal["research", "commercial"] = "research"
     deny: list[str] = []
     require_known_origin: bool = False
     allow: list[Override] = []
-
-
-class Origin(BaseModel):
-    """Where imported data came from: a teacher model or an API, and the terms it is under."""
-
-    model_config = ConfigDict(extra="forbid")
-    teacher: str | None = None
-    api: str | None = None
-    license: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,26 +49,21 @@ class PlannedSource:
 
 def license_of_spec(spec: str) -> str:
     """A model's licence without loading it: built-in table, or a directory's card / stillhouse.json."""
-    from .. import models
+    from .. import model_catalog
 
-    if spec in models.BUILTINS:
-        return models.BUILTINS[spec].license
+    if spec in model_catalog.BUILTINS:
+        return model_catalog.BUILTINS[spec].license
     p = Path(spec).expanduser()
     if p.is_dir():
-        return models._read_card_license(p)
+        return model_catalog._read_card_license(p)
     return "unknown"
 
 
-# How a stage's model fields pass terms on: a teacher's or judge's *outputs* shape the artifact,
-# a student's or pruned model's *weights* are it; a tokenizer-only field passes nothing on.
-_OUTPUT_FIELDS = {"teacher", "judge"}
-_WEIGHT_FIELDS = {"student", "model"}
-
-
 def plan_sources(recipe) -> dict[str, list[PlannedSource]]:
-    """For each stage producing data or weights: every outside model or origin whose terms reach it."""
-    from ..recipe import CACHE_FIELDS, DATA_FIELDS, MODEL_FIELDS
-
+    """For each stage: every outside model or origin whose terms reach what it makes. How a
+    reference passes terms on is declared with the stage type (stages.Ref.carries): a teacher's
+    or judge's *outputs* shape the artifact, a student's or pruned model's *weights* are it, a
+    dataset passes on its own sources; a tokenizer, calibration text or a measured model nothing."""
     out: dict[str, list[PlannedSource]] = {}
 
     def of_model(ref: str, reach: str, via: tuple[str, ...]) -> list[PlannedSource]:
@@ -100,30 +85,17 @@ def plan_sources(recipe) -> dict[str, list[PlannedSource]]:
     for name in recipe.order():
         st = recipe.stages[name]
         srcs: list[PlannedSource] = []
-        if st.type in ("eval", "report"):  # they measure; nothing they make is trained on
-            out[name] = []
-            continue
-        for f in MODEL_FIELDS.get(st.type, []):
-            ref = getattr(st, f, None)
-            if ref is None:
-                continue
-            if f in _WEIGHT_FIELDS:
-                srcs += of_model(ref, "weights", ())
-            elif f in _OUTPUT_FIELDS and st.type != "scratch":  # scratch takes only a tokenizer and shape
-                # a train stage's teacher shapes the student only through an online KD loss
-                if st.type == "train" and not (getattr(st, "teacher_signal", "online") == "online" and st.uses_teacher):
-                    continue
-                srcs += of_model(ref, "outputs", ())
-        for f in DATA_FIELDS.get(st.type, []) + CACHE_FIELDS.get(st.type, []):
-            ref = getattr(st, f, None) if f != "calibration" else None  # calibration text only picks layers
-            if ref is not None:
-                srcs += of_data(ref)
-        if st.type == "mix":
-            srcs += [s for d in st.datasets for s in of_data(d)]
-        elif st.type == "import":
-            o = st.origin
+        for _, target, ref in recipe.refs(name):
+            carried = ref.carried(st)
+            if carried == "data":
+                srcs += of_data(target)
+            elif carried is not None:
+                srcs += of_model(target, carried, ())
+        origin_field = recipe.stage_type(name).origin
+        if origin_field:  # outside data: its declared origin (unknown when it declares none)
+            o = getattr(st, origin_field)
             name_ = (o.teacher or o.api) if o else None
-            srcs = [PlannedSource(name_ or "unknown origin", (o.license if o else None) or "unknown", "outputs", (), name_ or "unknown")]
+            srcs.append(PlannedSource(name_ or "unknown origin", (o.license if o else None) or "unknown", "outputs", (), name_ or "unknown"))
         out[name] = list(dict.fromkeys(srcs))
     return out
 

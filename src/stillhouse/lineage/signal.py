@@ -1,15 +1,16 @@
 """What a train stage records about its training signal, for lineage.
 
-`record_training_signal` is the one call the train stage makes: it counts the tokens each
-input contributed (SFT target tokens, tokens under a KD loss, the signal the student already
-carried), writes them to the manifest as `signal`, and replaces the manifest's `teachers`
-with the original teachers and their propagated shares (marked `derived`).
+A train stage counts the tokens each input contributed (`training_sources`: SFT target
+tokens, tokens under a KD loss, the signal the student already carried); `record_training_signal`
+writes them to the manifest as `signal` and replaces the manifest's `teachers` with the
+original teachers and their propagated shares (marked `derived`). Nothing here reads a stage's
+config: which input is the student, the teacher or a cache is the stage's to say.
 """
 
 from __future__ import annotations
 
 from .graph import load_lineage
-from .shares import signal_tokens, teacher_shares
+from .shares import teacher_shares
 
 
 def target_tokens(rows: list[dict], max_length: int) -> int:
@@ -35,30 +36,13 @@ def training_sources(*, data_id: str, task_rows: list[dict], heal_rows: list[dic
     return srcs
 
 
-def record_training_signal(ctx, task_rows: list[dict], heal_rows: list[dict], kd_teacher_ident: dict | None) -> None:
-    c = ctx.config
-    results = ctx.runner.results
-    student = results.get(c.student)
-    kd_parent = results[c.teacher].id if c.teacher in results and c.teacher_signal == "online" else None
-    cached = c.teacher_signal == "cached"
-    if cached and ctx.inputs.get("logit_cache") is not None:  # the KD signal came from a separate cache
-        kd_parent, cached = ctx.inputs["logit_cache"].id, False
-    # the objective as weights: a `loss:` mixture, or sft_weight / kd_weight
-    terms = getattr(c, "loss_terms", None) or [{"name": "sft", "weight": c.sft_weight}, {"name": "forward_kl", "weight": c.kd_weight}]
-    sft_w = sum(t["weight"] for t in terms if t["name"] == "sft")
-    kd_w = sum(t["weight"] for t in terms if t["name"] != "sft")
-    if kd_teacher_ident and not kd_parent:
-        kd_teacher_ident = {k: kd_teacher_ident.get(k) for k in ("spec", "weights_sha256", "license", "source")}
-    srcs = training_sources(
-        data_id=ctx.inputs["data"].id, task_rows=task_rows, heal_rows=heal_rows if c.heal_epochs > 0 else [],
-        epochs=c.epochs, heal_epochs=c.heal_epochs, max_length=c.max_length, sft_weight=sft_w,
-        kd_weight=kd_w, cached=cached, kd_parent=kd_parent, kd_teacher=kd_teacher_ident,
-        student_id=student.id if student else None, student_tokens=signal_tokens(student.manifest if student else None),
-    )
+def record_training_signal(ctx, srcs: list[dict]) -> None:
+    """Write a training stage's signal `sources` (`training_sources`) to its manifest, and its
+    teachers as the original teachers with their propagated shares."""
     ctx.out.extra["signal"] = {"unit": "tokens", "sources": srcs}
-    pending = {"id": ctx.out.id, "kind": "model", "stage": c.type, "name": ctx.name,
+    pending = {"id": ctx.out.id, "kind": "model", "stage": ctx.config.type, "name": ctx.name,
                "parents": [a.id for a in ctx.inputs.values()], "signal": ctx.out.extra["signal"], "teachers": []}
-    lin = load_lineage(ctx.runner.store, pending=pending)
+    lin = load_lineage(ctx.store, pending=pending)
     ctx.out.teachers[:] = [
         {"spec": s.spec, "weights_sha256": s.node.identity.get("weights_sha256"), "license": s.node.license,
          "source": s.node.identity.get("source"), "token_share": round(s.share, 6), "derived": True,

@@ -34,8 +34,25 @@ class Completion:
 
 
 class Teacher(Protocol):
-    name: str
+    """Everything callers use of a teacher backend (hf.py, openai.py, vllm.py); nothing else is probed for."""
 
-    def generate(self, prompts: list[Messages], params: SamplingParams) -> list[list[Completion]]:
+    name: str
+    backend: str  # hf | openai | vllm: recorded with every record the teacher writes
+    # The model's tokenizer; None only for an API teacher declared without one (the server
+    # then renders prompts, and records carry no token ids).
+    tokenizer: object | None
+    stats: dict  # cumulative {"generated_tokens": int, "seconds": float}
+
+    def generate(self, prompts: list[Messages], params: SamplingParams, description: str = "Generating",
+                 top_k_logprobs: int = 0) -> list[list[Completion]]:
         """Return `params.n` completions for each prompt, in prompt order."""
+        ...
+
+    def generate_text(self, texts: list[str], params: SamplingParams, description: str = "Generating",
+                      top_k_logprobs: int = 0) -> list[list[Completion]]:
+        """The same for prompts already rendered with `tokenizer`'s chat template (needs a tokenizer)."""
+        ...
+
+    def usage_metrics(self) -> dict:
+        """Request, token and cost accounting for the stage manifest; {} for a local model."""
         ...

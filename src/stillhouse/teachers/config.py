@@ -22,29 +22,30 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from ..strict import Strict
 
 BACKENDS = ("hf", "openai", "vllm")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Price(_Strict):
+class Price(Strict):
     """US dollars per million tokens."""
 
     input_per_mtok: float = Field(0.0, ge=0)
     output_per_mtok: float = Field(0.0, ge=0)
 
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
 
-class HFTeacherConfig(_Strict):
+
+class HFTeacherConfig(Strict):
     backend: Literal["hf"]
     model: str
     batch_size: int = Field(32, gt=0)
 
 
-class OpenAITeacherConfig(_Strict):
+class OpenAITeacherConfig(Strict):
     backend: Literal["openai"]
     base_url: str
     model: str
@@ -81,7 +82,7 @@ class OpenAITeacherConfig(_Strict):
         return {"backend": self.backend, "model": self.model, "terms": self.terms, "token_ids": self.token_ids, "tokenizer": self.tokenizer}
 
 
-class VLLMTeacherConfig(_Strict):
+class VLLMTeacherConfig(Strict):
     backend: Literal["vllm"]
     model: str
     tensor_parallel_size: int = Field(1, gt=0)

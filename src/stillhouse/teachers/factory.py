@@ -12,7 +12,7 @@ from typing import Callable
 from pydantic import TypeAdapter, ValidationError
 
 from ..errors import StillhouseError
-from ..models import ModelIdentity
+from ..models import ModelIdentity, load_tokenizer
 from .config import HFTeacherConfig, OpenAITeacherConfig, TeacherConfig, VLLMTeacherConfig
 
 
@@ -29,18 +29,6 @@ def parse_teacher_config(cfg: dict | object):
 def api_identity(cfg: OpenAITeacherConfig) -> ModelIdentity:
     """Lineage identity of an API teacher: its model name and terms (no weights to hash)."""
     return ModelIdentity(spec=f"openai:{cfg.model}", weights_sha256=None, license=cfg.terms, source=cfg.base_url)
-
-
-def load_tokenizer(spec: str):
-    """Only the tokenizer of a model spec (an API teacher needs no weights)."""
-    from transformers import AutoTokenizer
-
-    from .. import models
-
-    target, _ = models.resolve(spec)
-    tok = AutoTokenizer.from_pretrained(target)
-    models.prepare_tokenizer(tok)
-    return tok
 
 
 def make_teacher(spec_or_config, *, name: str | None = None, loader: Callable | None = None, **overrides):
@@ -63,14 +51,7 @@ def make_teacher(spec_or_config, *, name: str | None = None, loader: Callable | 
     if isinstance(cfg, OpenAITeacherConfig):
         from .openai import OpenAITeacher
 
-        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-        return OpenAITeacher(
-            cfg.base_url, cfg.model, name=name, api_key_env=cfg.api_key_env, terms=cfg.terms,
-            max_concurrency=cfg.max_concurrency, requests_per_minute=cfg.requests_per_minute,
-            tokens_per_minute=cfg.tokens_per_minute, price=cfg.price.model_dump(), cache=cfg.cache,
-            cache_path=cfg.cache_dir, timeout=cfg.timeout, max_retries=cfg.max_retries,
-            token_ids=cfg.token_ids, tokenizer=tokenizer,
-        )
+        return OpenAITeacher.from_config(cfg, name=name, tokenizer=load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
     if isinstance(cfg, VLLMTeacherConfig):
         from .vllm import VLLMTeacher
 

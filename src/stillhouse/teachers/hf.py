@@ -13,6 +13,7 @@ import torch
 from ..progress import progress
 from .base import Completion, Messages, SamplingParams
 from .decode import decode, prefill
+from .tokens import end_of_turn_ids
 
 
 def render_chat(tokenizer, messages: Messages) -> str:
@@ -43,6 +44,8 @@ def encode_batch(tokenizer, texts: list[str], **kwargs):
 
 
 class HFTeacher:
+    backend = "hf"
+
     def __init__(self, model, tokenizer, name: str = "hf", batch_size: int = 32):
         self.model = model
         self.tokenizer = tokenizer
@@ -50,12 +53,11 @@ class HFTeacher:
         self.batch_size = batch_size
         self.stats = {"generated_tokens": 0, "seconds": 0.0}
 
+    def usage_metrics(self) -> dict:
+        return {}  # a local model: nothing is billed or rate-limited
+
     def _stop_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None:
-                ids.add(tid)
+        ids = end_of_turn_ids(self.tokenizer)
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         if isinstance(gen_eos, int):
             ids.add(gen_eos)

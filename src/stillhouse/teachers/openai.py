@@ -29,6 +29,7 @@ from ..models import ModelIdentity, cache_dir
 from ..progress import progress
 from .base import Completion, Messages, SamplingParams
 from .cache import ResponseCache, response_key
+from .config import Price
 from .ratelimit import AdaptiveLimit, TokenBucket, backoff_delay, parse_retry_after
 from .tokens import end_of_turn_ids
 
@@ -53,15 +54,6 @@ class Usage:
 
     def fail(self, kind: str) -> None:
         self.failures[kind] = self.failures.get(kind, 0) + 1
-
-
-@dataclass(frozen=True)
-class Price:
-    input_per_mtok: float = 0.0
-    output_per_mtok: float = 0.0
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1e6
 
 
 class _Retryable(Exception):
@@ -117,6 +109,17 @@ class OpenAITeacher:
         self._rng = random.Random(jitter_seed)
         self.usage = Usage()
         self.stats = {"generated_tokens": 0, "seconds": 0.0}  # same keys as HFTeacher.stats
+
+    @classmethod
+    def from_config(cls, cfg, name: str | None = None, tokenizer=None) -> "OpenAITeacher":
+        """The teacher a `teachers:` entry declares (config.OpenAITeacherConfig)."""
+        return cls(
+            cfg.base_url, cfg.model, name=name, api_key_env=cfg.api_key_env, terms=cfg.terms,
+            max_concurrency=cfg.max_concurrency, requests_per_minute=cfg.requests_per_minute,
+            tokens_per_minute=cfg.tokens_per_minute, price=cfg.price, cache=cfg.cache,
+            cache_path=cfg.cache_dir, timeout=cfg.timeout, max_retries=cfg.max_retries,
+            token_ids=cfg.token_ids, tokenizer=tokenizer,
+        )
 
     def __repr__(self) -> str:  # never the key
         return f"OpenAITeacher(model={self.model!r}, base_url={self.base_url!r})"

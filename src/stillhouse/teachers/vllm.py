@@ -69,6 +69,9 @@ class VLLMTeacher:
     def identity(self):
         return self._identity
 
+    def usage_metrics(self) -> dict:
+        return {}  # a local engine: nothing is billed or rate-limited
+
     def generate(self, prompts: list[Messages], params: SamplingParams, description: str = "Generating", top_k_logprobs: int = 0):
         from .hf import render_chat
 

@@ -13,6 +13,10 @@ Read it top to bottom:
    step (all micro-batches, all processes), so accumulation and data parallelism give the
    same gradient as one big batch. DPO sums per pair and divides by the step's pairs.
 5. Checkpoints (model, optimizer, scheduler, RNG, step) every `checkpoint_every` steps.
+
+What differs between SFT/KD and DPO is an objective object (`Distill`, `DPO`): which items it
+trains on, its loss terms, what a step is normalised by and what is logged. The loop itself
+does not branch on the objective.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,38 +36,19 @@ from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
 from . import allocator, low_memory, tied_embedding
+from .config import LoopSettings
 from .losses import LossTerm, SortedProbs, TopK, cross_entropy, mixture, needs_sorted, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
 
 
-@dataclass
-class TrainConfig:
-    epochs: float = 3.0
-    lr: float = 2e-4
-    min_lr_ratio: float = 0.1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    batch_size: int = 16  # examples (or pairs) per optimizer step, over all processes
-    max_length: int = 256
-    sft_weight: float = 0.5
-    kd_weight: float = 0.5
-    temperature: float = 1.0
-    grad_clip: float = 1.0
-    seed: int = 0
-    micro_batch_size: int = 0  # examples per forward pass; 0 = the whole per-process batch
-    objective: str = "distill"  # "distill" (SFT + KD) or "dpo" (preference pairs)
-    dpo_beta: float = 0.1
-    checkpoint_every: int = 0  # steps; 0 = no checkpoints
+class TrainConfig(LoopSettings):
+    """The loop's settings (train/config.LoopSettings, declared once for the loop and the train
+    stage) and what the stage works out before training."""
+
     # The objective (losses.mixture): term dicts {name, weight, beta, alpha}; None means
     # sft_weight * SFT + kd_weight * forward KL.
     loss_terms: list | None = None
     vocab_size: int | None = None  # compare logits on the tokenizer's real vocabulary (padded heads)
-    # Optimizer step inside the backward pass and an allocator
-    # that returns freed memory (train/low_memory.py): one process, one micro-batch, grad_clip 0.
-    low_memory: bool = False
-    # "reuse": glibc keeps a step's freed large blocks for the next step (train/allocator.py);
-    # "system": leave the allocator alone. low_memory uses its own setting.
-    allocator: str = "reuse"
 
     def terms(self) -> list[LossTerm]:
         if self.loss_terms is None:
@@ -71,7 +56,7 @@ class TrainConfig:
         return [LossTerm(**t) for t in self.loss_terms]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass
@@ -316,12 +301,80 @@ def _clip_gradients(accelerator, model, max_norm: float) -> float:
     return float(norm)
 
 
-def _units(batch: list, objective: str) -> int:
-    """What a step's loss is normalised by: target tokens (distill) or pairs (DPO)."""
-    return len(batch) if objective == "dpo" else sum(n_targets(e) for e in batch)
+class Distill:
+    """SFT and KD terms (`cfg.terms()`) over `Example`s, normalised by target tokens."""
+
+    name = "distill"
+    uses_teacher = True  # an online teacher scores the student's tokens
+
+    def check(self, examples: list, cfg: TrainConfig, teacher) -> None:
+        if needs_teacher(cfg.terms()) and teacher is None and any(e.topk_ids is None for e in examples):
+            raise ValueError("a KD loss term needs a teacher model or a cached teacher signal on every example")
+        if needs_sorted(cfg.terms()) and any(e.sorted_rows is None for e in examples):
+            raise ValueError("a uld loss term needs the teacher's sorted probabilities on every example (cross_tokenizer.prepare)")
+
+    def items(self, examples: list, cfg: TrainConfig) -> list:
+        items = [replace(e, input_ids=e.input_ids[: cfg.max_length]) for e in examples]
+        return [e for e in items if n_targets(e) > 0]
+
+    def prepare(self, student, items: list, pad_id: int, cfg: TrainConfig, device) -> dict:
+        return {}
+
+    def units(self, batch: list) -> int:
+        """What a step's loss is normalised by: its target tokens."""
+        return sum(n_targets(e) for e in batch)
+
+    def terms(self, scorer, mb: list, state: dict, pad_id: int, cfg: TrainConfig, device, teacher):
+        return _distill_terms(scorer, teacher, mb, pad_id, cfg, device)
+
+    def logged(self, totals: dict, cfg: TrainConfig) -> tuple[float, dict]:
+        """The step's loss and the history fields beside it."""
+        terms = cfg.terms()
+        loss_value = sum(t.weight * totals.get(t.name, 0.0) for t in terms if t.weight)
+        kd = [v for k, v in totals.items() if k != "sft"]
+        # "kl" is the KD terms' unweighted sum; each term is also logged as loss/<name>
+        return loss_value, {"sft": totals.get("sft", 0.0), "kl": sum(kd), **{f"loss/{k}": v for k, v in totals.items()}}
 
 
-def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, accelerator, teacher=None, refs=None):
+class DPO:
+    """Direct preference optimisation over `PreferencePair`s against the student's own frozen
+    log-probs before training; normalised by pairs."""
+
+    name = "dpo"
+    uses_teacher = False
+
+    def check(self, examples: list, cfg: TrainConfig, teacher) -> None:
+        pass
+
+    def items(self, examples: list, cfg: TrainConfig) -> list:
+        return [p for p in examples if p.chosen_ids and p.rejected_ids]
+
+    def prepare(self, student, items: list, pad_id: int, cfg: TrainConfig, device) -> dict:
+        return _reference_logprobs(student, items, pad_id, cfg.micro_batch_size or cfg.batch_size, device)
+
+    def units(self, batch: list) -> int:
+        """What a step's loss is normalised by: its pairs."""
+        return len(batch)
+
+    def terms(self, scorer, mb: list, state: dict, pad_id: int, cfg: TrainConfig, device, teacher):
+        return _dpo_terms(scorer, mb, state, pad_id, cfg, device)
+
+    def logged(self, totals: dict, cfg: TrainConfig) -> tuple[float, dict]:
+        loss_value = totals.get("dpo", 0.0)
+        return loss_value, {"dpo": loss_value, "reward_acc": totals.get("reward_acc", 0.0), "margin": totals.get("margin", 0.0)}
+
+
+# The objectives the loop takes (`TrainConfig.objective`).
+OBJECTIVES = {o.name: o for o in (Distill(), DPO())}
+
+
+def objective_of(cfg: TrainConfig):
+    if cfg.objective not in OBJECTIVES:
+        raise StillhouseError(f"unknown training objective '{cfg.objective}' ({', '.join(OBJECTIVES)})")
+    return OBJECTIVES[cfg.objective]
+
+
+def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, accelerator, teacher=None, state=None):
     """Forward and backward over this process's micro-batches of one step's `batch`.
 
     Each micro-batch's loss is its *sum* over target tokens (pairs for DPO) divided by the
@@ -329,9 +382,9 @@ def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, acc
     whatever the split. Returns the summed log terms and the shapes processed here.
     """
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    dpo = cfg.objective == "dpo"
+    objective = objective_of(cfg)
     # DDP averages gradients over processes; scaling by `world` turns that into a sum
-    scale = world / max(_units(batch, cfg.objective), 1)
+    scale = world / max(objective.units(batch), 1)
     logs: dict[str, torch.Tensor] = {}
     counts = {"rows": 0, "padded": 0, "positions": 0, "tokens": 0}
     micro = shard(batch, cfg.micro_batch_size, world, rank)
@@ -341,10 +394,7 @@ def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, acc
         # gradients are reduced across processes once per step, after the last micro-batch
         sync = accelerator.no_sync(scorer) if i < len(micro) - 1 else contextlib.nullcontext()
         with sync:
-            if dpo:
-                loss, parts, c = _dpo_terms(scorer, mb, refs, pad_id, cfg, device)
-            else:
-                loss, parts, c = _distill_terms(scorer, teacher, mb, pad_id, cfg, device)
+            loss, parts, c = objective.terms(scorer, mb, state, pad_id, cfg, device, teacher)
             accelerator.backward(loss * weight)
         if weight:
             for k, v in parts.items():
@@ -375,24 +425,15 @@ def train(
     """
     from ..processes import accelerator as default_accelerator
 
-    dpo = cfg.objective == "dpo"
-    if cfg.objective not in ("distill", "dpo"):
-        raise StillhouseError(f"unknown training objective '{cfg.objective}' (distill, dpo)")
-    if not dpo and needs_teacher(cfg.terms()) and teacher is None and any(e.topk_ids is None for e in examples):
-        raise ValueError("a KD loss term needs a teacher model or a cached teacher signal on every example")
-    if not dpo and needs_sorted(cfg.terms()) and any(e.sorted_rows is None for e in examples):
-        raise ValueError("a uld loss term needs the teacher's sorted probabilities on every example (cross_tokenizer.prepare)")
+    objective = objective_of(cfg)
+    objective.check(examples, cfg, teacher)
     accelerator = accelerator or default_accelerator()
     device = accelerator.device
     torch.manual_seed(cfg.seed)
-    if dpo:
-        items = [p for p in examples if p.chosen_ids and p.rejected_ids]
-    else:
-        items = [replace(e, input_ids=e.input_ids[: cfg.max_length]) for e in examples]
-        items = [e for e in items if n_targets(e) > 0]
+    items = objective.items(examples, cfg)
     if not items:
         raise StillhouseError("nothing to train on: every example is empty or all prompt")
-    _check_vocab(student, None if dpo else teacher, items, cfg.vocab_size)
+    _check_vocab(student, teacher if objective.uses_teacher else None, items, cfg.vocab_size)
     if cfg.low_memory:
         low_memory.check(cfg.grad_clip, cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
     elif cfg.allocator == "reuse":
@@ -402,7 +443,7 @@ def train(
     if teacher is not None:
         teacher.eval()
     student.eval()
-    refs = _reference_logprobs(student, items, pad_id, cfg.micro_batch_size or cfg.batch_size, device) if dpo else {}
+    state = objective.prepare(student, items, pad_id, cfg, device)  # DPO: the frozen reference log-probs
 
     plan = plan_batches(items, cfg)
     total = len(plan)
@@ -432,9 +473,9 @@ def train(
         advance(start_step)
         for step in range(start_step, total):
             batch = plan[step]
-            units = _units(batch, cfg.objective)
+            units = objective.units(batch)
             lr = sched.get_last_lr()[0]
-            logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, refs)
+            logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, state)
             grad_norm = _clip_gradients(accelerator, scorer, cfg.grad_clip) if cfg.grad_clip else None
             if not cfg.low_memory:  # otherwise every parameter was stepped in the backward pass
                 opt.step()
@@ -449,15 +490,7 @@ def train(
             tokens_seen += step_tokens
             run_tokens += step_tokens
             elapsed = time.perf_counter() - t0
-            if dpo:
-                loss_value = totals.get("dpo", 0.0)
-                extra = {"dpo": loss_value, "reward_acc": totals.get("reward_acc", 0.0), "margin": totals.get("margin", 0.0)}
-            else:
-                terms = cfg.terms()
-                loss_value = sum(t.weight * totals.get(t.name, 0.0) for t in terms if t.weight)
-                kd = [v for k, v in totals.items() if k != "sft"]
-                # "kl" is the KD terms' unweighted sum; each term is also logged as loss/<name>
-                extra = {"sft": totals.get("sft", 0.0), "kl": sum(kd), **{f"loss/{k}": v for k, v in totals.items()}}
+            loss_value, extra = objective.logged(totals, cfg)
             rec = {
                 "step": step + 1, "loss": loss_value, **extra, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),

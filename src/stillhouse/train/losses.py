@@ -214,23 +214,6 @@ def divergence(
     return total / count
 
 
-def per_token(name: str, student_logits: torch.Tensor, teacher: torch.Tensor | TopK, *, temperature: float = 1.0,
-              chunk: int = 1024, **params) -> torch.Tensor:
-    """The divergence at each of N positions ([N]), without gradient: for evaluation and logs."""
-    out = []
-    fn = DIVERGENCES[name]
-    with torch.no_grad():
-        for start in range(0, student_logits.size(0), chunk):
-            sl = slice(start, start + chunk)
-            if isinstance(teacher, TopK):
-                tc = teacher[sl]
-                ls, lt = _sparse_support(student_logits[sl], tc.ids, tc.logprobs, tc.rest, temperature)
-            else:
-                ls, lt = _dense_support(student_logits[sl], teacher[sl], temperature)
-            out.append(fn(ls, lt, **params) * temperature**2)
-    return torch.cat(out) if out else student_logits.new_zeros(0)
-
-
 def cross_entropy(
     student_logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -245,17 +228,6 @@ def cross_entropy(
         sl = slice(start, start + chunk)
         total = total + F.cross_entropy(s[sl].float(), y[sl], reduction="sum", ignore_index=-100)
     return total if reduction == "sum" else total / n
-
-
-# -- the former named entry points, kept for callers ----------------------------------------
-def forward_kl(student_logits, teacher_logits, temperature: float = 1.0, chunk: int = 1024, mask=None):
-    """Mean over positions of KL(p_teacher || p_student) at temperature T, scaled by T^2."""
-    return divergence("forward_kl", student_logits, teacher_logits, mask, temperature=temperature, chunk=chunk)
-
-
-def sparse_forward_kl(student_logits, topk_ids, topk_logprobs, temperature: float = 1.0, chunk: int = 1024, rest=None):
-    """Forward KL against a top-k teacher signal (renormalised top-k when `rest` is None)."""
-    return divergence("forward_kl", student_logits, TopK(topk_ids, topk_logprobs, rest), temperature=temperature, chunk=chunk)
 
 
 # -- mixtures from the recipe ----------------------------------------------------------------

@@ -19,17 +19,7 @@ import torch
 
 from ..errors import StillhouseError
 from .allocator import return_freed_memory
-
-
-def problem(grad_clip: float, batch_size: int, micro_batch_size: int, world: int = 1) -> str | None:
-    """Why stepping in the backward pass cannot honour these settings, or None."""
-    if world > 1:
-        return "it needs one process (data parallelism reduces gradients after the backward pass)"
-    if 0 < micro_batch_size < batch_size:
-        return "it needs one micro-batch per step (micro_batch_size: 0): accumulation keeps every gradient"
-    if grad_clip:
-        return "global-norm clipping needs every gradient at once: set grad_clip: 0"
-    return None
+from .config import low_memory_problem as problem
 
 
 def check(grad_clip: float, batch_size: int, micro_batch_size: int, world: int) -> None:

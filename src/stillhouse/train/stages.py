@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import fields, replace
 from pathlib import Path
 
 from .. import models as model_specs
@@ -12,6 +11,8 @@ from ..records import read_rows
 from ..errors import EmptyDatasetError, StillhouseError
 from ..fsutil import write_text_atomic
 from ..lineage import pending_card, record_training_signal
+from ..lineage.shares import signal_tokens
+from ..lineage.signal import training_sources
 from ..progress import console, status
 from . import alignment, lora, students
 from .loop import Example, PreferencePair, TrainConfig, train
@@ -151,12 +152,11 @@ def run_train(ctx) -> None:
     tok = student_lm.tokenizer
     if not dpo:  # the student trains on the dataset's token ids: they must be its tokenizer's
         alignment.check_scored_text(tok, rows, f"stages.{ctx.name}.data")
-    # TrainConfig fields are same-named fields (or properties) of the stage
-    cfg = TrainConfig(**{f.name: getattr(c, f.name) for f in fields(TrainConfig) if hasattr(c, f.name)})
+    cfg = TrainConfig(**c.loop_settings(), loss_terms=c.loss_terms)
     if teacher_model is not None:
         alignment.check_token_level(tok, t.tokenizer, f"stages.{ctx.name}", c.student, c.teacher)
         vocab, note = alignment.shared_vocab(tok, student_lm.model, teacher_model)
-        cfg = replace(cfg, vocab_size=vocab)
+        cfg = cfg.model_copy(update={"vocab_size": vocab})
         if note:
             console.print(f"{ctx.name}: {note}")
             ctx.out.warnings.append(note)
@@ -180,8 +180,8 @@ def run_train(ctx) -> None:
     history = []
     if c.heal_epochs > 0 and not dpo:
         kd_terms = [t for t in cfg.terms() if t.name != "sft"]
-        heal_cfg = replace(cfg, epochs=c.heal_epochs, lr=c.heal_lr, sft_weight=0.0, kd_weight=1.0,
-                           loss_terms=[vars(t) for t in kd_terms] if c.loss else None)
+        heal_cfg = cfg.model_copy(update=dict(epochs=c.heal_epochs, lr=c.heal_lr, sft_weight=0.0, kd_weight=1.0,
+                                              loss_terms=[vars(t) for t in kd_terms] if c.loss else None))
         history += phase("heal", _examples(rows, cached, cache, c.max_length), heal_cfg, "Healing (logit KD on all teacher text)")
     if dpo:
         pairs = _pairs(verified, tok)
@@ -191,9 +191,9 @@ def run_train(ctx) -> None:
     # Lineage: tokens of training signal per input, and the original teachers' shares.
     if dpo:  # a pair's signal is both of its responses
         signal_rows = [{"prompt_ids": p.prompt_ids, "completion_ids": p.chosen_ids + p.rejected_ids} for p in pairs]
-        record_training_signal(ctx, signal_rows, [], None)
+        record_training_signal(ctx, _signal_sources(ctx, signal_rows, [], None))
     else:
-        record_training_signal(ctx, verified, rows, kd_teacher_ident)
+        record_training_signal(ctx, _signal_sources(ctx, verified, rows, kd_teacher_ident))
     task_hist = [h for h in history if h["phase"] == "task"]
     terms = ("dpo", "reward_acc", "margin") if dpo else ("sft", "kl")
     ctx.out.metrics.update(
@@ -210,6 +210,29 @@ def run_train(ctx) -> None:
         model = lora.finish_lora(model, c.lora.merge, full)
     _save_model(ctx, model, tok, _base_models_of(ctx, c.student))
     spend_checkpoints(ckpt_root)
+
+
+def _signal_sources(ctx, task_rows: list[dict], heal_rows: list[dict], kd_teacher_ident: dict | None) -> list[dict]:
+    """Tokens of training signal per input of this train stage (lineage/signal.training_sources)."""
+    c = ctx.config
+    results = ctx.runner.results
+    student = results.get(c.student)
+    kd_parent = results[c.teacher].id if c.teacher in results and c.teacher_signal == "online" else None
+    cached = c.teacher_signal == "cached"
+    if cached and ctx.inputs.get("logit_cache") is not None:  # the KD signal came from a separate cache
+        kd_parent, cached = ctx.inputs["logit_cache"].id, False
+    # the objective as weights: a `loss:` mixture, or sft_weight / kd_weight
+    terms = getattr(c, "loss_terms", None) or [{"name": "sft", "weight": c.sft_weight}, {"name": "forward_kl", "weight": c.kd_weight}]
+    sft_w = sum(t["weight"] for t in terms if t["name"] == "sft")
+    kd_w = sum(t["weight"] for t in terms if t["name"] != "sft")
+    if kd_teacher_ident and not kd_parent:
+        kd_teacher_ident = {k: kd_teacher_ident.get(k) for k in ("spec", "weights_sha256", "license", "source")}
+    return training_sources(
+        data_id=ctx.inputs["data"].id, task_rows=task_rows, heal_rows=heal_rows if c.heal_epochs > 0 else [],
+        epochs=c.epochs, heal_epochs=c.heal_epochs, max_length=c.max_length, sft_weight=sft_w,
+        kd_weight=kd_w, cached=cached, kd_parent=kd_parent, kd_teacher=kd_teacher_ident,
+        student_id=student.id if student else None, student_tokens=signal_tokens(student.manifest if student else None),
+    )
 
 
 def checkpoint_root(ctx) -> Path:
