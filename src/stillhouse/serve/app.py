@@ -30,7 +30,7 @@ from ..teachers.hf import render_chat
 from .engine import Engine, Job, Sampling, Seq, wait_all
 from .faults import Faults
 from .limits import GuardMiddleware, KeyCheck, PromptLimits
-from .protocol import ChatRequest, CompletionRequest, Reject, _Common, error, unsupported, validation_message
+from .protocol import ChatRequest, CompletionRequest, Reject, SafeJSONResponse, _Common, error, unsupported, validation_message
 
 
 @dataclass(frozen=True)
@@ -58,20 +58,23 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
         yield
         await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="stillhouse serve", lifespan=lifespan)
+    app = FastAPI(title="stillhouse serve", lifespan=lifespan, default_response_class=SafeJSONResponse)
     app.add_middleware(GuardMiddleware, keys=keys, max_body_bytes=cfg.max_body_bytes)
     app.state.stats = {"requests": 0, "completed": 0, "faults": {}, "in_flight": 0, "rejected_busy": 0, "disconnected": 0}
     stats = app.state.stats
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        message, param = validation_message(errs[0] if errs else {})
+        message, param = validation_message(list(exc.errors()))
         return error(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):  # a bug; the fuzz test keeps this unreachable
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     @app.exception_handler(Reject)
     async def _rejected(request: Request, exc: Reject):
@@ -215,7 +218,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
                 }
                 for s in job.seqs
             ]
-            return JSONResponse(_envelope("chat.completion", cfg.served_name, choices, usage([job])))
+            return SafeJSONResponse(_envelope("chat.completion", cfg.served_name, choices, usage([job])))
 
         return await run(request, handle)
 
@@ -282,7 +285,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
                             gen = (ids + gen[0], [None] + lps + gen[1], [None] + tids + gen[2], [None] + tlps + gen[3])
                         lp = completion_logprobs(*gen, top, as_ids)
                     choices.append({"index": p * req.n + s.index, "text": head + final_text(s), "finish_reason": s.finish_reason, "logprobs": lp})
-            return JSONResponse(_envelope("text_completion", cfg.served_name, choices, usage(jobs)))
+            return SafeJSONResponse(_envelope("text_completion", cfg.served_name, choices, usage(jobs)))
 
         return await run(request, handle)
 
@@ -316,7 +319,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
         async def body():
             try:
                 async for ev in events:
-                    yield f"data: {json.dumps(ev)}\n\n"
+                    yield f"data: {json.dumps(ev, ensure_ascii=True)}\n\n"
                 yield "data: [DONE]\n\n"
             except Exception as e:  # a failed decode step: tell the client in-stream, then end
                 yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(e).__name__}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"

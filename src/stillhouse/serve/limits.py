@@ -123,6 +123,10 @@ class PromptLimits:
         limit = self.context if allow_full else self.context - 1
         if len(text) > self.max_chars:
             raise Reject(400, f"{param}: {len(text)} characters cannot fit the model's context of {self.context} tokens", param)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise Reject(400, f"{param}: not valid Unicode ({e.reason} at character {e.start})", param) from None
         ids = encode_prompt(self.tok, text)
         if not ids:
             raise Reject(400, f"{param}: the prompt is empty (no tokens)", param)

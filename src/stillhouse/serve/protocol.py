@@ -10,6 +10,7 @@ the end user for the provider's abuse monitoring).
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from fastapi.responses import JSONResponse
@@ -19,11 +20,19 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow 5, we allow 
 MAX_STOP = 4  # OpenAI's limit
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a lone surrogate from a request, echoed in a message or a
+    completion, cannot make encoding the response fail."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error", *, param: str | None = None,
           code: str | None = None, headers: dict | None = None) -> JSONResponse:
     """A response in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return SafeJSONResponse(body, status_code=status, headers=headers)
 
 
 class Reject(Exception):
@@ -121,8 +130,10 @@ def param_of(loc: tuple) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_message(err: dict) -> tuple[str, str]:
-    """One line (and the parameter) for the first pydantic error of a request body."""
+def validation_message(errors: list[dict]) -> tuple[str, str]:
+    """One line (and the parameter) for a request body's pydantic errors: the most specific
+    one (a union reports one error per member; the deepest says what was wrong)."""
+    err = max(errors, key=lambda e: len(e.get("loc", ())), default={})
     param = param_of(tuple(err.get("loc", ())))
     kind = err.get("type", "")
     if kind == "extra_forbidden":
