@@ -179,7 +179,8 @@ def test_short_request_finishes_while_a_long_one_decodes_and_disconnect_cancels(
             short = await c.post(f"{server}/chat/completions", json={"model": "tiny", "messages": _chat(), "max_tokens": 3})
             assert short.status_code == 200
             assert not finished.is_set()  # the short answer did not wait for the long one
-            assert stats(server)["running"] == 1  # the long row is still decoding
+            now = stats(server)
+            assert now["running"] == 1 and now["in_flight"] == 1  # the long row is still decoding, and counted
             long.cancel()  # the client goes away mid-stream
             with pytest.raises(asyncio.CancelledError):
                 await long
@@ -187,6 +188,7 @@ def test_short_request_finishes_while_a_long_one_decodes_and_disconnect_cancels(
     asyncio.run(scenario())
     after = wait_for(lambda: (s := stats(server))["running"] == 0 and s["cancelled"] > before["cancelled"] and s, "the long row to be cancelled")
     assert after["cancelled"] == before["cancelled"] + 1
+    wait_for(lambda: stats(server)["in_flight"] == 0, "the stream's slot to be freed")
     assert after["generated_tokens"] - before["generated_tokens"] < LONG_CONTEXT  # it stopped early
     settled = after["generated_tokens"]
     assert stats(server)["generated_tokens"] == settled  # and generates nothing more

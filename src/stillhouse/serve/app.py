@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..teachers.hf import render_chat
@@ -118,12 +119,14 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
         if fault == "500":
             return error(500, "internal error (injected fault)", "server_error")
         stats["in_flight"] += 1
+        response = None
         try:
             if fault == "slow":
                 await asyncio.sleep(faults.slow_s)
             response = await handle()
         finally:
-            stats["in_flight"] -= 1
+            if not getattr(response, "holds_slot", False):  # a stream frees its slot when it ends
+                stats["in_flight"] -= 1
         if fault == "cut" and isinstance(response, JSONResponse) and response.status_code == 200:
             body = response.body
 
@@ -316,6 +319,23 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
             yield chunk([], usage=usage(jobs))
 
     def _sse(events, jobs: list[Job]) -> StreamingResponse:
+        released = False
+
+        def release():
+            """Free the request's slot and stop its rows (once): from the body's end, or from the
+            response's background task if the body never started (the client left at once)."""
+            nonlocal released
+            if released:
+                return
+            released = True
+            stats["in_flight"] -= 1
+            if not all(j.done for j in jobs):
+                stats["disconnected"] += 1
+                for j in jobs:
+                    j.cancel()
+            else:
+                stats["completed"] += 1
+
         async def body():
             try:
                 async for ev in events:
@@ -324,12 +344,12 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
             except Exception as e:  # a failed decode step: tell the client in-stream, then end
                 yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(e).__name__}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
             finally:  # also when the client went away: starlette cancels this generator
-                if not all(j.done for j in jobs):
-                    stats["disconnected"] += 1
-                    for j in jobs:
-                        j.cancel()
+                release()
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        response = StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(release))
+        response.holds_slot = True
+        return response
 
     async def _deltas(jobs: list[Job], updates: asyncio.Queue, final):
         """(seq, new text, first new token, end token) each time a choice advances; holds back
