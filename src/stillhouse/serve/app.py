@@ -32,6 +32,7 @@ from .engine import Engine, Job, Sampling, Seq, wait_all
 from .faults import Faults
 from .limits import GuardMiddleware, KeyCheck, PromptLimits
 from .protocol import ChatRequest, CompletionRequest, Reject, SafeJSONResponse, _Common, error, unsupported, validation_message
+from .text import stop_holdback
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
             if s.done:
                 text, b = final(s), len(s.logprobs) if s.sampling.top_logprobs >= 0 else len(s.ids)
             else:
-                held = max((len(x) for x in s.sampling.stop), default=1) - 1
+                held = stop_holdback(s.sampling.stop)
                 text = s.text.text[: max(0, len(s.text.text) - held)]
                 b = len(s.logprobs) if s.sampling.top_logprobs >= 0 else len(s.ids)
             done_chars = sent_text.get(id(s), 0)

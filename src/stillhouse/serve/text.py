@@ -35,7 +35,7 @@ def find_stop(text: str, stops: list[str], start: int = 0) -> int:
     return min(hits) if hits else -1
 
 
-def stop_holdback(stops: list[str]) -> int:
+def stop_holdback(stops) -> int:
     """Characters a stream must hold back: the longest stop string could still be completing."""
     return max((len(s) for s in stops), default=1) - 1
 
