@@ -77,7 +77,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: s
         os.environ["STILLHOUSE_QUIET"] = "1"  # no per-batch progress bars in a server log
         app = build_app(model, **kwargs)
         console.print(f"stillhouse serve: {model} at http://{host}:{sock.getsockname()[1]}/v1")
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+        # on SIGTERM, requests still running after 10 s (a long stream) are cut rather than awaited
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10)).run(sockets=[sock])
     finally:
         sock.close()
 
