@@ -245,3 +245,29 @@ def test_seeded_sampling_does_not_depend_on_batch_neighbours(server):
     crowded = asyncio.run(together())
     assert [c["text"] for c in alone["choices"]] == [c["text"] for c in crowded["choices"]]
     assert alone["choices"][0]["text"] != alone["choices"][1]["text"]  # two choices, two samples
+
+
+def test_stop_strings_cut_whole_and_streamed_answers_alike(client):
+    base = dict(model="tiny", prompt="stop test", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**base).choices[0].text
+    stop = full[12:15]
+    expected = full[: full.find(stop)]
+    whole = client.completions.create(**base, stop=[stop, "\u0001never"]).choices[0]
+    assert whole.text == expected and whole.finish_reason == "stop"
+    chunks = list(client.completions.create(**base, stop=[stop, "\u0001never"], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected  # held-back text never leaked the stop string
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_streamed_choices_of_several_prompts_match_the_whole_answer(client):
+    base = dict(model="tiny", prompt=["ab", "cd"], max_tokens=8, temperature=0.9, seed=7, n=2, logprobs=1)
+    whole = client.completions.create(**base)
+    texts = {c.index: "" for c in whole.choices}
+    finish = {}
+    for chunk in client.completions.create(**base, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices} and sorted(finish) == [0, 1, 2, 3]
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
