@@ -1,6 +1,7 @@
 """`stillhouse serve MODEL`: an OpenAI-compatible server for any model stillhouse can load.
 
-`engine.py` is the continuous-batching decode loop, `app.py` the HTTP routes, `protocol.py`
+`engine.py` is the continuous-batching decode loop, `app.py` the HTTP routes, `stream.py`
+server-sent events, `protocol.py`
 the request bodies and OpenAI's error shape, `limits.py` API keys, body size and prompt
 length, `text.py` streaming text and stop strings, `faults.py` the seeded fault injection
 used by the chaos tests. docs/serving.md describes the behaviour and the limits.

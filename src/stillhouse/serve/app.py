@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,7 +23,6 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..teachers.hf import render_chat
@@ -32,7 +30,7 @@ from .engine import Engine, Job, Sampling, Seq, wait_all
 from .faults import Faults
 from .limits import GuardMiddleware, KeyCheck, PromptLimits
 from .protocol import ChatRequest, CompletionRequest, Reject, SafeJSONResponse, _Common, error, unsupported, validation_message
-from .text import stop_holdback
+from .stream import deltas, sse_response
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
             job = engine.submit(ids, sp, req.n, updates)
             as_ids = req.return_tokens_as_token_ids
             if req.stream:
-                return _sse(stream_chat(job, updates, as_ids, req.stream_options), [job])
+                return sse_response(stream_chat(job, updates, as_ids, req.stream_options), [job], stats)
             if not await finished([job], updates, request):
                 return error(499, "client disconnected")
             choices = [
@@ -235,7 +233,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
 
         yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                      for s in job.seqs])
-        async for s, delta, a, b in _deltas([job], updates, final_text):
+        async for s, delta, a, b in deltas([job], updates, final_text):
             lp = chat_logprobs(s, a, b, as_ids) if s.sampling.top_logprobs >= 0 and b > a else None
             if delta or lp:
                 yield chunk([{"index": s.index, "delta": {"content": delta}, "logprobs": lp, "finish_reason": None}])
@@ -274,7 +272,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
                 sp = sampling(req, req.max_tokens, len(ids), top, req.stream)
                 jobs.append(engine.submit(ids, sp, req.n, updates) if sp.max_new_tokens > 0 else _empty_job(ids, sp, req.n, updates))
             if req.stream:
-                return _sse(stream_completions(jobs, updates, encoded, req, as_ids), jobs)
+                return sse_response(stream_completions(jobs, updates, encoded, req, as_ids), jobs, stats)
             if not await finished(jobs, updates, request):
                 return error(499, "client disconnected")
             choices = []
@@ -307,7 +305,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
                 for s in j.seqs:
                     sent[(p, s.index)] = len(head)
                     yield chunk([{"index": p * req.n + s.index, "text": head, "logprobs": None, "finish_reason": None}])
-        async for s, delta, a, b in _deltas(jobs, updates, final_text):
+        async for s, delta, a, b in deltas(jobs, updates, final_text):
             p = first[id(s.job)]
             lp = None
             if s.sampling.top_logprobs >= 0 and b > a:
@@ -318,66 +316,6 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
                 yield chunk([{"index": p * req.n + s.index, "text": delta, "logprobs": lp, "finish_reason": s.finish_reason}])
         if req.stream_options is not None and req.stream_options.include_usage:
             yield chunk([], usage=usage(jobs))
-
-    def _sse(events, jobs: list[Job]) -> StreamingResponse:
-        released = False
-
-        def release():
-            """Free the request's slot and stop its rows (once): from the body's end, or from the
-            response's background task if the body never started (the client left at once)."""
-            nonlocal released
-            if released:
-                return
-            released = True
-            stats["in_flight"] -= 1
-            if not all(j.done for j in jobs):
-                stats["disconnected"] += 1
-                for j in jobs:
-                    j.cancel()
-            else:
-                stats["completed"] += 1
-
-        async def body():
-            try:
-                async for ev in events:
-                    yield f"data: {json.dumps(ev, ensure_ascii=True)}\n\n"
-                yield "data: [DONE]\n\n"
-            except Exception as e:  # a failed decode step: tell the client in-stream, then end
-                yield f"data: {json.dumps({'error': {'message': f'generation failed: {type(e).__name__}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
-            finally:  # also when the client went away: starlette cancels this generator
-                release()
-
-        response = StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(release))
-        response.holds_slot = True
-        return response
-
-    async def _deltas(jobs: list[Job], updates: asyncio.Queue, final):
-        """(seq, new text, first new token, end token) each time a choice advances; holds back
-        text a stop string could still claim, and sends the rest when the choice finishes."""
-        sent_text: dict[int, int] = {}
-        sent_tok: dict[int, int] = {}
-        while True:
-            pending = [s for j in jobs for s in j.seqs if id(s) not in sent_tok or sent_tok[id(s)] >= 0]
-            if not pending:
-                return
-            s = await updates.get()
-            if s.job.error is not None:
-                raise s.job.error
-            if sent_tok.get(id(s), 0) < 0:
-                continue  # already finished
-            a = sent_tok.get(id(s), 0)
-            if s.done:
-                text, b = final(s), len(s.logprobs) if s.sampling.top_logprobs >= 0 else len(s.ids)
-            else:
-                held = stop_holdback(s.sampling.stop)
-                text = s.text.text[: max(0, len(s.text.text) - held)]
-                b = len(s.logprobs) if s.sampling.top_logprobs >= 0 else len(s.ids)
-            done_chars = sent_text.get(id(s), 0)
-            delta = text[done_chars:] if len(text) > done_chars else ""
-            sent_text[id(s)] = max(done_chars, len(text))
-            sent_tok[id(s)] = -1 if s.done else b
-            yield s, delta, a, b
 
     # -- the rest ------------------------------------------------------------------------------
     @app.get("/v1/models")
