@@ -191,10 +191,10 @@ def test_missing_key_variable_and_key_never_leaks(server, tmp_path, monkeypatch)
 def test_server_answers_models_and_rejects_bad_requests(server):
     url, _ = server
     assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "tiny"
-    r = httpx.post(f"{url}/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "a"}], "stream": True})
-    assert r.status_code == 400
-    r = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 0})
-    assert r.status_code == 422
+    r = httpx.post(f"{url}/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "a"}], "tools": []})
+    assert r.status_code == 400 and "'tools'" in r.json()["error"]["message"]  # refused, never ignored
+    r = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "a", "max_tokens": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "ab", "max_tokens": 8, "stop": ["x"], "temperature": 0})
     assert r.status_code == 200 and "x" not in r.json()["choices"][0]["text"]
 

@@ -258,15 +258,21 @@ def serve(
     model: str = typer.Argument(..., help="Model spec: built-in name, HF directory, .gguf file or hub id."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on."),
-    max_batch: int = typer.Option(16, "--max-batch", help="Most concurrent requests generated as one batch."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Most rows (choices) decoded together; more wait for a free row."),
     faults: Optional[str] = typer.Option(None, help="Inject faults, e.g. 429=0.1,500=0.1,slow=0.05,cut=0.05 (fractions of requests)."),
     seed: int = typer.Option(0, help="Seed of the fault injection."),
     served_name: Optional[str] = typer.Option(None, "--served-name", help="Model name clients send (default: MODEL)."),
+    api_keys: Optional[Path] = typer.Option(None, "--api-keys", help="Key file (`stillhouse keys add FILE`): every request needs one of its keys."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", help="Tokens per request (prompt + completion); default: the model's context."),
+    max_concurrent: int = typer.Option(64, "--max-concurrent", help="Requests in flight at once; more are answered 429 with Retry-After."),
+    max_tokens: int = typer.Option(256, "--default-max-tokens", help="Completion budget of a request that names no max_tokens."),
 ):
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from .serve import serve as run_server
 
-    run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name)
+    run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name,
+               api_keys=str(api_keys) if api_keys else None, max_context=max_context, max_concurrent=max_concurrent,
+               default_max_tokens=max_tokens)
 
 
 # SIGTERM is handled like Ctrl-C (temporary directories removed, committed shards kept); click

@@ -1,7 +1,10 @@
 """`stillhouse serve MODEL`: an OpenAI-compatible server for any model stillhouse can load.
 
-`app.py` holds the HTTP routes, `batcher.py` groups concurrent requests into batched
-generation, `faults.py` the seeded fault injection used by the chaos tests.
+`engine.py` is the continuous-batching decode loop, `app.py` the HTTP routes, `stream.py`
+server-sent events, `protocol.py`
+the request bodies and OpenAI's error shape, `limits.py` API keys, body size and prompt
+length, `text.py` streaming text and stop strings, `faults.py` the seeded fault injection
+used by the chaos tests. docs/serving.md describes the behaviour and the limits.
 """
 
 from __future__ import annotations
@@ -13,19 +16,41 @@ import time
 from ..errors import StillhouseError
 
 
-def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None, window_ms: float = 50.0, gap_ms: float = 10.0):
+def context_length(model) -> int:
+    """Tokens the model was trained to attend over (prompt + completion)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise StillhouseError("cannot tell the model's context length from its config; pass --max-context")
+
+
+def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None,
+              api_keys: str | None = None, max_context: int | None = None, max_concurrent: int = 64,
+              default_max_tokens: int = 256):
     from .. import models
     from ..teachers.hf import HFTeacher
-    from .app import create_app
-    from .batcher import Batcher
+    from .app import ServeConfig, create_app
+    from .engine import Engine
     from .faults import parse_faults
+    from .limits import KeyCheck
 
     if max_batch < 1:
         raise StillhouseError("--max-batch must be at least 1")
+    if max_concurrent < 1:
+        raise StillhouseError("--max-concurrent must be at least 1")
+    if max_context is not None and max_context < 2:
+        raise StillhouseError("--max-context must be at least 2")
     fault_cfg = parse_faults(faults, seed)  # checked before the model loads
+    keys = KeyCheck(api_keys) if api_keys else None
     lm = models.load(model)
-    teacher = HFTeacher(lm.model, lm.tokenizer, name=lm.identity.spec)
-    return create_app(Batcher(teacher, max_batch, window_ms / 1000, gap_ms / 1000), served_name or model, fault_cfg)
+    context = context_length(lm.model)
+    if max_context is not None:
+        context = min(context, max_context)
+    engine = Engine(lm.model, lm.tokenizer, HFTeacher(lm.model, lm.tokenizer)._stop_ids(), max_batch=max_batch)
+    cfg = ServeConfig(served_name or model, context, default_max_tokens=default_max_tokens, max_concurrent=max_concurrent)
+    return create_app(engine, cfg, fault_cfg, keys)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -53,7 +78,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: s
         os.environ["STILLHOUSE_QUIET"] = "1"  # no per-batch progress bars in a server log
         app = build_app(model, **kwargs)
         console.print(f"stillhouse serve: {model} at http://{host}:{sock.getsockname()[1]}/v1")
-        uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+        # on SIGTERM, requests still running after 10 s (a long stream) are cut rather than awaited
+        uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10)).run(sockets=[sock])
     finally:
         sock.close()
 
@@ -75,9 +101,8 @@ class ServerThread:
 
     def __enter__(self) -> str:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
+        while not self.server.started:  # waits on readiness; a failed start ends the thread
+            if not self.thread.is_alive():
                 raise RuntimeError("uvicorn did not start")
             time.sleep(0.01)
         return self.base_url
