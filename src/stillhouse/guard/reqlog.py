@@ -180,7 +180,8 @@ def export_parquet(log: str | Path, out_dir: str | Path) -> int:
     check_log(log)
     schema = L.ARROW_SCHEMA.append(pa.field("day", pa.string()))
     try:
-        con = sqlite3.connect(f"file:{log}?mode=ro", uri=True)
+        # pyarrow pulls the batches from a thread of its own
+        con = sqlite3.connect(f"file:{log}?mode=ro", uri=True, check_same_thread=False)
         (n,) = con.execute("SELECT count(*) FROM requests").fetchone()
         with atomic_dir(out_dir) as tmp:
             ds.write_dataset(
