@@ -129,11 +129,61 @@ async def run_load(gw: str, direct: str, key: str, sequential: int, seconds: flo
     return {"lat_gw": lat_gw, "lat_direct": lat_direct, "done": done, "errors": errors, "elapsed": elapsed, "sent": through_gateway}
 
 
+def compare_clients(seconds: float, concurrency: int) -> None:
+    """Why the gateway talks to its upstream with aiohttp: requests/s of each async client
+    against the same instant stub, alternating, same process, same concurrency."""
+    import aiohttp
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    up = subprocess.Popen([sys.executable, __file__, "--stub", str(port)], env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    async def rate(call) -> float:
+        n, end = 0, time.perf_counter() + seconds / 4
+
+        async def worker():
+            nonlocal n
+            while time.perf_counter() < end:
+                await call()
+                n += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return n / (seconds / 4)
+
+    async def run():
+        lim = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        async with aiohttp.ClientSession() as s, httpx.AsyncClient(limits=lim) as c:
+            async def a():
+                async with s.post(url, data=b"{}") as r:
+                    await r.read()
+
+            async def h():
+                (await c.post(url, content=b"{}")).raise_for_status()
+
+            res = {"aiohttp": [], "httpx": []}
+            for _ in range(2):
+                res["aiohttp"].append(await rate(a))
+                res["httpx"].append(await rate(h))
+            return res
+
+    try:
+        wait_up(url.replace("/chat/completions", "/models"), up)
+        res = asyncio.run(run())
+    finally:
+        up.kill()
+    a, h = max(res["aiohttp"]), max(res["httpx"])
+    print(f"upstream clients, {concurrency} concurrent, best of 2: aiohttp {a:,.0f} req/s, httpx.AsyncClient {h:,.0f} req/s "
+          f"(ratio {a / h:.1f}x); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--sequential", type=int, default=400)
+    ap.add_argument("--clients", action="store_true", help="Only compare upstream clients: httpx.AsyncClient vs aiohttp against the stub.")
     ap.add_argument("--stub", type=int, help=argparse.SUPPRESS)  # internal: run the stub upstream on this port
     args = ap.parse_args()
     if args.stub:
@@ -142,6 +192,8 @@ def main() -> None:
         uvicorn.run(stub_app, host="127.0.0.1", port=args.stub, log_level="warning", access_log=False)
         return
 
+    if args.clients:
+        return compare_clients(args.seconds, args.concurrency)
     sys.path.insert(0, str(ROOT / "src"))
     from stillhouse.apikeys import KeyStore
 
