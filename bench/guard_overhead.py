@@ -81,7 +81,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def run_load(gw: str, direct: str, key: str, sequential: int, seconds: float, concurrency: int) -> dict:
+async def run_load(gw: str, direct: str, key: str, sequential: int, seconds: float, concurrency: int, gw_pid: int) -> dict:
+    import psutil
+
     import aiohttp
 
     counter, through_gateway = 0, 0
@@ -111,22 +113,29 @@ async def run_load(gw: str, direct: str, key: str, sequential: int, seconds: flo
             lat_direct.append(await one(direct, {}))
             lat_gw.append(await one(gw, auth))
 
-        done, errors = 0, 0
-        stop_at = time.perf_counter() + seconds
+        async def sustained(base: str, headers: dict) -> tuple[int, int, float]:
+            done, errors, stop_at = 0, 0, time.perf_counter() + seconds
 
-        async def worker():
-            nonlocal done, errors
-            while time.perf_counter() < stop_at:
-                try:
-                    await one(gw, auth)
-                    done += 1
-                except AssertionError:
-                    errors += 1
+            async def worker():
+                nonlocal done, errors
+                while time.perf_counter() < stop_at:
+                    try:
+                        await one(base, headers)
+                        done += 1
+                    except AssertionError:
+                        errors += 1
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-    return {"lat_gw": lat_gw, "lat_direct": lat_direct, "done": done, "errors": errors, "elapsed": elapsed, "sent": through_gateway}
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            return done, errors, time.perf_counter() - t0
+
+        direct_done, _, direct_elapsed = await sustained(direct, {})
+        proc = psutil.Process(gw_pid)
+        cpu0 = sum(proc.cpu_times()[:2])
+        done, errors, elapsed = await sustained(gw, auth)
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+    return {"lat_gw": lat_gw, "lat_direct": lat_direct, "done": done, "errors": errors, "elapsed": elapsed, "sent": through_gateway,
+            "direct_rps": direct_done / direct_elapsed, "gw_cpu_ms": cpu * 1000 / max(1, done)}
 
 
 def compare_clients(seconds: float, concurrency: int) -> None:
@@ -211,7 +220,7 @@ def main() -> None:
         gw = subprocess.Popen([sys.executable, "-m", "stillhouse.cli", "guard", "serve", "--upstream", direct,
                                "--config", str(tmp / "guard.yaml"), "--port", str(gw_port)], env=env, stderr=subprocess.PIPE, text=True)
         wait_up(f"http://127.0.0.1:{gw_port}/healthz", gw)
-        res = asyncio.run(run_load(gw_url, direct, key, args.sequential, args.seconds, args.concurrency))
+        res = asyncio.run(run_load(gw_url, direct, key, args.sequential, args.seconds, args.concurrency, gw.pid))
         gw.send_signal(signal.SIGTERM)  # graceful: the log commits everything queued
         gw.wait(timeout=120)
     finally:
@@ -232,7 +241,10 @@ def main() -> None:
     print(f"  through the gateway     p50 {p50g:6.2f} ms   p99 {p99g:6.2f} ms")
     print(f"  added by the gateway    p50 {p50g - p50d:6.2f} ms   p99 {p99g - p99d:6.2f} ms   (target p50 <= {TARGETS['p50_added_ms']} ms)")
     print(f"throughput, {args.concurrency} concurrent clients for {res['elapsed']:.1f} s: {rps:,.0f} requests/s through the gateway "
-          f"(target >= {TARGETS['rps']:,.0f}); {res['errors']} errors")
+          f"(target >= {TARGETS['rps']:,.0f}); {res['errors']} errors; the stub alone: {res['direct_rps']:,.0f} requests/s "
+          f"(gateway/stub {rps / res['direct_rps']:.2f})")
+    print(f"gateway CPU time (user+system, all its threads) per request under that load: {res['gw_cpu_ms']:.2f} ms "
+          f"= {1000 / res['gw_cpu_ms']:,.0f} requests/s per fully available core")
     print(f"log: {res['sent']} requests sent, {rows} rows, {lost} lost, {doubled} logged twice")
     verdict = (p50g - p50d <= TARGETS["p50_added_ms"], rps >= TARGETS["rps"], lost == 0 and doubled == 0)
     print("targets: p50 added " + ("met" if verdict[0] else "MISSED") + ", requests/s " + ("met" if verdict[1] else "MISSED")
