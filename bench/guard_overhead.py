@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -230,6 +231,7 @@ def main() -> None:
     con = sqlite3.connect(tmp / "log.sqlite")
     rows, distinct = con.execute("SELECT count(*), count(DISTINCT prompt_sha256) FROM requests").fetchone()
     con.close()
+    shutil.rmtree(tmp, ignore_errors=True)
     lost, doubled = max(0, res["sent"] - distinct), rows - distinct
     p50d, p99d = pct(res["lat_direct"], 0.5), pct(res["lat_direct"], 0.99)
     p50g, p99g = pct(res["lat_gw"], 0.5), pct(res["lat_gw"], 0.99)
