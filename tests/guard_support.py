@@ -84,6 +84,8 @@ def stub_upstream() -> FastAPI:
         body = await request.json()
         style = body.get("model", "inline")
         n = body.get("n") or 1
+        if not 1 <= n <= 64:  # as OpenAI-compatible servers do
+            return JSONResponse({"error": {"message": "n must be between 1 and 64", "type": "invalid_request_error"}}, status_code=400)
         if chat:
             msgs = body["messages"]
             tail = msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else None

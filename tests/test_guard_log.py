@@ -109,7 +109,7 @@ def test_export_parquet_by_day(tmp_path):
     log = RequestLog(tmp_path / "log.sqlite", flush_ms=5)
     day1, day2 = 1_780_000_000.0, 1_780_000_000.0 + 86_400
     for i in range(5):
-        log.append({"ts": day1 + i, "route": "chat", "status": 200, "outcome": "ok", "account": f"a{i}", "stream": bool(i % 2), "_prompt": f"p {i}"})
+        log.append({"ts": day1 + i + 0.123456, "route": "chat", "status": 200, "outcome": "ok", "account": f"a{i}", "stream": bool(i % 2), "_prompt": f"p {i}"})
     for i in range(3):
         log.append({"ts": day2 + i, "route": "completions", "status": 429, "outcome": "rate_limited", "echo": True, "_prompt": "same"})
     log.close()
@@ -192,3 +192,23 @@ def test_keys_cli_round_trip(tmp_path, capsys):
     main(["guard", "keys", "revoke", str(f), key_id])
     main(["guard", "keys", "list", str(f)])
     assert "\trevoked\t" in capsys.readouterr().out
+
+
+def test_hostile_field_values_still_log_and_export(tmp_path):
+    """Numbers out of the columns' ranges or of the wrong type become bounded or null, so one
+    client cannot make its row, or the day's Parquet export, fail."""
+    from guard_support import gateway_server, guard_config, post
+
+    [key] = make_keys(tmp_path / "keys.json", {})
+    with upstream_server() as (_, up_url), gateway_server(guard_config(tmp_path), up_url) as (_, url):
+        body = {"model": 5, "messages": [{"role": "user", "content": "hi"}], "n": 1, "max_completion_tokens": 10**12,
+                "temperature": "hot", "top_logprobs": 0}
+        assert post(url, "/chat/completions", key, body).status_code == 200
+        r = post(url, "/chat/completions", key, {**body, "n": 10**9})  # the upstream refuses it; the gateway passes that on
+        assert r.status_code == 400 and "n must be" in r.json()["error"]["message"]
+    assert export_parquet(tmp_path / "log.sqlite", tmp_path / "out") == 2
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(tmp_path / "out", format="parquet", partitioning="hive").to_table().to_pylist()
+    assert [r["n"] for r in t] == [1, 2**15 - 1] and t[0]["max_tokens"] == 2**31 - 1
+    assert t[0]["model"] is None and t[0]["temperature"] is None

@@ -147,3 +147,23 @@ def test_without_the_gateway_the_stub_leaks(rig):
     up_app, url, key = rig
     leaks = sum(any(c in httpx.post(up_app.state.url + path, json=body, timeout=30).text for c in HIDDEN) for _, path, body in ATTACKS)
     assert leaks == len(ATTACKS)
+
+
+def test_implicit_open_streams_and_length_summary(tmp_path):
+    """An R1-style template (only the close marker is generated) streamed: with implicit_open the
+    output is hidden from its first token; summary: length says how much, nothing of what."""
+    import httpx
+
+    [key] = make_keys(tmp_path / "keys.json", {})
+    cfg = guard_config(tmp_path, reasoning={"implicit_open": True, "summary": "length"})
+    with upstream_server() as (up_app, up_url), gateway_server(cfg, up_url) as (_, url):
+        body = {"model": "r1", "messages": U, "stream": True, "logprobs": True, "top_logprobs": 2}
+        assert any(c in httpx.post(up_url + CHAT, json=body, timeout=30).text for c in HIDDEN)  # the upstream does leak
+        r = post(url, CHAT, key, body)
+        assert not any(c in r.text for c in HIDDEN) and "\\u04" not in r.text
+        events = sse_events(r.text)
+        assert "".join(ch["delta"].get("content") or "" for c in events for ch in c["choices"]) == ANSWER
+        summaries = [ch["delta"]["reasoning_summary"] for c in events for ch in c["choices"] if "reasoning_summary" in ch["delta"]]
+        assert len(summaries) == 1 and summaries[0].startswith("[reasoning withheld: ~")
+        whole = post(url, CHAT, key, {"model": "r1", "messages": U}).json()["choices"][0]["message"]
+        assert whole["content"] == ANSWER and whole["reasoning_summary"].startswith("[reasoning withheld")

@@ -100,6 +100,17 @@ def _prompt_texts(chat: bool, body: dict) -> tuple[str, str | None]:
     return (p if isinstance(p, str) else ""), None
 
 
+I16, I32 = 2**15 - 1, 2**31 - 1  # the log's integer column ranges (log_schema: int16, int32)
+
+
+def _int(v, hi: int = I32) -> int | None:
+    """A client's or upstream's number as a log value: an int within the column's range, else None
+    (a hostile value must not make the row, or a later Parquet export, fail)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        return None
+    return max(-hi, min(hi, v))
+
+
 def _top_requested(chat: bool, body: dict) -> tuple[bool, int]:
     """(log-probs asked for, alternatives per token asked for)."""
     if chat:
@@ -225,10 +236,10 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
         wants_lp, top = _top_requested(chat, body)
         prompt, system = _prompt_texts(chat, body)
         row.update(
-            model=body.get("model") if isinstance(body.get("model"), str) else None, n=body.get("n") or 1,
-            max_tokens=body.get("max_tokens") or body.get("max_completion_tokens"),
-            temperature=body.get("temperature") if isinstance(body.get("temperature"), (int, float)) else None,
-            top_logprobs=top, echo=bool(body.get("echo")), stream=stream, param_shape=",".join(sorted(body)),
+            model=body.get("model") if isinstance(body.get("model"), str) else None, n=_int(body.get("n") or 1, I16),
+            max_tokens=_int(body.get("max_tokens") or body.get("max_completion_tokens")),
+            temperature=float(t) if isinstance(t := body.get("temperature"), (int, float)) and not isinstance(t, bool) else None,
+            top_logprobs=_int(top, I16), echo=bool(body.get("echo")), stream=stream, param_shape=",".join(sorted(body)),
             _prompt=prompt, _system=system,
         )
         org_limits = cfg.org_limits(rec.org)
@@ -249,11 +260,14 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
         filt = ResponseFilter(chat, cfg.reasoning, body)
 
         def account(usage: dict | None) -> None:
-            usage = usage or {}
-            withheld = filt.withheld_tokens(usage)
-            completion = usage.get("completion_tokens") or 0
-            row.update(prompt_tokens=usage.get("prompt_tokens"), completion_tokens=max(0, completion - withheld), withheld_tokens=withheld)
-            quotas.charge(rec.id, rec.org, (usage.get("prompt_tokens") or 0) + completion, time.time())
+            usage = usage if isinstance(usage, dict) else {}
+            usage = {k: max(0, _int(usage.get(k)) or 0) for k in ("prompt_tokens", "completion_tokens")} | {
+                "completion_tokens_details": usage.get("completion_tokens_details") if isinstance(usage.get("completion_tokens_details"), dict) else None}
+            completion = usage["completion_tokens"]
+            withheld = max(0, _int(filt.withheld_tokens(usage)) or 0)
+            withheld = min(withheld, completion) if completion else withheld
+            row.update(prompt_tokens=usage["prompt_tokens"], completion_tokens=max(0, completion - withheld), withheld_tokens=withheld)
+            quotas.charge(rec.id, rec.org, usage["prompt_tokens"] + completion, time.time())
 
         if not stream:
             try:

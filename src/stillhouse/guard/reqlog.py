@@ -163,7 +163,7 @@ def _batches(con: sqlite3.Connection, schema: pa.Schema) -> Iterator[pa.RecordBa
         for i, (name, typ, _, _) in enumerate(L.COLUMNS):
             vals = [None if v is None else bool(v) for v in cols[i]] if i in bools else cols[i]
             arrays.append(pa.array(vals, type=typ))
-        stamp = pc.cast(pc.multiply(arrays[0], 1e6), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
+        stamp = pc.cast(pc.floor(pc.multiply(arrays[0], 1e6)), pa.int64()).cast(pa.timestamp("us", tz="UTC"))
         arrays.append(pc.strftime(stamp, format="%Y-%m-%d"))
         yield pa.RecordBatch.from_arrays(arrays, schema=schema)
 

@@ -67,8 +67,8 @@ class ResponseFilter:
         share of the characters applied to its completion_tokens."""
         usage = usage or {}
         details = usage.get("completion_tokens_details") or {}
-        if details.get("reasoning_tokens"):
-            return int(details["reasoning_tokens"])
+        if isinstance(details.get("reasoning_tokens"), int) and details["reasoning_tokens"] > 0:
+            return details["reasoning_tokens"]
         hidden = self.hidden_chars
         if not hidden:
             return 0
