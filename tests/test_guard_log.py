@@ -160,6 +160,9 @@ def test_unreachable_upstream_corrupt_log_and_bad_keys(tmp_path, capsys):
     err = _one_line_error(argv + [f"http://admin:s3cret@127.0.0.1:{port}/v1"], capsys)
     assert err == f"stillhouse: error: upstream http://127.0.0.1:{port}/v1 unreachable: ConnectError"
     assert "must be an http(s) URL" in _one_line_error(argv + ["localhost:8000"], capsys)
+    (tmp_path / "guard2.yaml").write_text("keys: keys.json\nupstream: {api_key_env: GUARD_TEST_UNSET_KEY}\n")
+    argv2 = ["guard", "serve", "--config", str(tmp_path / "guard2.yaml"), "--port", str(free_port()), "--upstream", f"http://127.0.0.1:{port}/v1"]
+    assert "environment variable GUARD_TEST_UNSET_KEY is not set" in _one_line_error(argv2, capsys)
 
     garbage = b"this is not a database, but someone's precious file\n" * 100
     (tmp_path / "log.sqlite").write_bytes(garbage)

@@ -376,12 +376,17 @@ def check_upstream(upstream: str, cfg: GuardConfig) -> None:
     headers = {}
     if cfg.upstream.api_key_env and os.environ.get(cfg.upstream.api_key_env):
         headers["authorization"] = f"Bearer {os.environ[cfg.upstream.api_key_env]}"
+    if cfg.upstream.api_key_env and not os.environ.get(cfg.upstream.api_key_env):
+        raise StillhouseError(f"upstream.api_key_env: environment variable {cfg.upstream.api_key_env} is not set")
     try:
-        httpx.get(f"{upstream.rstrip('/')}/models", headers=headers, timeout=10)
+        r = httpx.get(f"{upstream.rstrip('/')}/models", headers=headers, timeout=10)
     except httpx.HTTPError as e:
         raise StillhouseError(f"upstream {redact(upstream)} unreachable: {type(e).__name__}") from None
     except ValueError as e:  # not a URL at all
         raise StillhouseError(f"--upstream {redact(upstream)!r}: not a usable URL ({e})") from None
+    if r.status_code in (401, 403):
+        given = f"the key in {cfg.upstream.api_key_env}" if cfg.upstream.api_key_env else "no key (set upstream.api_key_env)"
+        raise StillhouseError(f"upstream {redact(upstream)} refused {given}: HTTP {r.status_code}")
 
 
 def serve(upstream: str, config: str | Path, *, host: str = "127.0.0.1", port: int = 8080) -> None:
