@@ -38,20 +38,34 @@ RESPONSE = json.dumps({
 }).encode()
 
 
+STREAM = b"".join(
+    b"data: " + json.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "stub",
+                            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}).encode() + b"\n\n"
+    for piece in ["<thi", "nk>hid", "den</th", "ink>The ", "answer ", "is 42."]
+) + b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"stub","choices":[],' \
+    b'"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}\n\ndata: [DONE]\n\n'
+
+
 async def stub_app(scope, receive, send):
-    """The instant upstream: reads the request, answers one fixed chat completion."""
+    """The instant upstream: reads the request, answers one fixed chat completion (streamed:
+    six SSE chunks with a split <think> block, then usage and [DONE], in one write)."""
     if scope["type"] == "lifespan":
         while True:
             msg = await receive()
             await send({"type": msg["type"] + ".complete"})
             if msg["type"] == "lifespan.shutdown":
                 return
-    more = True
+    more, request = True, b""
     while more:
-        more = (await receive()).get("more_body", False)
+        msg = await receive()
+        request += msg.get("body", b"")
+        more = msg.get("more_body", False)
     body = RESPONSE if scope["path"].endswith("/completions") else b'{"object":"list","data":[{"id":"stub"}]}'
+    kind = b"application/json"
+    if b'"stream": true' in request:
+        body, kind = STREAM, b"text/event-stream"
     await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -82,7 +96,7 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def run_load(gw: str, direct: str, key: str, sequential: int, seconds: float, concurrency: int, gw_pid: int) -> dict:
+async def run_load(gw: str, direct: str, key: str, sequential: int, seconds: float, concurrency: int, gw_pid: int, stream: bool) -> dict:
     import psutil
 
     import aiohttp
@@ -92,7 +106,7 @@ async def run_load(gw: str, direct: str, key: str, sequential: int, seconds: flo
     def body() -> dict:
         nonlocal counter
         counter += 1
-        return {"model": "stub", "messages": [{"role": "user", "content": f"request number {counter}: what is six times seven?"}]}
+        return {"model": "stub", "messages": [{"role": "user", "content": f"request number {counter}: what is six times seven?"}], "stream": stream}
 
     auth = {"authorization": f"Bearer {key}"}
     conn = aiohttp.TCPConnector(limit=concurrency + 4)
@@ -103,7 +117,7 @@ async def run_load(gw: str, direct: str, key: str, sequential: int, seconds: flo
             t = time.perf_counter()
             async with s.post(base + "/chat/completions", json=body(), headers=headers) as r:
                 data = await r.read()
-                assert r.status == 200, data
+                assert r.status == 200 and b"hidden" not in data, data
             return (time.perf_counter() - t) * 1000
 
         for _ in range(50):  # warm both paths (connections, caches)
@@ -193,6 +207,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--sequential", type=int, default=400)
+    ap.add_argument("--stream", action="store_true", help="Streamed chat requests (SSE) instead of whole responses.")
     ap.add_argument("--clients", action="store_true", help="Only compare upstream clients: httpx.AsyncClient vs aiohttp against the stub.")
     ap.add_argument("--stub", type=int, help=argparse.SUPPRESS)  # internal: run the stub upstream on this port
     args = ap.parse_args()
@@ -221,7 +236,7 @@ def main() -> None:
         gw = subprocess.Popen([sys.executable, "-m", "stillhouse.cli", "guard", "serve", "--upstream", direct,
                                "--config", str(tmp / "guard.yaml"), "--port", str(gw_port)], env=env, stderr=subprocess.PIPE, text=True)
         wait_up(f"http://127.0.0.1:{gw_port}/healthz", gw)
-        res = asyncio.run(run_load(gw_url, direct, key, args.sequential, args.seconds, args.concurrency, gw.pid))
+        res = asyncio.run(run_load(gw_url, direct, key, args.sequential, args.seconds, args.concurrency, gw.pid, args.stream))
         gw.send_signal(signal.SIGTERM)  # graceful: the log commits everything queued
         gw.wait(timeout=120)
     finally:
@@ -237,6 +252,7 @@ def main() -> None:
     p50g, p99g = pct(res["lat_gw"], 0.5), pct(res["lat_gw"], 0.99)
     rps = res["done"] / res["elapsed"]
     load = os.getloadavg()[0]
+    print(f"{'streamed' if args.stream else 'non-streamed'} chat requests")
     print(f"machine: {os.cpu_count()} cores, load average {load:.1f} at the end (other jobs share the cores)")
     print(f"latency, one request at a time ({args.sequential} each, interleaved):")
     print(f"  direct to the stub      p50 {p50d:6.2f} ms   p99 {p99d:6.2f} ms")

@@ -138,15 +138,15 @@ UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 async def _sse_lines(r: aiohttp.ClientResponse):
-    """The upstream's SSE body as text lines, however long (aiohttp's readline caps a line)."""
+    """The upstream's SSE body as lists of text lines, one list per network read (so that what
+    arrived together leaves together), lines of any length (aiohttp's readline caps one)."""
     buf = b""
     async for block in r.content.iter_any():
         buf += block
         *lines, buf = buf.split(b"\n")
-        for line in lines:
-            yield line.decode("utf-8", "replace").rstrip("\r")
+        yield [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
     if buf:
-        yield buf.decode("utf-8", "replace")
+        yield [buf.decode("utf-8", "replace")]
 
 
 def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
@@ -309,31 +309,36 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
         async def events():
             outcome, usage = "cancelled", None
             try:
-                async for line in _sse_lines(r):
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        for c in filt.close():
-                            yield f"data: {json.dumps(c)}\n\n"
-                        yield "data: [DONE]\n\n"
-                        outcome = "ok"
+                async for lines in _sse_lines(r):
+                    out = []
+                    for line in lines:
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[5:].strip()
+                        if data == "[DONE]":
+                            out.extend(f"data: {json.dumps(c)}\n\n" for c in filt.close())
+                            out.append("data: [DONE]\n\n")
+                            outcome = "ok"
+                            break
+                        try:
+                            c = json.loads(data)
+                        except ValueError:
+                            continue  # never forward what could not be checked
+                        if not isinstance(c, dict):
+                            continue
+                        if c.get("usage"):
+                            usage = c["usage"]
+                            if not client_usage:
+                                c.pop("usage")
+                                if not c.get("choices"):
+                                    continue
+                        c = filt.chunk(c)
+                        if c is not None:
+                            out.append(f"data: {json.dumps(c)}\n\n")
+                    if out:
+                        yield "".join(out)
+                    if outcome == "ok":
                         break
-                    try:
-                        c = json.loads(data)
-                    except ValueError:
-                        continue  # never forward what could not be checked
-                    if not isinstance(c, dict):
-                        continue
-                    if c.get("usage"):
-                        usage = c["usage"]
-                        if not client_usage:
-                            c.pop("usage")
-                            if not c.get("choices"):
-                                continue
-                    c = filt.chunk(c)
-                    if c is not None:
-                        yield f"data: {json.dumps(c)}\n\n"
                 else:
                     outcome = "upstream_error"  # the upstream ended without [DONE]
             except UPSTREAM_ERRORS:
