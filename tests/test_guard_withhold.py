@@ -130,6 +130,16 @@ def test_battery_is_large_enough_and_answers_survive(rig):
     assert texts == {0: ANSWER, 1: ANSWER}
 
 
+def test_separate_field_keeps_the_answers_logprobs(rig):
+    """An upstream that gives log-probs for reasoning and answer tokens alike while moving the
+    reasoning to reasoning_content: the answer's entries survive, the reasoning's do not."""
+    _, url, key = rig
+    ch = post(url, CHAT, key, {"model": "field", "messages": U, "logprobs": True, "top_logprobs": 1}).json()["choices"][0]
+    assert ch["message"]["content"] == ANSWER and "reasoning_content" not in ch["message"]
+    toks = [e["token"] for e in ch["logprobs"]["content"]]
+    assert toks and "".join(toks) == ANSWER[len(ANSWER) - len("".join(toks)):]
+
+
 def test_completions_offsets_point_into_the_visible_text(rig):
     _, url, key = rig
     r = post(url, COMP, key, {"model": "inline", "prompt": "Q:", "echo": True, "logprobs": 1})

@@ -97,7 +97,7 @@ class ResponseFilter:
         content = msg.get("content")
         if isinstance(content, str):
             cf.look_ahead(content)
-            entries = lp.get("content") if lp else None
+            entries = _content_suffix(lp.get("content"), content) if lp else None
             text, rel = cf.feed(content, entries, _chat_token)
             tail, rel2 = cf.finish()
             msg["content"] = text + tail
@@ -219,6 +219,26 @@ class ResponseFilter:
                 ch = {"index": idx, "delta": {"content": tail}} if self.chat else {"index": idx, "text": tail}
                 out.append({**base, "choices": [{**ch, "finish_reason": None}]})
         return out
+
+
+def _content_suffix(entries: list | None, content: str) -> list | None:
+    """The entries that spell `content` when they are a suffix of all the entries: an upstream
+    that moves reasoning to its own field may still give log-probs for every generated token,
+    reasoning first. Anything else is returned as is (and dropped by the filter if unaligned)."""
+    if not entries or not all(isinstance(e, dict) for e in entries):
+        return entries
+    total = sum(len(_chat_token(e)) for e in entries)
+    skip = total - len(content)
+    if skip <= 0:
+        return entries
+    for k, e in enumerate(entries):
+        if skip == 0:
+            tail = entries[k:]
+            return tail if "".join(_chat_token(t) for t in tail) == content else entries
+        skip -= len(_chat_token(e))
+        if skip < 0:
+            break
+    return entries
 
 
 def _completion_entries(lp: dict | None) -> list | None:
