@@ -10,6 +10,7 @@ Tokens are 1-5 characters in a fixed cycle, so markers are split across tokens a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -70,7 +71,8 @@ def _raw(style: str, tail: str | None, i: int) -> str:
 
 def stub_upstream() -> FastAPI:
     """Model names choose the style: inline (default), field (reasoning_content), r1 (no open
-    marker), multi (two blocks), tool (reasoning inside tool-call arguments)."""
+    marker), multi (two blocks), tool (reasoning inside tool-call arguments), slow (inline,
+    streamed 50 ms a token)."""
     app = FastAPI()
     app.state.calls = 0
     app.state.raw = []  # every raw output generated: the canary IS there upstream
@@ -215,6 +217,8 @@ async def _stream(chat, style, choices, want_lp, top, usage, body):
                           "logprobs": _comp_lp([t], top, offsets[idx]) if want_lp else None}
                     offsets[idx] += len(t)
             yield f"data: {json.dumps({**base, 'choices': [ch]}, ensure_ascii=False)}\n\n"
+            if style == "slow":  # a long generation: the client can leave in the middle
+                await asyncio.sleep(0.05)
     if (body.get("stream_options") or {}).get("include_usage"):
         yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"

@@ -173,3 +173,17 @@ def _rows(path) -> list[dict]:
         return [dict(r) for r in con.execute("SELECT * FROM requests ORDER BY id")]
     finally:
         con.close()
+
+
+def test_client_leaving_a_stream_is_logged_once_as_cancelled(upstream, tmp_path):
+    _, up_url = upstream
+    [key] = make_keys(tmp_path / "keys.json", {})
+    with gateway_server(guard_config(tmp_path), up_url) as (_, url):
+        with httpx.stream("POST", url + "/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                          json={"model": "slow", "messages": U, "stream": True}) as r:
+            next(r.iter_lines())  # the first event, then hang up
+        assert wait_rows(tmp_path / "log.sqlite", 1) == 1
+        # the gateway goes on serving
+        assert post(url, "/chat/completions", key, {"model": "inline", "messages": U}).status_code == 200
+    rows = _rows(tmp_path / "log.sqlite")
+    assert [r["outcome"] for r in rows] == ["cancelled", "ok"]
