@@ -316,6 +316,11 @@ def keys_list(file: Path = typer.Argument(..., help="Key file.")):
         print(f"{r.id}\t{r.account}\t{r.org}\t{'active' if r.active else 'revoked'}")
 
 
+from .guard.cli import app as guard_app  # noqa: E402  (the provider guard: guard/cli.py)
+
+app.add_typer(guard_app, name="guard")
+
+
 def _on_sigterm(signum, frame):
     _terminated.set()
     raise KeyboardInterrupt
