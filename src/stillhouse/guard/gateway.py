@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -404,10 +403,7 @@ def serve(upstream: str, config: str | Path, *, host: str = "127.0.0.1", port: i
     cfg = load_config(config)
     if not urlsplit(upstream).scheme in ("http", "https"):
         raise StillhouseError(f"--upstream {redact(upstream)!r}: must be an http(s) URL such as http://127.0.0.1:8000/v1")
-    sock = _bind(host, port)
-    # accepted connections inherit this: asyncio sets TCP_NODELAY only on sockets made with
-    # proto=IPPROTO_TCP, and without it Nagle + delayed ACK add ~40 ms to every response
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = _bind(host, port)  # sets TCP_NODELAY for accepted connections
     try:
         KeyStore.load(cfg.keys)  # a missing or broken key file fails here, before anything listens
         from .reqlog import check_log

@@ -56,6 +56,9 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
 def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this. asyncio sets TCP_NODELAY only on sockets made with
+    # proto=IPPROTO_TCP; without it Nagle and delayed ACKs add ~40 ms to every small response.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
