@@ -110,6 +110,8 @@ def _bwrap_args(bwrap: str, python: str, ro_paths: list[str], stage: Path, statu
     box = stage / "box"
     args += [
         "--proc", "/proc", "--dev", "/dev", "--bind", str(box), "/sandbox", "--bind", str(box / "tmp"), "/tmp",
+        # bwrap's /dev is an unlimited tmpfs; its shm/ would be memory outside every limit
+        "--bind", str(box / "tmp"), "/dev/shm",
         "--chdir", "/sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/sandbox",
         "--setenv", "TMPDIR", "/tmp", "--setenv", "LANG", "C.UTF-8", "--seccomp", "{SECCOMP_FD}",
         "--", python, "-I", "-S", "-c", _BOOT.format(fd=status_fd),
