@@ -24,6 +24,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .endpoint import has_userinfo, normalise
+
 BACKENDS = ("hf", "openai", "vllm")
 
 
@@ -66,6 +68,9 @@ class OpenAITeacherConfig(_Strict):
     def _url(cls, v: str) -> str:
         if not re.match(r"https?://[^/\s]+", v):
             raise ValueError("base_url must start with http:// or https://")
+        if has_userinfo(v):  # the message never repeats the URL: it holds the credentials
+            raise ValueError("base_url contains credentials (user:password@host); remove them and put the key "
+                             "in an environment variable named by api_key_env")
         return v
 
     @field_validator("api_key_env")
@@ -77,8 +82,10 @@ class OpenAITeacherConfig(_Strict):
         return v
 
     def key_fields(self) -> dict:
-        """What identifies this teacher's answers (artifact ids): not the URL, key or rate limits."""
-        return {"backend": self.backend, "model": self.model, "terms": self.terms, "token_ids": self.token_ids, "tokenizer": self.tokenizer}
+        """What identifies this teacher's answers (artifact ids): the endpoint (normalised, no
+        userinfo) and model, not the key or rate limits."""
+        return {"backend": self.backend, "endpoint": normalise(self.base_url), "model": self.model, "terms": self.terms,
+                "token_ids": self.token_ids, "tokenizer": self.tokenizer}
 
 
 class VLLMTeacherConfig(_Strict):
