@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from stillhouse.verify.escape_battery import ATTACKS, run_battery, unprivileged_command
 from support import SRC
+
+
+_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(SRC), "LANG": "C.UTF-8"}
 
 
 def _assert_all_blocked(outcomes):
@@ -28,14 +34,31 @@ def test_battery_as_the_current_user():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setpriv to another uid needs root; the current-user test covers non-root")
 def test_battery_as_an_unprivileged_user():
-    cmd = unprivileged_command([sys.executable, "-m", "stillhouse.verify.escape_battery", "--json"])
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(SRC), "LANG": "C.UTF-8"}
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/", timeout=600)
+    cmd = unprivileged_command([sys.executable, "-m", "stillhouse.verify.escape_battery", "--json"], reach=[str(SRC)])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_ENV, cwd="/", timeout=600)
     assert r.stdout, r.stderr
     outcomes = json.loads(r.stdout)
     assert len(outcomes) == len(ATTACKS)
     assert [o["name"] for o in outcomes if o["escaped"]] == [], r.stdout
     assert r.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setpriv to another uid needs root; test_sandbox.py covers non-root")
+def test_resource_limits_hold_as_an_unprivileged_user():
+    """test_sandbox.py's fork bomb, memory bomb, loop, output flood and hidden files, as uid 65534
+    (the non-root mode: the launcher's own user namespace, then bubblewrap)."""
+    home = Path(tempfile.mkdtemp(prefix="stillhouse-nobody-"))  # pytest's tmp_path is root's 0700
+    os.chown(home, 65534, 65534)
+    tests = Path(__file__).parent
+    picked = "fork_bomb or memory_bomb or infinite_loop or output_flood or users_files or environment"
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={home / 't'}",
+            str(tests / "test_sandbox.py"), "-k", picked]
+    cmd = unprivileged_command(argv, reach=[str(SRC), str(tests)])
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_ENV | {"HOME": str(home), "OMP_NUM_THREADS": "1",
+                       "PYTHONPATH": f"{SRC}:{tests}"}, cwd="/", timeout=600)
+    shutil.rmtree(home, ignore_errors=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "6 passed" in r.stdout, r.stdout
 
 
 def _unsandboxed(code, *, limits):

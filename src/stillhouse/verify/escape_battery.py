@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import stat
 import subprocess
@@ -501,23 +502,33 @@ def run_battery(limits: Limits = BATTERY_LIMITS, *, runner=run_python, names=Non
     return outcomes
 
 
-def unprivileged_command(argv: list[str], uid: int = 65534) -> list[str]:
-    """`argv` as uid `uid` via setpriv (run as root). When the interpreter lives under a directory
-    that uid may not enter (pyenv under a 0700 /root, say), it runs in a private mount namespace
-    where that directory is replaced by a tmpfs holding only a bind of the interpreter's prefix."""
-    prefix = os.path.realpath(sys.base_prefix)
-    blocked = next((p for p in _ancestors(prefix) if not os.stat(p).st_mode & stat.S_IXOTH), None)
+def unprivileged_command(argv: list[str], uid: int = 65534, reach: list[str] = ()) -> list[str]:
+    """`argv` as uid `uid` via setpriv (run as root). The interpreter, the environment's prefix and
+    the paths in `reach` (a source tree, say) must be reachable by that uid; where one sits under
+    a directory it may not enter (pyenv under a 0700 /root, say), the command runs in a private
+    mount namespace in which that directory is a tmpfs holding binds of just those paths."""
+    needed = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, *reach)}
+    hidden: dict[str, list[str]] = {}
+    for path in sorted(needed):
+        blocked = next((a for a in _ancestors(path) if not os.stat(a).st_mode & stat.S_IXOTH), None)
+        if blocked is not None:
+            hidden.setdefault(blocked, []).append(path)
     setpriv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", *argv]
-    if blocked is None:
+    if not hidden:
         return setpriv
-    script = (
-        "set -e; t=$(mktemp -d); mount --bind \"$1\" \"$t\"; mount -t tmpfs -o mode=0755 tmpfs \"$2\"; "
-        "mkdir -p \"$1\"; mount --move \"$t\" \"$1\"; shift 2; exec \"$@\""
-    )
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", prefix, blocked, *setpriv]
+    lines = ["set -e", "stash=$(mktemp -d)"]
+    for d, (blocked, paths) in enumerate(hidden.items()):
+        for i, path in enumerate(paths):
+            lines.append(f"mkdir $stash/{d}-{i} && mount --bind {shlex.quote(path)} $stash/{d}-{i}")
+        lines.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(blocked)}")
+        for i, path in enumerate(paths):
+            lines.append(f"mkdir -p {shlex.quote(path)} && mount --move $stash/{d}-{i} {shlex.quote(path)}")
+    lines += ['rm -r "$stash"', 'exec "$@"']
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "; ".join(lines), "sh", *setpriv]
 
 
 def _ancestors(path: str) -> list[str]:
+    """The directories above `path` and `path` itself, outermost first, without '/'."""
     parts = Path(path).parts
     return [str(Path(*parts[: i + 1])) for i in range(1, len(parts))]
 
