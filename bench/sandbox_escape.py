@@ -6,7 +6,8 @@ Runs `stillhouse.verify.escape_battery` as root (the root mode: a fresh uid, the
 and as uid 65534 through setpriv (the non-root mode: the launcher's own user namespace, then
 bubblewrap), and prints one markdown table, one column per mode (docs/security.md quotes it).
 Then times `--runs` trivial programs through `run_python` (median and p90 wall seconds per
-run; with `--against`, alternately with another checkout's sandbox and their ratio) and, with `--humaneval`, the 164 HumanEval canonical solutions through the code verifier.
+run; with `--against`, alternately with another checkout's sandbox and their ratio; the
+battery then also runs against that sandbox, two more columns) and, with `--humaneval`, the 164 HumanEval canonical solutions through the code verifier.
 Exit status 1 if any attack got through. Needs root (for setpriv); the machine's load shows
 in the timings, the table does not depend on it.
 """
@@ -25,27 +26,19 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
-from stillhouse.verify.escape_battery import Outcome, format_table, run_battery, unprivileged_command  # noqa: E402
+from stillhouse.verify.escape_battery import Outcome, format_table, load_sandbox, run_battery, unprivileged_command  # noqa: E402
 from stillhouse.verify.sandbox import Limits, run_python  # noqa: E402
 
 
-def unprivileged_outcomes() -> list[Outcome]:
-    cmd = unprivileged_command([sys.executable, "-m", "stillhouse.verify.escape_battery", "--json"], reach=[str(SRC)])
+def unprivileged_outcomes(against: str | None = None) -> list[Outcome]:
+    extra = ["--sandbox", against] if against else []
+    reach = [str(SRC)] + ([str(Path(against).resolve().parent)] if against else [])
+    cmd = unprivileged_command([sys.executable, "-m", "stillhouse.verify.escape_battery", "--json", *extra], reach=reach)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(SRC), "LANG": "C.UTF-8"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
     if not r.stdout.strip():
         sys.exit(f"the unprivileged run failed: {r.stderr.strip()[-500:]}")
     return [Outcome(**o) for o in json.loads(r.stdout)]
-
-
-def _load_sandbox(path: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("other_sandbox", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["other_sandbox"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> int:
@@ -58,6 +51,9 @@ def main() -> int:
     if os.geteuid() != 0:
         sys.exit("run as root: the non-root column is produced through setpriv")
     rows = {"root": run_battery(), "uid 65534 (setpriv)": unprivileged_outcomes()}
+    if args.against:  # the same attacks on the other sandbox: what this one changed
+        rows["root, against"] = run_battery(runner=load_sandbox(args.against).run_python)
+        rows["uid 65534, against"] = unprivileged_outcomes(args.against)
     print(format_table(rows))
     if args.verbose:
         for mode, outcomes in rows.items():
@@ -67,7 +63,7 @@ def main() -> int:
     if args.runs:
         runners = {"this": run_python}
         if args.against:
-            runners["against"] = _load_sandbox(args.against).run_python
+            runners["against"] = load_sandbox(args.against).run_python
         walls: dict[str, list[float]] = {k: [] for k in runners}
         for _ in range(args.runs):  # alternated, so both see the same load
             for name, run in runners.items():
@@ -87,7 +83,8 @@ def main() -> int:
         t = time.perf_counter()
         passed = sum(verify(p, p["canonical_solution"]).passed for p in problems)
         print(f"HumanEval canonical solutions: {passed}/{len(problems)} pass in {time.perf_counter() - t:.1f} s")
-    return 1 if any(o.escaped for outcomes in rows.values() for o in outcomes) else 0
+    ours = [rows["root"], rows["uid 65534 (setpriv)"]]
+    return 1 if any(o.escaped for outcomes in ours for o in outcomes) else 0
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def sysc(nr, *args):
 # (name, what it tries, program). Format fields: {secret} {secret_value} {target} {unix}
 # {abstract} {port} {host_pid} {nr_<syscall>} {mb} {inodes}.
 ATTACKS: list[tuple[str, str, str]] = [
-    ("chroot_escape", "classic mkdir/chroot/chdir('..') loop, then read the host secret", """
+    ("chroot_escape", "classic mkdir/chroot/chdir('..') loop; then the secret, a host file, host processes, the UNIX socket", """
 try:
     os.mkdir('j')
     fd = os.open('.', os.O_RDONLY)
@@ -57,9 +57,20 @@ try:
     for _ in range(64):
         os.chdir('..')
     os.chroot('.')
-    escaped(open({secret!r}).read())
 except OSError as e:
     print('blocked:', e)
+else:
+    for name, attempt in [
+        ('secret', lambda: open({secret!r}).read()),
+        ('host file', lambda: open({target!r}, 'w').write('pwned')),
+        ('host processes', lambda: str({host_pid}) in os.listdir('/proc') or 1 / 0),
+        ('socket', lambda: socket.socket(socket.AF_UNIX).connect({unix!r})),
+    ]:
+        try:
+            attempt()
+            escaped('after chroot: ' + name)
+        except Exception as e:
+            print('after chroot,', name, 'blocked:', e)
 """),
     ("proc1_root", "read the secret through /proc/1/root", """
 try:
@@ -169,11 +180,17 @@ if sysc({nr_ptrace}, 16, 1, 0, 0) == 0:
 else:
     print('blocked:', err())
 """),
-    ("process_vm_readv", "read another process's memory", """
-if sysc({nr_process_vm_readv}, 1, 0, 0, 0, 0, 0) >= 0:
+    ("process_vm_readv", "read another process's memory (a child of its own, even)", """
+import time
+child = os.fork()
+if child == 0:
+    time.sleep(5)
+    os._exit(0)
+if sysc({nr_process_vm_readv}, child, 0, 0, 0, 0, 0) >= 0:
     escaped('process_vm_readv allowed')
 else:
     print('blocked:', err())
+os.kill(child, 9)
 """),
     ("mount_tmpfs", "mount a tmpfs", """
 if libc.mount(b'none', b'/sandbox', b'tmpfs', 0, None) == 0:
@@ -352,7 +369,7 @@ else:
     ("disk_fill", "fill the disk through /sandbox and /tmp", """
 total = 0
 for d in ['/sandbox', '/tmp']:
-    for i in range(10_000):
+    for i in range({mb} + 8):  # past the limit is proof enough; a sandbox without one fills no disk
         try:
             with open(f'{{d}}/fill{{i}}', 'wb') as f:
                 f.write(b'x' * 1_000_000)
@@ -366,7 +383,7 @@ if total > ({mb} + 1) * 1_000_000 * 1.05:
     ("dev_shm_fill", "fill memory through /dev/shm", """
 total = 0
 try:
-    for i in range(10_000):
+    for i in range(2 * {mb} + 8):
         with open(f'/dev/shm/fill{{i}}', 'wb') as f:
             f.write(b'x' * 1_000_000)
         total += 1_000_000
@@ -378,7 +395,7 @@ if total > ({mb} + 1) * 1_000_000 * 1.05:
     ("inode_fill", "exhaust inodes with empty files", """
 n = 0
 try:
-    for i in range(50_000):
+    for i in range(4 * {inodes}):
         open(f'/sandbox/e{{i}}', 'w').close()
         n += 1
 except OSError as e:
@@ -533,6 +550,17 @@ def _ancestors(path: str) -> list[str]:
     return [str(Path(*parts[: i + 1])) for i in range(1, len(parts))]
 
 
+def load_sandbox(path: str):
+    """Another checkout's `sandbox.py` as a module (to run the battery against it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("other_sandbox", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["other_sandbox"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def format_table(rows: dict[str, list[Outcome]]) -> str:
     """A markdown table: one row per attack, one column per mode."""
     modes = list(rows)
@@ -549,8 +577,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="Run the sandbox escape battery as the current user.")
     ap.add_argument("--json", action="store_true", help="print the outcomes as JSON")
     ap.add_argument("--verbose", action="store_true", help="print each attack's evidence")
+    ap.add_argument("--sandbox", metavar="SANDBOX_PY", help="attack another sandbox.py's run_python (an older checkout's)")
     args = ap.parse_args()
-    outcomes = run_battery()
+    outcomes = run_battery(runner=load_sandbox(args.sandbox).run_python) if args.sandbox else run_battery()
     if args.json:
         print(json.dumps([asdict(o) for o in outcomes]))
     else:
