@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import secrets
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,8 +28,9 @@ from stillhouse.runner import Runner
 from stillhouse.teachers.base import SamplingParams
 from stillhouse.teachers.endpoint import normalise, scrub, strip_userinfo
 from stillhouse.teachers.openai import OpenAITeacher
+from support import subprocess_env
 
-KEY = "sk-endpoint-test-" + "Z9" * 12
+KEY = "sk-" + secrets.token_hex(16)  # random: no piece of it occurs in a path or a traceback by chance
 USER, PASSWORD = "alice", "hunter2-" + "p4ss" * 4
 ONE = SamplingParams(max_new_tokens=4)
 
@@ -189,7 +193,7 @@ def test_recipe_with_credentials_in_base_url_is_one_line_and_writes_nothing(two_
     assert a.requests == 0 and not list((tmp_path / "ws").rglob("manifest.json"))
 
 
-def test_a_server_echoing_our_headers_does_not_leak_the_key(tmp_path, monkeypatch, capsys):
+def test_a_server_echoing_our_headers_does_not_leak_the_key(tmp_path, monkeypatch):
     monkeypatch.setenv("SH_EP_KEY", KEY)
     with FakeAPI("E", fail=True) as e:
         with pytest.raises(StillhouseError) as err:
@@ -198,13 +202,13 @@ def test_a_server_echoing_our_headers_does_not_leak_the_key(tmp_path, monkeypatc
     msg = str(err.value)
     assert "HTTP 401" in msg and "authorization" in msg.lower()  # the echo did reach the message...
     assert not _pieces_of(KEY, msg) and "***" in msg  # ...scrubbed, and not cut through either
-    # through the CLI too: the one-line error and everything else printed
+    # through the CLI, in its own process: the one-line error and everything else it prints
     with FakeAPI("E2", fail=True) as e2:
         recipe = _recipe_file(tmp_path, "echo", e2.url)
-        with pytest.raises(SystemExit):
-            main(["run", str(recipe), "-w", str(tmp_path / "ws")])
-    out = capsys.readouterr()
-    assert not _pieces_of(KEY, out.err + out.out) and "HTTP 401" in out.err
+        r = subprocess.run([sys.executable, "-m", "stillhouse.cli", "run", str(recipe), "-w", str(tmp_path / "ws")],
+                           capture_output=True, text=True, env=subprocess_env(SH_EP_KEY=KEY), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert not _pieces_of(KEY, r.stderr + r.stdout) and "HTTP 401" in r.stderr
 
 
 def test_scrub_removes_userinfo_and_its_basic_form():
