@@ -32,7 +32,6 @@ from stillhouse.errors import StillhouseError
 from stillhouse.verify import seccomp_policy
 
 _LAUNCHER = Path(__file__).with_name("_sandbox_launch.py")
-_SETUP_FAILED = 125
 
 
 @dataclass(frozen=True)
