@@ -1,6 +1,6 @@
 """The sandbox escape battery: attacks run through `run_python`, each checked from both sides.
 
-    python -m stillhouse.verify.escape_battery [--json]        # as the current user
+    python -m stillhouse.verify.escape_battery [--json] [--verbose] [--sandbox OTHER/sandbox.py]  # as the current user
     python bench/sandbox_escape.py                              # as root and as uid 65534, one table
 
 Every attack is a small program that prints `ESCAPED <how>` if it got through. The host side
