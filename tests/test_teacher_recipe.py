@@ -147,7 +147,7 @@ def _recipe(teachers: dict, stages: dict | None = None, **extra) -> dict:
     return {"name": "t", "teachers": teachers, "stages": stages or {"problems": _stages("x")["problems"]}, **extra}
 
 
-def test_artifact_id_covers_api_model_and_terms_not_url_or_limits(tiny_model_dir):
+def test_artifact_id_covers_api_endpoint_model_and_terms_not_limits(tiny_model_dir):
     def key(**kw):
         r = parse_recipe(_recipe({"api": _api(kw.pop("base_url", "http://127.0.0.1:1/v1"), tiny_model_dir, **kw)}, _stages("api")))
         runner = Runner(r, Path("/nonexistent"))
@@ -155,7 +155,8 @@ def test_artifact_id_covers_api_model_and_terms_not_url_or_limits(tiny_model_dir
         return runner._key("traces")[0]
 
     base = key()
-    assert key(base_url="http://10.0.0.1:8000/v1", max_concurrency=2, requests_per_minute=10) == base
+    assert key(max_concurrency=2, requests_per_minute=10) == base
+    assert key(base_url="http://10.0.0.1:8000/v1") != base  # another server: another source (issue 14)
     assert key(model="other") != base
     assert key(terms="other-terms") != base
 

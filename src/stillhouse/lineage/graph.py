@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..artifacts import KINDS, MANIFEST, Artifact, ArtifactStore
 from ..errors import StillhouseError
+from ..teachers.endpoint import strip_userinfo
 
 REQUIRED = ("id", "kind", "stage", "parents")
 UNKNOWN_ORIGIN = "origin:unknown"
@@ -136,6 +137,7 @@ def load_lineage(store: ArtifactStore, ref: str | None = None, *, pending: dict 
         return key
 
     def visit(m: dict, stack: list[str]) -> str:
+        m = strip_userinfo(m)  # manifests written before base_url credentials were refused
         aid = m["id"]
         if aid in stack:
             raise StillhouseError(f"lineage cycle: {' -> '.join(stack[stack.index(aid):] + [aid])}")

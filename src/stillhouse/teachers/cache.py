@@ -1,8 +1,9 @@
 """A persistent on-disk cache of teacher responses: a rerun of the same requests costs nothing.
 
-The key covers everything that can change an answer: the model name (not the URL: the same
-model behind another endpoint answers the same), the rendered messages or prompt text, every
-sampling parameter and the number of samples. One JSON file per response, written atomically,
+The key covers everything that can change an answer: the endpoint (normalised base URL, no
+userinfo, plus the API path: two servers serving the same model name are two sources, and one
+must never be credited with the other's answers), the model name, the rendered messages or
+prompt text, every sampling parameter and the number of samples. One JSON file per response, written atomically,
 sharded by the key's first two hex digits.
 """
 
@@ -15,7 +16,8 @@ from ..fsutil import sha256_json, write_json_atomic
 
 
 def response_key(model: str, endpoint: str, prompt, params: dict) -> str:
-    """`prompt` is the messages list (chat) or the prompt text (completions)."""
+    """`endpoint` is the normalised base URL plus the API path (`.../v1/chat/completions`);
+    `prompt` is the messages list (chat) or the prompt text (completions)."""
     return sha256_json({"model": model, "endpoint": endpoint, "prompt": prompt, "params": params})
 
 

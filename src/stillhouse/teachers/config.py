@@ -26,6 +26,8 @@ from pydantic import Field, field_validator
 
 from ..strict import Strict
 
+from .endpoint import has_userinfo, normalise
+
 BACKENDS = ("hf", "openai", "vllm")
 
 
@@ -67,6 +69,9 @@ class OpenAITeacherConfig(Strict):
     def _url(cls, v: str) -> str:
         if not re.match(r"https?://[^/\s]+", v):
             raise ValueError("base_url must start with http:// or https://")
+        if has_userinfo(v):  # the message never repeats the URL: it holds the credentials
+            raise ValueError("base_url contains credentials (user:password@host); remove them and put the key "
+                             "in an environment variable named by api_key_env")
         return v
 
     @field_validator("api_key_env")
@@ -78,8 +83,10 @@ class OpenAITeacherConfig(Strict):
         return v
 
     def key_fields(self) -> dict:
-        """What identifies this teacher's answers (artifact ids): not the URL, key or rate limits."""
-        return {"backend": self.backend, "model": self.model, "terms": self.terms, "token_ids": self.token_ids, "tokenizer": self.tokenizer}
+        """What identifies this teacher's answers (artifact ids): the endpoint (normalised, no
+        userinfo) and model, not the key or rate limits."""
+        return {"backend": self.backend, "endpoint": normalise(self.base_url), "model": self.model, "terms": self.terms,
+                "token_ids": self.token_ids, "tokenizer": self.tokenizer}
 
 
 class VLLMTeacherConfig(Strict):

@@ -14,6 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 from ..errors import StillhouseError
 from ..models import ModelIdentity, load_tokenizer
 from .config import HFTeacherConfig, OpenAITeacherConfig, TeacherConfig, VLLMTeacherConfig
+from .endpoint import normalise
 
 
 def parse_teacher_config(cfg: dict | object):
@@ -28,7 +29,7 @@ def parse_teacher_config(cfg: dict | object):
 
 def api_identity(cfg: OpenAITeacherConfig) -> ModelIdentity:
     """Lineage identity of an API teacher: its model name and terms (no weights to hash)."""
-    return ModelIdentity(spec=f"openai:{cfg.model}", weights_sha256=None, license=cfg.terms, source=cfg.base_url)
+    return ModelIdentity(spec=f"openai:{cfg.model}", weights_sha256=None, license=cfg.terms, source=normalise(cfg.base_url))
 
 
 def make_teacher(spec_or_config, *, name: str | None = None, loader: Callable | None = None, **overrides):

@@ -30,6 +30,7 @@ from ..progress import progress
 from .base import Completion, Messages, SamplingParams
 from .cache import ResponseCache, response_key
 from .config import Price
+from .endpoint import normalise, refuse_userinfo, scrub
 from .ratelimit import AdaptiveLimit, TokenBucket, backoff_delay, parse_retry_after
 from .tokens import end_of_turn_ids
 
@@ -89,9 +90,11 @@ class OpenAITeacher:
         tokenizer=None,
         jitter_seed: int | None = None,
     ):
-        self.base_url = base_url.rstrip("/")
-        self.model = model
         self.name = name or f"openai:{model}"
+        refuse_userinfo(base_url, f"teacher '{self.name}'")
+        self.base_url = base_url.rstrip("/")
+        self.endpoint = normalise(base_url)  # in cache keys and lineage: which server answered
+        self.model = model
         self.terms = terms
         self.api_key_env = api_key_env
         self._key = _read_key(api_key_env, self.name)
@@ -126,7 +129,7 @@ class OpenAITeacher:
 
     def identity(self) -> ModelIdentity:
         """What lineage records: the API model name and its terms; no weights hash exists."""
-        return ModelIdentity(spec=f"openai:{self.model}", weights_sha256=None, license=self.terms, source=self.base_url)
+        return ModelIdentity(spec=f"openai:{self.model}", weights_sha256=None, license=self.terms, source=self.endpoint)
 
     # -- the Teacher interface ------------------------------------------------------------
     def generate(
@@ -231,7 +234,7 @@ class OpenAITeacher:
         body = self._body(endpoint, prompt, params, top_k)
         # everything in the body but the prompt and model is a sampling parameter
         key_params = {k: v for k, v in body.items() if k not in ("model", "messages", "prompt")}
-        key = response_key(self.model, endpoint, prompt, key_params)
+        key = response_key(self.model, f"{self.endpoint}/{endpoint}", prompt, key_params)
         data = self.cache.get(key) if self.cache is not None else None
         if data is not None:
             self.usage.cached += 1
@@ -299,7 +302,7 @@ class OpenAITeacher:
             raise _Retryable("5xx", f"HTTP {r.status_code}", parse_retry_after(r.headers.get("retry-after")))
         if r.status_code != 200:
             raise StillhouseError(self._scrub(
-                f"teacher '{self.name}': {self.base_url}/{endpoint} answered HTTP {r.status_code} for model '{self.model}': {_error_message(r)}"
+                f"teacher '{self.name}': {self.base_url}/{endpoint} answered HTTP {r.status_code} for model '{self.model}': {_error_message(r, self._scrub)}"
             ))
         try:
             data = r.json()
@@ -312,7 +315,9 @@ class OpenAITeacher:
         return data
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        """Messages may quote a server's body, which may echo our headers: no key, no userinfo."""
+        text = text.replace(self._key, "***") if self._key else text
+        return scrub(text, self.base_url)
 
     # -- parsing answers ------------------------------------------------------------------
     def _completion(self, choice: dict, data: dict) -> Completion:
@@ -390,10 +395,12 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else ""
 
 
-def _error_message(r: httpx.Response) -> str:
+def _error_message(r: httpx.Response, scrub) -> str:
+    """The server's error text, scrubbed BEFORE it is cut short: a cut through an echoed key
+    would leave a prefix of it that no later replace() could find."""
     try:
         err = r.json().get("error")
         msg = err.get("message") if isinstance(err, dict) else (err or r.json().get("detail"))
     except (ValueError, AttributeError):
         msg = r.text
-    return " ".join(str(msg or "").split())[:200]
+    return scrub(" ".join(str(msg or "").split()))[:200]
