@@ -15,7 +15,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     """Write records to one Parquet file via a temp name (atomic)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")
+    try:
+        pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")
+    except BaseException:  # e.g. a full disk: leave no stray temp file holding space
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 

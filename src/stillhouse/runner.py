@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import models as model_specs
+from . import workspace
 from .artifacts import Artifact, ArtifactStore, ArtifactWriter, artifact_id
 from .errors import StillhouseError
 from .progress import console
@@ -164,6 +164,7 @@ class Runner:
         from .processes import PARALLEL_STAGES, from_environment
 
         policy_notes = check_policy(self.recipe)  # refuses before any model loads
+        workspace.check_workspace(self.workspace)
         procs = from_environment()  # one process, or one of several under a launcher
         fns = _stage_functions()
         order = self.recipe.order()
@@ -172,7 +173,7 @@ class Runner:
             kind = STAGE_KIND[stage.type]
             aid, cfg, parents = self._key(name)
             # the main process decides, so every process takes the same branch
-            reuse = procs.from_main(self.store.get(kind, aid) is not None and not self.force)
+            reuse = procs.from_main(procs.main and self._reusable(kind, aid))
             if reuse:
                 console.print(f"[dim][{i}/{len(order)}] {name} ({stage.type}): reusing {kind}/{aid}[/dim]")
                 self.results[name] = self._shared(kind, aid, name)
@@ -199,17 +200,34 @@ class Runner:
             console.print(f"{name}: wrote {kind}/{aid} in {time.perf_counter() - start:.1f}s")
         return self.results
 
+    def _reusable(self, kind: str, aid: str) -> bool:
+        """Whether the artifact exists (a killed run's finished work is accepted first, see workspace.py)."""
+        if self.force:
+            return False
+        with workspace.artifact_lock(self.store, kind, aid):  # waits while another run writes it
+            workspace.recover(self.store, kind, aid)
+        return self.store.get(kind, aid) is not None
+
     def _write(self, fn, name, stage, kind, aid, cfg, parents, inputs, notes) -> None:
         # Resumable stages keep their unfinished work across a crash or Ctrl-C; --force discards it.
+        # The artifact's lock is held from the discard through the rename and the clean-up.
         resumable = getattr(fn, "resumable", False)
-        if self.force:
-            shutil.rmtree(self.store.partial_path(kind, aid), ignore_errors=True)
-        with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents,
-                               recipe=self.recipe.name, resumable=resumable) as out:
-            out.extra.update(notes)
-            ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
-            fn(ctx)
-            ctx.record_teacher_usage()
+        with workspace.artifact_lock(self.store, kind, aid):
+            if self.force:
+                workspace.discard(self.store, kind, aid)
+            workspace.recover(self.store, kind, aid)
+            try:
+                with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents,
+                                       recipe=self.recipe.name, resumable=resumable) as out:
+                    out.extra.update(notes)
+                    ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
+                    fn(ctx)
+                    ctx.record_teacher_usage()
+            except OSError as e:
+                if e.errno in workspace.DISK_FULL:
+                    raise workspace.disk_full_error(e, name, kind, aid, self.store) from None
+                raise
+            workspace.tidy(self.store, kind, aid)  # spent shards and checkpoints, only now the artifact is in place
 
     def _scratch(self, fn, name, stage, kind, aid, inputs) -> None:
         """A parallel stage on a process other than the main one: the same work, its files discarded."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Callable
 
 from ..errors import EmptyDatasetError
@@ -37,7 +36,7 @@ def record_filter(ctx, key: Callable[[dict], str], prompt: Callable[[dict], str]
 
 
 def finish_dataset(ctx, shards: Shards, filt: RecordFilter, what: str = "records", skipped: dict | None = None) -> int:
-    """Merge the shards into `data.parquet` through the filter; record counts; drop the shards.
+    """Merge the shards into `data.parquet` through the filter; record counts (the runner drops the shards after the rename).
 
     An empty result is an error (no artifact is written; the shards stay for a rerun).
     """
@@ -60,5 +59,6 @@ def finish_dataset(ctx, shards: Shards, filt: RecordFilter, what: str = "records
         detail = f" ({', '.join(f'{k}={v}' for k, v in facts.items())})" if facts else ""
         raise EmptyDatasetError(f"stage '{ctx.name}': no {what} left{detail}")
     ctx.out.counts.update(records=n, generated_records=generated, **tokens, **removed)
-    shutil.rmtree(shards.dir)  # merged; a crash before the artifact's rename only means redoing the work
+    # the shards stay until the artifact is renamed into place (workspace.tidy): a kill before
+    # the rename then loses nothing
     return n

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -209,7 +208,8 @@ def run_train(ctx) -> None:
         full = (lambda: model_specs.load(ctx.runner.spec_of(c.student)).model) if quantize else None
         model = lora.finish_lora(model, c.lora.merge, full)
     _save_model(ctx, model, tok, _base_models_of(ctx, c.student))
-    spend_checkpoints(ckpt_root)
+    # the checkpoints are removed by the runner only after the model is renamed into place
+    # (workspace.tidy): a kill before the rename resumes from them instead of starting over
 
 
 def checkpoint_root(ctx) -> Path:
@@ -217,14 +217,6 @@ def checkpoint_root(ctx) -> Path:
     into place when complete), under the artifact's id, so a resumed run with the same inputs
     and config finds them."""
     return ctx.runner.workspace / "checkpoints" / f"{ctx.name}-{ctx.out.id}"
-
-
-def spend_checkpoints(root) -> None:
-    """The model is saved: its checkpoints are spent (the main process owns them under a launcher)."""
-    from ..processes import is_main_process
-
-    if is_main_process():
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _open_cache(ctx):
