@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from . import __version__
+from .crashpoints import crash_point
 from .errors import StillhouseError
 from .fsutil import atomic_dir, sha256_json, write_json_atomic
 
@@ -218,3 +219,4 @@ class ArtifactStore:
                 **writer.extra,
             }
             write_json_atomic(tmp / MANIFEST, manifest)
+            crash_point("before-rename")

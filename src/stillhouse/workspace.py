@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from .crashpoints import crash_point
 from .artifacts import MANIFEST, ArtifactStore, read_manifest
 from .errors import StillhouseError
 
@@ -92,6 +93,7 @@ def tidy(store: ArtifactStore, kind: str, aid: str) -> list[str]:
     final = store.path_for(kind, aid)
     for name in SPENT_SCRATCH:
         if (final / name).is_dir():
+            crash_point("after-rename")
             discard_units(final / name)
             done.append(f"removed spent {name}/")
     ckpts = store.root / "checkpoints"
@@ -105,6 +107,7 @@ def discard_units(shard_dir: Path) -> None:
     """Remove a unit-shard directory markers first, so no kill leaves a marker without its shard."""
     for marker in sorted(shard_dir.glob("unit-*.json")):
         marker.unlink(missing_ok=True)
+    crash_point("mid-tidy")
     shutil.rmtree(shard_dir, ignore_errors=True)
 
 

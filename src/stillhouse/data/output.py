@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..crashpoints import crash_point
 from ..errors import EmptyDatasetError
 from ..records import read_rows
 from .dedup import RecordFilter
@@ -51,6 +52,7 @@ def finish_dataset(ctx, shards: Shards, filt: RecordFilter, what: str = "records
 
     generated = shards.records()
     n = shards.merge(ctx.out.path / "data.parquet", keep)
+    crash_point("dataset-merged")
     removed = {k: v for k, v in filt.counts.items() if v or ctx.config.dedup != "off" or ctx.config.decontaminate}
     skipped = {k: v for k, v in (skipped or {}).items() if v}
     if n == 0:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import models as model_specs
 from ..records import read_rows
+from ..crashpoints import crash_point
 from ..errors import EmptyDatasetError, StillhouseError
 from ..fsutil import write_text_atomic
 from ..lineage import pending_card, record_training_signal
@@ -208,6 +209,7 @@ def run_train(ctx) -> None:
         full = (lambda: model_specs.load(ctx.runner.spec_of(c.student)).model) if quantize else None
         model = lora.finish_lora(model, c.lora.merge, full)
     _save_model(ctx, model, tok, _base_models_of(ctx, c.student))
+    crash_point("model-saved")
     # the checkpoints are removed by the runner only after the model is renamed into place
     # (workspace.tidy): a kill before the rename resumes from them instead of starting over
 
