@@ -134,6 +134,38 @@ def test_faults_every_prompt_completes_once_with_the_fault_free_answer(tiny_mode
     assert t.usage.requests == len(questions) + t.usage.retries
 
 
+def test_malformed_complete_answers_are_retried_and_billed_tokens_match_the_server(tiny_model_dir, tmp_path_factory, baseline, tmp_path):
+    """A 200 that is HTML, has no choices, or the wrong number of them: retried, counted, never a crash;
+    the tokens billed (every usage the server reported) equal the server's own count, and two
+    processes writing one ledger sum up."""
+    expected, tok = baseline
+    spec = "nonjson=0.15,nochoices=0.15,wrongn=0.15,cut=0.1,500=0.05"
+    kinds = {"nonjson", "nochoices", "wrongn", "cut"}
+    seed = next(s for s in range(1000) if kinds <= {f.draw() for f in [parse_faults(spec, s)] for _ in range(8)})
+    with serving(tiny_model_dir, tmp_path_factory, faults=spec, seed=seed, max_batch=4) as (url, stats):
+        ledger = tmp_path / "usage.jsonl"
+        first = _client(url, tmp_path, token_ids=True, tokenizer=tok, backoff_base=0.01, max_retries=40, cache=False,
+                        price={"input_per_mtok": 1.0, "output_per_mtok": 2.0})
+        first.ledger = ledger
+        out = first.generate(_msgs()[:4], GREEDY)
+        second = _client(url, tmp_path, token_ids=True, tokenizer=tok, backoff_base=0.01, max_retries=40, cache=False,
+                         price={"input_per_mtok": 1.0, "output_per_mtok": 2.0})
+        second.ledger = ledger  # the rerun of a killed stage: same ledger, a new process
+        out += second.generate(_msgs()[4:], GREEDY)
+    for (got,), (exp,) in zip(out, expected):
+        assert (got.text, got.token_ids) == (exp.text, exp.token_ids)
+    assert all(stats["faults"].get(k) for k in ("nonjson", "nochoices", "wrongn"))
+    m = second.usage_metrics()  # both processes
+    assert m["failures"]["malformed"] == sum(stats["faults"][k] for k in ("nonjson", "nochoices", "wrongn"))
+    assert m["failures"]["dropped"] == stats["faults"]["cut"]
+    assert m["responses"] == len(QUESTIONS) and m["requests"] == stats["requests"]
+    assert (m["billed_prompt_tokens"], m["billed_completion_tokens"]) == (stats["reported_prompt_tokens"], stats["reported_completion_tokens"])
+    assert m["billed_completion_tokens"] > m["completion_tokens"]  # rejected answers were billed too
+    assert stats["served_completion_tokens"] > stats["reported_completion_tokens"]  # cut ones: billed, unreported
+    assert m["cost_usd"] == pytest.approx((m["billed_prompt_tokens"] + 2 * m["billed_completion_tokens"]) / 1e6)
+    assert second.usage.responses == len(QUESTIONS) - 4  # its own share stays its own
+
+
 def _seed_where(spec: str, first: str | None, second: str | None) -> int:
     for s in range(1000):
         f = parse_faults(spec, s)

@@ -37,6 +37,8 @@ class StageContext:
     def teacher(self, ref: str, **overrides):
         """A Teacher for a model reference or a `teachers:` entry; its usage lands in the manifest."""
         t = self.runner.teacher(ref, **overrides)
+        if hasattr(t, "ledger"):  # usage of every process of a resumed stage, kept with its work
+            t.ledger = self.out.path / "teacher_usage" / f"{ref.replace('/', '_')}.jsonl"
         self._teachers.append((ref, t))
         return t
 

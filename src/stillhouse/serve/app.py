@@ -14,13 +14,13 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..teachers.base import Completion, SamplingParams
 from ..teachers.hf import render_chat
 from .batcher import Batcher, GenKey
-from .faults import Faults
+from .faults import MALFORMED, Faults, account, malformed_body
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI limit
 
@@ -136,6 +136,9 @@ def create_app(batcher: Batcher, served_name: str, faults: Faults | None = None,
         if fault == "slow":
             await asyncio.sleep(faults.slow_s)
         response = await handler()
+        account(stats, fault, response.status_code, response.body)
+        if fault in MALFORMED and response.status_code == 200:
+            return Response(malformed_body(fault, response.body), media_type="application/json")
         if fault == "cut" and response.status_code == 200:
             body = response.body
 
