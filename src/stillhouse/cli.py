@@ -114,9 +114,11 @@ def generate(
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     """Check a recipe without running it."""
+    from .preflight import check_inputs
     from .recipe import load_recipe
 
     r = load_recipe(recipe)
+    check_inputs(r)  # model directories and prompt files, without loading a model
     typer.echo(f"{recipe}: ok ({len(r.stages)} stages: {' -> '.join(r.order())})")
 
 

@@ -163,9 +163,11 @@ class Runner:
 
     def run(self, only: list[str] | None = None) -> dict[str, Artifact]:
         from .lineage.policy import check_policy
+        from .preflight import check_inputs
         from .processes import PARALLEL_STAGES, from_environment
 
         policy_notes = check_policy(self.recipe)  # refuses before any model loads
+        check_inputs(self.recipe)  # model directories and prompt files, before any model loads
         workspace.check_workspace(self.workspace)
         procs = from_environment()  # one process, or one of several under a launcher
         fns = _stage_functions()
@@ -225,9 +227,9 @@ class Runner:
                     ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
                     fn(ctx)
                     ctx.record_teacher_usage()
-            except OSError as e:
-                if e.errno in workspace.DISK_FULL:
-                    raise workspace.disk_full_error(e, name, kind, aid, self.store) from None
+            except OSError as e:  # a full disk, a quota, a read-only file system: one line, work kept
+                if (err := workspace.write_error(e, name, kind, aid, self.store)) is not None:
+                    raise err from None
                 raise
             workspace.tidy(self.store, kind, aid)  # spent shards and checkpoints, only now the artifact is in place
 

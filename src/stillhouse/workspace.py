@@ -23,6 +23,7 @@ import fcntl
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -128,8 +129,22 @@ def check_workspace(root: Path) -> None:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise StillhouseError(f"cannot create workspace {root}: {e.strerror}; pass another --workspace") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise StillhouseError(f"workspace {root} is not writable; pass another --workspace or fix its permissions")
+    try:  # a real write: permissions alone do not show a read-only mount (or bind root's rights)
+        fd, probe = tempfile.mkstemp(dir=root, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StillhouseError(f"workspace {root} is not writable ({e.strerror}); pass another --workspace or fix its permissions") from None
+
+
+def write_error(e: OSError, stage: str, kind: str, aid: str, store: ArtifactStore) -> StillhouseError | None:
+    """An OSError of the file system (full, quota, read-only, permissions) as one line, or None."""
+    if e.errno in DISK_FULL:
+        return disk_full_error(e, stage, kind, aid, store)
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StillhouseError(f"stage '{stage}': cannot write {e.filename or store.root} ({e.strerror}); "
+                               f"finished artifacts in {store.root} are intact. Make the workspace writable and run again")
+    return None
 
 
 def disk_full_error(e: OSError, stage: str, kind: str, aid: str, store: ArtifactStore) -> StillhouseError:
