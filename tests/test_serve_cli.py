@@ -25,18 +25,19 @@ def test_serve_answers_openai_requests(tiny_model_dir, tmp_path):
     proc = _cli(["serve", str(tiny_model_dir), "--port", str(port), "--served-name", "tiny", "--max-batch", "4"], tmp_path)
     try:
         url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 120
-        while True:
+        give_up = time.monotonic() + 900  # only a safety net against a hang: a slow start is waited for
+        while True:  # ready when it answers (or it died)
             assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < give_up, "server never answered"
             try:
-                models = httpx.get(f"{url}/models", timeout=1).json()
+                models = httpx.get(f"{url}/models", timeout=None).json()
                 break
             except httpx.TransportError:
-                assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.2)
         assert [m["id"] for m in models["data"]] == ["tiny"]
         r = httpx.post(f"{url}/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                                                       "max_tokens": 5, "n": 2, "temperature": 0.8, "logprobs": True, "top_logprobs": 2})
+                                                       "max_tokens": 5, "n": 2, "temperature": 0.8, "logprobs": True, "top_logprobs": 2},
+                       timeout=None)  # generation on a loaded machine: wait for the answer
         body = r.json()
         assert r.status_code == 200 and body["object"] == "chat.completion" and len(body["choices"]) == 2
         lp = body["choices"][0]["logprobs"]["content"]
