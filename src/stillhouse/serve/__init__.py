@@ -25,7 +25,9 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
     fault_cfg = parse_faults(faults, seed)  # checked before the model loads
     lm = models.load(model)
     teacher = HFTeacher(lm.model, lm.tokenizer, name=lm.identity.spec)
-    return create_app(Batcher(teacher, max_batch, window_ms / 1000, gap_ms / 1000), served_name or model, fault_cfg)
+    app = create_app(Batcher(teacher, max_batch, window_ms / 1000, gap_ms / 1000), served_name or model, fault_cfg)
+    app.state.faults = fault_cfg  # tests and bench/chaos.py change the rates of a running server
+    return app
 
 
 def _bind(host: str, port: int) -> socket.socket:
