@@ -219,6 +219,9 @@ def scenario_openai(root: Path, rng: random.Random, kills: int, rate: float, pro
                 "client_requests": usage["requests"], "client_failures": usage["failures"],
                 "billed_completion_tokens": usage["billed_completion_tokens"],
                 "server_reported_completion_tokens": stats.get("reported_completion_tokens", 0),
+                # slow answers outlive the client's timeout here: reported by the server, never read
+                "timed_out_completion_tokens": stats.get("fault_tokens", {}).get("slow", {}).get("completion", 0),
+                "timed_out_prompt_tokens": stats.get("fault_tokens", {}).get("slow", {}).get("prompt", 0),
                 "server_served_completion_tokens": stats.get("served_completion_tokens", 0),
                 "received_completion_tokens": usage["completion_tokens"], "cost_usd": usage["cost_usd"],
                 "billed_prompt_tokens": usage["billed_prompt_tokens"],

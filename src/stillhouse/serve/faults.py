@@ -95,3 +95,6 @@ def account(stats: dict, fault: str | None, status: int, body: bytes) -> None:
         stats[f"served_{side}_tokens"] = stats.get(f"served_{side}_tokens", 0) + n
         if fault not in ("cut", "nonjson"):
             stats[f"reported_{side}_tokens"] = stats.get(f"reported_{side}_tokens", 0) + n
+        if fault:  # e.g. a slow answer's tokens, which a client that timed out never saw
+            by = stats.setdefault("fault_tokens", {}).setdefault(fault, {"prompt": 0, "completion": 0})
+            by[side] += n
