@@ -295,12 +295,12 @@ def main() -> None:
     rng = random.Random(a.seed)
     root = Path(tempfile.mkdtemp(prefix="stillhouse-chaos-"))
     per = max(1, a.kills // 3)
-    rows = [scenario_hf(root, rng, per)]
-    rows += list(scenario_openai(root, rng, per, a.faults).values())
-    rows.append(scenario_train(root, rng, a.kills - 2 * per))
-    rows.append(scenario_disk_full(root, a.disk_full, rng))
-    for r in rows:
-        print(json.dumps(r))
+    show = lambda r: print(json.dumps(r), flush=True)  # noqa: E731  (one line per scenario as it ends)
+    show(scenario_hf(root, rng, per))
+    for r in scenario_openai(root, rng, per, a.faults).values():
+        show(r)
+    show(scenario_train(root, rng, a.kills - 2 * per))
+    show(scenario_disk_full(root, a.disk_full, rng))
     shutil.rmtree(root, ignore_errors=True)
 
 
