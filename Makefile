@@ -28,7 +28,10 @@ quickstart: install
 
 # The HTML report test renders in headless Chromium (Debian's package); install it when missing.
 browser:
-	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	# a failed `apt-get update` (no network, a stale mirror) does not stop the install from the cached lists
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		( (apt-get update -qq || echo "apt-get update failed; installing from the cached package lists") && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 # Untrusted code (HumanEval, code verifiers) runs in bubblewrap (docs/sandbox.md); libseccomp is
 # what pyseccomp compiles its filter with, and util-linux gives the escape tests setpriv/unshare.

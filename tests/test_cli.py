@@ -156,10 +156,11 @@ def test_run_that_fails_verification(failed_run):
 def test_rerun_reuses_the_tasks_artifact(failed_run):
     ws = failed_run["ws"]
     # files only: the failing stage's temp dir comes and goes inside ws/dataset
-    before = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()}
+    # (the per-artifact lock files in .locks/ record each run's pid: not artifacts)
+    before = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file() and ".locks" not in p.parts}
     proc = run_cli(["run", "tiny.yaml", "-w", "ws"], failed_run["root"], failed_run["cache"])
     assert_user_error(proc, "verification", only_line=False)
-    after = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime_ns for p in ws.rglob("*") if p.is_file() and ".locks" not in p.parts}
     assert after == before
 
 

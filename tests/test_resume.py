@@ -187,7 +187,7 @@ def test_ctrl_c_with_api_requests_in_flight_abandons_them_cleanly(tmp_path, tiny
 
     monkeypatch.setenv("STILLHOUSE_CACHE", str(tmp_path / "server-cache"))
     # slow answers keep requests in flight when the signal arrives
-    app = build_app(str(tiny_model_dir), served_name="tiny", faults="slow=0.3,slow_s=5", seed=3)
+    app = build_app(str(tiny_model_dir), served_name="tiny", faults="slow=0.3,slow_s=15", seed=3)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(N_API)))
     with ServerThread(app) as url:
@@ -207,7 +207,8 @@ def test_ctrl_c_with_api_requests_in_flight_abandons_them_cleanly(tmp_path, tiny
         t0 = time.time()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        assert time.time() - t0 < 4, "Ctrl-C waited for the slow requests in flight"
+        # less than a slow answer's 15 s (a loaded machine may take seconds to exit: a wide margin)
+        assert time.time() - t0 < 12, "Ctrl-C waited for the slow requests in flight"
         assert proc.returncode == 130, err[-2000:]
         assert "Run the same command again to continue" in err
         assert "Traceback" not in err, err[-2000:]
@@ -216,6 +217,7 @@ def test_ctrl_c_with_api_requests_in_flight_abandons_them_cleanly(tmp_path, tiny
 
         sent_at_stop = app.state.stats["requests"]
         assert sent_at_stop >= sent_before
+        app.state.faults.rates.clear()  # the rerun need not wait out slow answers
         proc = _spawn(recipe, ws)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import train_worker
 from conftest import build_tiny_model
-from support import subprocess_env
+from support import free_port, subprocess_env
 from stillhouse.errors import StillhouseError
 from stillhouse.train import checkpoint as ckpt
 from stillhouse.train.loop import (
@@ -80,7 +80,7 @@ def test_four_micro_batches_of_two_give_the_gradient_of_one_batch_of_eight(tiny)
 
 def test_two_process_ddp_training_matches_single_process(tmp_path, tiny):
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(WORKER), str(tmp_path / "ddp")],
         env=subprocess_env(), capture_output=True, text=True, timeout=600,
     )

@@ -20,7 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from . import __version__
+from .crashpoints import crash_point
 from .errors import StillhouseError
 from .fsutil import atomic_dir, sha256_json, write_json_atomic
 
@@ -47,6 +50,42 @@ def artifact_id(kind: str, stage: str, config: dict, parents: list[str], code_ve
     return sha256_json({"kind": kind, "stage": stage, "config": config, "parents": sorted(parents), "code": code_version})[:20]
 
 
+class ManifestSchema(BaseModel):
+    """What every manifest.json must hold to be read (stages add their own keys on top)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str  # the content id, also the directory's name
+    kind: str  # one of KINDS
+    stage: str  # the stage type that wrote it
+    name: str  # the stage's name in its recipe
+    config: dict  # the stage's resolved config
+    parents: list[str]  # ids of the input artifacts
+    counts: dict = {}
+    metrics: dict = {}
+    warnings: list = []
+    teachers: list = []
+
+
+def read_manifest(path: Path, what: str) -> dict:
+    """A manifest checked against ManifestSchema; a bad one is one error naming `what` and the fix."""
+    fix = "run again with --force to replace it, or delete its directory"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StillhouseError(f"artifact {what}: {path} is corrupt (not JSON: {e}); {fix}") from None
+    except OSError as e:
+        raise StillhouseError(f"artifact {what}: cannot read {path} ({e.strerror}); {fix}") from None
+    try:
+        ManifestSchema.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise StillhouseError(f"artifact {what}: {path} is not a valid manifest ({where}: {first['msg']}); {fix}") from None
+    if data["kind"] not in KINDS:
+        raise StillhouseError(f"artifact {what}: {path} has unknown kind {data['kind']!r}; {fix}")
+    return data
+
+
 @dataclass
 class Artifact:
     path: Path
@@ -69,10 +108,7 @@ class Artifact:
         mf = path / MANIFEST
         if not mf.is_file():
             raise StillhouseError(f"not an artifact (no {MANIFEST}): {path}")
-        try:
-            return cls(path, json.loads(mf.read_text()))
-        except json.JSONDecodeError as e:
-            raise StillhouseError(f"corrupt manifest {mf}: {e}") from None
+        return cls(path, read_manifest(mf, f"{path.parent.name}/{path.name}"))
 
 
 @dataclass
@@ -98,7 +134,12 @@ class ArtifactStore:
 
     def get(self, kind: str, aid: str) -> Artifact | None:
         p = self.path_for(kind, aid)
-        return Artifact.open(p) if (p / MANIFEST).is_file() else None
+        if not (p / MANIFEST).is_file():
+            return None
+        art = Artifact.open(p)
+        if art.id != aid or art.kind != kind:  # a copied or edited directory: never reused as this artifact
+            raise StillhouseError(f"artifact {kind}/{aid}: its manifest says {art.kind}/{art.id}; run again with --force to replace it")
+        return art
 
     def find(self, ref: str) -> Artifact:
         """An artifact by path, by id, or by unique id prefix."""
@@ -178,3 +219,4 @@ class ArtifactStore:
                 **writer.extra,
             }
             write_json_atomic(tmp / MANIFEST, manifest)
+            crash_point("before-rename")

@@ -114,9 +114,11 @@ def generate(
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="Recipe YAML file.")):
     """Check a recipe without running it."""
+    from .preflight import check_inputs
     from .recipe import load_recipe
 
     r = load_recipe(recipe)
+    check_inputs(r)  # model directories and prompt files, without loading a model
     typer.echo(f"{recipe}: ok ({len(r.stages)} stages: {' -> '.join(r.order())})")
 
 
@@ -347,7 +349,7 @@ def _dispatch(argv: Optional[list[str]]) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except StillhouseError as e:
-        print(f"stillhouse: error: {e}", file=sys.stderr)
+        print(f"stillhouse: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
     except KeyboardInterrupt:
         what = "terminated" if _terminated.is_set() else "interrupted"
@@ -358,12 +360,22 @@ def _dispatch(argv: Optional[list[str]]) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, _click_errors()):
             e.show()
             sys.exit(2)
         raise
+
+
+def _click_errors() -> tuple[type, ...]:
+    """Usage errors: click's, and those of the click copy newer typer releases vendor (not subclasses)."""
+    import click
+
+    errors: tuple[type, ...] = (click.exceptions.ClickException,)
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        return errors
+    return errors + (vendored.ClickException,)
 
 
 if __name__ == "__main__":

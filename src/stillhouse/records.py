@@ -15,7 +15,11 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     """Write records to one Parquet file via a temp name (atomic)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")
+    try:
+        pq.write_table(pa.Table.from_pylist(rows), tmp, compression="zstd")
+    except BaseException:  # e.g. a full disk: leave no stray temp file holding space
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 
@@ -23,7 +27,10 @@ def read_rows(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise StillhouseError(f"dataset file not found: {path}")
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:  # not Parquet, truncated, damaged
+        raise StillhouseError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -31,7 +38,11 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
     A line that is not a JSON object is one error naming the file and the line."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StillhouseError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import models as model_specs
+from . import workspace
 from .artifacts import Artifact, ArtifactStore, ArtifactWriter, artifact_id
 from .errors import StillhouseError
 from .progress import console
@@ -42,6 +42,8 @@ class StageContext:
     def teacher(self, ref: str, **overrides):
         """A Teacher for a model reference or a `teachers:` entry; its usage lands in the manifest."""
         t = self.runner.teacher(ref, **overrides)
+        if hasattr(t, "ledger"):  # usage of every process of a resumed stage, kept with its work
+            t.ledger = self.out.path / "teacher_usage" / f"{ref.replace('/', '_')}.jsonl"
         self._teachers.append((ref, t))
         return t
 
@@ -133,9 +135,12 @@ class Runner:
 
     def run(self) -> dict[str, Artifact]:
         from .lineage.policy import check_policy
+        from .preflight import check_inputs
         from .processes import from_environment
 
         policy_notes = check_policy(self.recipe)  # refuses before any model loads
+        check_inputs(self.recipe)  # model directories and prompt files, before any model loads
+        workspace.check_workspace(self.workspace)
         procs = from_environment()  # one process, or one of several under a launcher
         order = self.recipe.order()
         for i, name in enumerate(order, 1):
@@ -144,7 +149,7 @@ class Runner:
             kind = entry.kind
             aid, cfg, parents = self._key(name)
             # the main process decides, so every process takes the same branch
-            reuse = procs.from_main(self.store.get(kind, aid) is not None and not self.force)
+            reuse = procs.from_main(procs.main and self._reusable(kind, aid))
             if reuse:
                 console.print(f"[dim][{i}/{len(order)}] {name} ({stage.type}): reusing {kind}/{aid}[/dim]")
                 self.results[name] = self._shared(kind, aid, name)
@@ -171,18 +176,34 @@ class Runner:
             console.print(f"{name}: wrote {kind}/{aid} in {time.perf_counter() - start:.1f}s")
         return self.results
 
+    def _reusable(self, kind: str, aid: str) -> bool:
+        """Whether the artifact exists (a killed run's finished work is accepted first, see workspace.py)."""
+        if self.force:
+            return False
+        with workspace.artifact_lock(self.store, kind, aid):  # waits while another run writes it
+            workspace.recover(self.store, kind, aid)
+        return self.store.get(kind, aid) is not None
+
     def _write(self, entry, name, stage, aid, cfg, parents, inputs, notes) -> None:
         # Resumable stages keep their unfinished work across a crash or Ctrl-C; --force discards it.
-        kind = entry.kind
-        fn = entry.run_function()
-        if self.force:
-            shutil.rmtree(self.store.partial_path(kind, aid), ignore_errors=True)
-        with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents,
-                               recipe=self.recipe.name, resumable=entry.resumable) as out:
-            out.extra.update(notes)
-            ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
-            fn(ctx)
-            ctx.record_teacher_usage()
+        # The artifact's lock is held from the discard through the rename and the clean-up.
+        kind, fn, resumable = entry.kind, entry.run_function(), entry.resumable
+        with workspace.artifact_lock(self.store, kind, aid):
+            if self.force:
+                workspace.discard(self.store, kind, aid)
+            workspace.recover(self.store, kind, aid)
+            try:
+                with self.store.create(kind, aid, stage=stage.type, name=name, config=cfg, parents=parents,
+                                       recipe=self.recipe.name, resumable=resumable) as out:
+                    out.extra.update(notes)
+                    ctx = StageContext(name, stage, inputs, out, self, self.recipe.name)
+                    fn(ctx)
+                    ctx.record_teacher_usage()
+            except OSError as e:  # a full disk, a quota, a read-only file system: one line, work kept
+                if (err := workspace.write_error(e, name, kind, aid, self.store)) is not None:
+                    raise err from None
+                raise
+            workspace.tidy(self.store, kind, aid)  # spent shards and checkpoints, only now the artifact is in place
 
     def _scratch(self, fn, name, stage, kind, aid, inputs) -> None:
         """A parallel stage on a process other than the main one: the same work, its files discarded."""

@@ -216,6 +216,10 @@ class CompleteStage(PromptSource, Generation, DataOptions):
 
     type: Literal["complete"]
     samples: int = Field(1, gt=0)  # responses per prompt
+    # a prompt whose tokens plus max_new_tokens exceed an in-process teacher's context: "refuse"
+    # (the stage stops with an error naming it) or "truncate" (its end is cut to fit; counted in
+    # counts.truncated_prompts and a warning)
+    too_long: Literal["refuse", "truncate"] = "refuse"
     top_k_logprobs: int = Field(0, ge=0)
 
 

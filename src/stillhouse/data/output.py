@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from typing import Callable
 
+from ..crashpoints import crash_point
 from ..errors import EmptyDatasetError
 from ..records import read_rows
 from .dedup import RecordFilter
@@ -37,7 +37,7 @@ def record_filter(ctx, key: Callable[[dict], str], prompt: Callable[[dict], str]
 
 
 def finish_dataset(ctx, shards: Shards, filt: RecordFilter, what: str = "records", skipped: dict | None = None) -> int:
-    """Merge the shards into `data.parquet` through the filter; record counts; drop the shards.
+    """Merge the shards into `data.parquet` through the filter; record counts (the runner drops the shards after the rename).
 
     An empty result is an error (no artifact is written; the shards stay for a rerun).
     """
@@ -52,6 +52,7 @@ def finish_dataset(ctx, shards: Shards, filt: RecordFilter, what: str = "records
 
     generated = shards.records()
     n = shards.merge(ctx.out.path / "data.parquet", keep)
+    crash_point("dataset-merged")
     removed = {k: v for k, v in filt.counts.items() if v or ctx.config.dedup != "off" or ctx.config.decontaminate}
     skipped = {k: v for k, v in (skipped or {}).items() if v}
     if n == 0:
@@ -60,5 +61,6 @@ def finish_dataset(ctx, shards: Shards, filt: RecordFilter, what: str = "records
         detail = f" ({', '.join(f'{k}={v}' for k, v in facts.items())})" if facts else ""
         raise EmptyDatasetError(f"stage '{ctx.name}': no {what} left{detail}")
     ctx.out.counts.update(records=n, generated_records=generated, **tokens, **removed)
-    shutil.rmtree(shards.dir)  # merged; a crash before the artifact's rename only means redoing the work
+    # the shards stay until the artifact is renamed into place (workspace.tidy): a kill before
+    # the rename then loses nothing
     return n

@@ -82,14 +82,51 @@ def template_hash(teacher, system_prompt: str | None, *templates: str) -> str:
     return short_hash(json.dumps([chat, system_prompt or "", *templates]))
 
 
-def generate(teacher, msgs: list[list[dict]], params: SamplingParams, description: str, top_k_logprobs: int = 0):
+def context_length(teacher) -> int | None:
+    """An in-process teacher's context window in tokens (None when unknown: an API teacher)."""
+    return getattr(getattr(getattr(teacher, "model", None), "config", None), "max_position_embeddings", None)
+
+
+def fit_context(teacher, msgs: list[dict], max_new_tokens: int, too_long: str = "refuse") -> list[dict]:
+    """The messages, checked to fit the teacher's context with room for `max_new_tokens`.
+
+    A longer prompt is never passed on silently (the model would see a prompt cut at an
+    arbitrary place, or nonsense positions): "refuse" raises an error naming it, "truncate"
+    cuts the end of its last message to fit and counts it in `teacher.stats["truncated_prompts"]`.
+    """
+    limit, tok = context_length(teacher), teacher.tokenizer
+    if not limit:
+        return msgs
+    n = len(encode_prompt(tok, render_chat(tok, msgs)))
+    if n + max_new_tokens <= limit:
+        return msgs
+    user = msgs[-1]["content"]
+    ids = tok(user, add_special_tokens=False)["input_ids"]
+    keep = len(ids) - (n + max_new_tokens - limit)
+    while too_long == "truncate" and keep > 0:
+        cut = [*msgs[:-1], {**msgs[-1], "content": tok.decode(ids[:keep])}]
+        if len(encode_prompt(tok, render_chat(tok, cut))) + max_new_tokens <= limit:
+            teacher.stats["truncated_prompts"] = teacher.stats.get("truncated_prompts", 0) + 1
+            return cut
+        keep -= 1  # decoding and encoding again need not give the same count
+    what = "does not fit even when truncated" if too_long == "truncate" else "is too long"
+    raise StillhouseError(
+        f"prompt {user[:40]!r}... {what}: {n} tokens + max_new_tokens {max_new_tokens} exceed the teacher's context "
+        f"of {limit} tokens (set `too_long: truncate` on a complete stage, shorten the prompt, or lower max_new_tokens)"
+    )
+
+
+def generate(teacher, msgs: list[list[dict]], params: SamplingParams, description: str, top_k_logprobs: int = 0,
+             too_long: str = "refuse"):
     """(rendered prompt texts, prompt ids, completions per prompt) from any teacher backend.
 
     In-process teachers render the chat template here so the record keeps the exact prompt
-    tokens (what training needs); API backends render on the server.
+    tokens (what training needs), after `fit_context`; API backends render on the server
+    (and refuse an over-long prompt themselves).
     """
     tok = teacher.tokenizer
     if tok is not None:
+        msgs = [fit_context(teacher, m, params.max_new_tokens, too_long) for m in msgs]
         texts = [render_chat(tok, m) for m in msgs]
         ids = [encode_prompt(tok, t) for t in texts]
         return texts, ids, teacher.generate_text(texts, params, description, top_k_logprobs)

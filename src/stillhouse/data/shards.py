@@ -71,7 +71,24 @@ class Shards:
             yield
 
     def done(self, unit: int) -> bool:
-        return self._marker(unit).is_file()
+        """Committed: its marker exists and so does its shard (a marker whose shard is gone, left
+        by an older clean-up order, does not count: the unit is redone)."""
+        marker = self._marker(unit)
+        if not marker.is_file():
+            return False
+        return json.loads(marker.read_text())["records"] == 0 or self._shard(unit).is_file()
+
+    def check_complete(self, n_units: int, stage: str) -> None:
+        """Refuse to finish a stage whose committed units are not exactly its units."""
+        committed = {m["unit"] for m in self.markers()}
+        expected = set(range(n_units))
+        missing = sorted(u for u in expected if not self.done(u))
+        extra = sorted(committed - expected)
+        if missing or extra:
+            raise StillhouseError(
+                f"stage '{stage}': {self.dir} holds the wrong units ({len(missing)} missing, e.g. {missing[:3]}; "
+                f"{len(extra)} unexpected, e.g. {extra[:3]}); run again with --force to redo the stage"
+            )
 
     def write(self, unit: int, rows: list[dict], stats: dict) -> None:
         """Commit one finished unit: shard first, marker last (the marker is the commit)."""
@@ -105,13 +122,17 @@ class Shards:
         schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
         tmp = dest.with_name(f".{dest.name}.tmp")
         n = 0
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
-            for f in files:
-                table = _conform(pq.read_table(f), schema)
-                if keep is not None:
-                    table = table.filter(pa.array([keep(r) for r in table.to_pylist()], pa.bool_()))
-                n += table.num_rows
-                w.write_table(table)
+        try:
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+                for f in files:
+                    table = _conform(pq.read_table(f), schema)
+                    if keep is not None:
+                        table = table.filter(pa.array([keep(r) for r in table.to_pylist()], pa.bool_()))
+                    n += table.num_rows
+                    w.write_table(table)
+        except BaseException:  # a full disk: the half-written merge must not hold the space
+            tmp.unlink(missing_ok=True)
+            raise
         tmp.replace(dest)
         return n
 
@@ -163,5 +184,10 @@ def run_units(
             f"{stage}: {what}; {done} of {len(units)} shards ({shards.records()} records) are kept in "
             f"{work_dir}. Run the same command again to continue.", file=sys.stderr,
         )
+        raise
+    try:
+        shards.check_complete(len(units), stage)
+    except StillhouseError as e:
+        e.resumable = True  # keep the work for the user to look at; --force redoes it
         raise
     return shards

@@ -50,7 +50,9 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
         context = min(context, max_context)
     engine = Engine(lm.model, lm.tokenizer, HFTeacher(lm.model, lm.tokenizer)._stop_ids(), max_batch=max_batch)
     cfg = ServeConfig(served_name or model, context, default_max_tokens=default_max_tokens, max_concurrent=max_concurrent)
-    return create_app(engine, cfg, fault_cfg, keys)
+    app = create_app(engine, cfg, fault_cfg, keys)
+    app.state.faults = fault_cfg  # tests and bench/chaos.py change the rates of a running server
+    return app
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..teachers.hf import render_chat
 from .engine import Engine, Job, Sampling, Seq, wait_all
-from .faults import Faults
+from .faults import MALFORMED, Faults, account, malformed_body
 from .limits import GuardMiddleware, KeyCheck, PromptLimits
 from .protocol import ChatRequest, CompletionRequest, Reject, SafeJSONResponse, _Common, error, unsupported, validation_message
 from .stream import deltas, sse_response
@@ -126,6 +126,10 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
         finally:
             if not getattr(response, "holds_slot", False):  # a stream frees its slot when it ends
                 stats["in_flight"] -= 1
+        if isinstance(response, JSONResponse):
+            account(stats, fault, response.status_code, response.body)
+            if fault in MALFORMED and response.status_code == 200:
+                return Response(malformed_body(fault, response.body), media_type="application/json")
         if fault == "cut" and isinstance(response, JSONResponse) and response.status_code == 200:
             body = response.body
 

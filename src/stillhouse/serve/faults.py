@@ -3,17 +3,24 @@
 A spec such as `429=0.1,500=0.1,slow=0.05,cut=0.05` gives the fraction of generation requests
 answered with HTTP 429 (with Retry-After), HTTP 500, a slow answer, or a connection dropped
 mid-response. Optional `retry_after=<s>` and `slow_s=<s>` tune the first and third.
+
+Three more kinds are complete HTTP 200 answers that are not usable: `nonjson` (an HTML error
+page), `nochoices` (valid JSON, usage but no `choices`) and `wrongn` (one choice too many). The
+server's stats count the tokens it generated (`served_*`) and those it reported in a readable
+usage (`reported_*`: not cut, not `nonjson`), which a client's billed tokens must match.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from dataclasses import dataclass
 
 from ..errors import StillhouseError
 
-KINDS = ("429", "500", "slow", "cut")
+KINDS = ("429", "500", "slow", "cut", "nonjson", "nochoices", "wrongn")
+MALFORMED = ("nonjson", "nochoices", "wrongn")
 
 
 @dataclass
@@ -61,3 +68,33 @@ def parse_faults(spec: str | None, seed: int = 0) -> Faults | None:
     if sum(rates.values()) > 1:
         raise StillhouseError(f"--faults: rates add up to {sum(rates.values()):.2f}, more than 1")
     return Faults(rates, seed=seed, **opts)
+
+
+def malformed_body(kind: str, body: bytes) -> bytes:
+    """A complete answer body that a client must reject (and retry), from a good one."""
+    if kind == "nonjson":
+        return b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+    data = json.loads(body)
+    if kind == "nochoices":
+        data.pop("choices", None)
+    else:  # wrongn: one choice more than asked for
+        data["choices"] = data["choices"] + [{**data["choices"][-1], "index": len(data["choices"])}]
+    return json.dumps(data).encode()
+
+
+def account(stats: dict, fault: str | None, status: int, body: bytes) -> None:
+    """Count a generated answer's tokens: served (all), reported (delivered in a readable usage)."""
+    if status != 200:
+        return
+    try:
+        usage = json.loads(body).get("usage") or {}
+    except (ValueError, AttributeError):
+        return
+    for side in ("prompt", "completion"):
+        n = usage.get(f"{side}_tokens", 0)
+        stats[f"served_{side}_tokens"] = stats.get(f"served_{side}_tokens", 0) + n
+        if fault not in ("cut", "nonjson"):
+            stats[f"reported_{side}_tokens"] = stats.get(f"reported_{side}_tokens", 0) + n
+        if fault:  # e.g. a slow answer's tokens, which a client that timed out never saw
+            by = stats.setdefault("fault_tokens", {}).setdefault(fault, {"prompt": 0, "completion": 0})
+            by[side] += n

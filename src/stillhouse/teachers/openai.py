@@ -14,6 +14,7 @@ request header: never in a cache key, a manifest, a log line or an error message
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -39,22 +40,45 @@ _TOKEN_ID = re.compile(r"token_id:(\d+)")
 
 @dataclass
 class Usage:
-    """What a run cost: HTTP traffic, tokens billed, tokens served from the cache, money."""
+    """What a run cost: HTTP traffic, tokens billed and received, tokens served from the cache, money."""
 
     requests: int = 0  # HTTP requests sent, retries included
     responses: int = 0  # successful answers received
     cached: int = 0  # answers served from the on-disk cache (no request)
     retries: int = 0
-    failures: dict = field(default_factory=dict)  # "429" | "5xx" | "timeout" | "dropped" | "connect" -> count
-    prompt_tokens: int = 0
+    failures: dict = field(default_factory=dict)  # "429" | "5xx" | "timeout" | "dropped" | "connect" | "malformed" -> count
+    prompt_tokens: int = 0  # received: the usage of the answers accepted
     completion_tokens: int = 0
+    # billed: the usage the server reported on every answer, accepted or rejected as malformed
+    # (a cut connection, a timeout or a non-JSON body report none, though a metered API may bill them)
+    billed_prompt_tokens: int = 0
+    billed_completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # the price of the billed tokens
     waited_s: float = 0.0  # time spent waiting on rate limits and backoff
 
-    def fail(self, kind: str) -> None:
-        self.failures[kind] = self.failures.get(kind, 0) + 1
+    def add(self, delta: dict) -> None:
+        """Add a change (field -> amount; failures: kind -> count)."""
+        for k, v in delta.items():
+            if k == "failures":
+                for kind, n in v.items():
+                    self.failures[kind] = self.failures.get(kind, 0) + n
+            else:
+                setattr(self, k, getattr(self, k) + v)
+
+    @classmethod
+    def replay(cls, ledger: Path) -> "Usage":
+        """The sum of a usage ledger: every process's changes, one JSON line each (a line cut
+        short by a kill is skipped: its request is counted again by the rerun that redoes it)."""
+        total = cls()
+        for line in ledger.read_text(encoding="utf-8").splitlines() if ledger.is_file() else []:
+            try:
+                delta = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            total.add(delta)
+        return total
 
 
 class _Retryable(Exception):
@@ -110,7 +134,10 @@ class OpenAITeacher:
         self.token_ids = token_ids  # ask for ids (vLLM's `return_tokens_as_token_ids`; `stillhouse serve` too)
         self.tokenizer = tokenizer  # optional: the served model's tokenizer (stop tokens, re-encoding)
         self._rng = random.Random(jitter_seed)
-        self.usage = Usage()
+        self.usage = Usage()  # this process's share
+        # when set (by the stage), every change is also appended here, so a stage resumed after a
+        # kill accounts for the requests of every process that worked on it
+        self.ledger: Path | None = None
         self.stats = {"generated_tokens": 0, "seconds": 0.0}  # same keys as HFTeacher.stats
 
     @classmethod
@@ -145,9 +172,20 @@ class OpenAITeacher:
         """Already-rendered prompt texts (chat template applied here), sent to /completions."""
         return self._run_sync([("completions", t) for t in texts], params, top_k_logprobs, description)
 
+    def _count(self, **delta) -> None:
+        delta = {k: v for k, v in delta.items() if v}
+        if not delta:
+            return
+        self.usage.add(delta)
+        if self.ledger is not None:
+            self.ledger.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.ledger, "a", encoding="utf-8") as f:  # one short line: a kill cuts at most this one
+                f.write(json.dumps(delta) + "\n")
+
     def usage_metrics(self) -> dict:
-        """Token and cost accounting for a stage manifest (no URL, no key)."""
-        u = self.usage
+        """Token and cost accounting for a stage manifest (no URL, no key): the ledger's total
+        (every process of a resumed stage) when there is one, else this process's."""
+        u = Usage.replay(self.ledger) if self.ledger is not None else self.usage
         return {
             "backend": self.backend,
             "model": self.model,
@@ -158,6 +196,8 @@ class OpenAITeacher:
             "failures": dict(u.failures),
             "prompt_tokens": u.prompt_tokens,
             "completion_tokens": u.completion_tokens,
+            "billed_prompt_tokens": u.billed_prompt_tokens,
+            "billed_completion_tokens": u.billed_completion_tokens,
             "cached_prompt_tokens": u.cached_prompt_tokens,
             "cached_completion_tokens": u.cached_completion_tokens,
             "cost_usd": round(u.cost_usd, 6),
@@ -237,19 +277,12 @@ class OpenAITeacher:
         key = response_key(self.model, f"{self.endpoint}/{endpoint}", prompt, key_params)
         data = self.cache.get(key) if self.cache is not None else None
         if data is not None:
-            self.usage.cached += 1
             u = data.get("usage") or {}
-            self.usage.cached_prompt_tokens += u.get("prompt_tokens", 0)
-            self.usage.cached_completion_tokens += u.get("completion_tokens", 0)
+            self._count(cached=1, cached_prompt_tokens=u.get("prompt_tokens", 0), cached_completion_tokens=u.get("completion_tokens", 0))
         else:
             data = await self._post(client, endpoint, body, _estimate_tokens(prompt, params))
-            if len(data.get("choices") or []) != params.n:
-                raise StillhouseError(f"teacher '{self.name}': {self.base_url} returned {len(data.get('choices') or [])} choices, asked for n={params.n}")
             u = data.get("usage") or {}
-            self.usage.responses += 1
-            self.usage.prompt_tokens += u.get("prompt_tokens", 0)
-            self.usage.completion_tokens += u.get("completion_tokens", 0)
-            self.usage.cost_usd += self.price.cost(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+            self._count(responses=1, prompt_tokens=u.get("prompt_tokens", 0), completion_tokens=u.get("completion_tokens", 0))
             if self.cache is not None:
                 self.cache.put(key, {"choices": data["choices"], "usage": u})
         comps = [self._completion(c, data) for c in sorted(data["choices"], key=lambda c: c.get("index", 0))]
@@ -262,12 +295,12 @@ class OpenAITeacher:
         for attempt in range(self.max_retries + 1):
             for bucket, n in ((self.rpm, 1), (self.tpm, est_tokens)):
                 if bucket is not None:
-                    self.usage.waited_s += await bucket.acquire(n)
+                    self._count(waited_s=await bucket.acquire(n))
             try:
                 async with self.limit:
                     return await self._attempt(client, endpoint, body)
             except _Retryable as e:
-                self.usage.fail(e.kind)
+                self._count(failures={e.kind: 1})
                 last = f"{e.kind}: {e.detail}"
                 if e.kind == "connect":
                     connect_failures += 1
@@ -277,16 +310,16 @@ class OpenAITeacher:
                     self.limit.decrease()
                 if attempt == self.max_retries:
                     break
-                self.usage.retries += 1
+                self._count(retries=1)
                 delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap, self._rng)
                 if e.retry_after is not None:
                     delay = max(delay, min(e.retry_after, self.max_retry_after))
-                self.usage.waited_s += delay
+                self._count(waited_s=delay)
                 await asyncio.sleep(delay)
         raise StillhouseError(self._scrub(f"teacher '{self.name}': {self.base_url} kept failing after {self.max_retries + 1} attempts (last: {last})"))
 
     async def _attempt(self, client: httpx.AsyncClient, endpoint: str, body: dict) -> dict:
-        self.usage.requests += 1
+        self._count(requests=1)
         t0 = time.monotonic()
         try:
             r = await client.post(f"/{endpoint}", json=body)
@@ -307,12 +340,25 @@ class OpenAITeacher:
         try:
             data = r.json()
         except ValueError:
-            raise _Retryable("dropped", "truncated or non-JSON body") from None
-        if not isinstance(data, dict) or "choices" not in data:
-            raise _Retryable("dropped", "response without choices")
+            raise _Retryable("malformed", "truncated or non-JSON body") from None
+        if not isinstance(data, dict):
+            raise _Retryable("malformed", "a JSON body that is not an object")
+        self._bill(data.get("usage"))  # what the server says it served, whether or not the answer is usable
+        choices = data.get("choices")
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise _Retryable("malformed", "response without a list of choices")
+        if len(choices) != body["n"]:
+            raise _Retryable("malformed", f"{len(choices)} choices, asked for n={body['n']}")
         tokens = (data.get("usage") or {}).get("completion_tokens", 1)
         self.limit.on_success(time.monotonic() - t0, tokens, budget=body.get("max_tokens"))
         return data
+
+    def _bill(self, usage) -> None:
+        if not isinstance(usage, dict):
+            return
+        p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        if isinstance(p, int) and isinstance(c, int):
+            self._count(billed_prompt_tokens=p, billed_completion_tokens=c, cost_usd=self.price.cost(p, c))
 
     def _scrub(self, text: str) -> str:
         """Messages may quote a server's body, which may echo our headers: no key, no userinfo."""

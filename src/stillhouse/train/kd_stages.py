@@ -133,7 +133,7 @@ def run_cross_tokenizer(ctx) -> None:
     from .. import models as model_specs
     from ..lineage import merge_teachers
     from .cross_tokenizer import CrossConfig, prepare, train_cross, uld_distance
-    from .stages import _base_models_of, _save_model, checkpoint_root, spend_checkpoints
+    from .stages import _base_models_of, _save_model, checkpoint_root
 
     c = ctx.config
     rows = [r for r in _dataset_rows(ctx) if r.get("passed", True)]
@@ -174,4 +174,3 @@ def run_cross_tokenizer(ctx) -> None:
         for h in history:
             f.write(json.dumps(h) + "\n")
     _save_model(ctx, student_lm.model, tok, _base_models_of(ctx, c.student))
-    spend_checkpoints(ckpt_dir)

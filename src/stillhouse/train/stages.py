@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from .. import models as model_specs
 from ..records import read_rows
+from ..crashpoints import crash_point
 from ..errors import EmptyDatasetError, StillhouseError
 from ..fsutil import write_text_atomic
 from ..lineage import pending_card, record_training_signal
@@ -209,7 +209,9 @@ def run_train(ctx) -> None:
         full = (lambda: model_specs.load(ctx.runner.spec_of(c.student)).model) if quantize else None
         model = lora.finish_lora(model, c.lora.merge, full)
     _save_model(ctx, model, tok, _base_models_of(ctx, c.student))
-    spend_checkpoints(ckpt_root)
+    crash_point("model-saved")
+    # the checkpoints are removed by the runner only after the model is renamed into place
+    # (workspace.tidy): a kill before the rename resumes from them instead of starting over
 
 
 def _signal_sources(ctx, task_rows: list[dict], heal_rows: list[dict], kd_teacher_ident: dict | None) -> list[dict]:
@@ -240,14 +242,6 @@ def checkpoint_root(ctx) -> Path:
     into place when complete), under the artifact's id, so a resumed run with the same inputs
     and config finds them."""
     return ctx.runner.workspace / "checkpoints" / f"{ctx.name}-{ctx.out.id}"
-
-
-def spend_checkpoints(root) -> None:
-    """The model is saved: its checkpoints are spent (the main process owns them under a launcher)."""
-    from ..processes import is_main_process
-
-    if is_main_process():
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _open_cache(ctx):
