@@ -36,7 +36,9 @@ browser:
 # Untrusted code (HumanEval, code verifiers) runs in bubblewrap (docs/sandbox.md); libseccomp is
 # what pyseccomp compiles its filter with, and util-linux gives the escape tests setpriv/unshare.
 sandbox:
-	command -v bwrap >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2)
+	command -v bwrap >/dev/null || \
+		( (apt-get update -qq || echo "apt-get update failed; installing from the cached package lists") && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2)
 
 test: install browser sandbox
 	$(PY) -m pytest -q -ra
