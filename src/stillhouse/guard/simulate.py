@@ -47,9 +47,13 @@ CHAT_SHAPE = "max_tokens,messages,model,temperature"
 
 # ---------------------------------------------------------------- prompt sources (real, shipped)
 def _site_file(module: str, *parts: str) -> Path:
-    import importlib
+    """A data file inside an installed package, found without importing it (they import slowly)."""
+    import importlib.util
 
-    return Path(importlib.import_module(module).__file__).parent.joinpath(*parts)
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the simulator's prompt source {module!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
 
 
 def public_prompts() -> list[str]:
@@ -212,12 +216,14 @@ class Simulator:
             self._add("eval", accts, False, by)
 
     def researcher(self, n_accounts: int) -> None:
-        templates = ["Write a short, factual encyclopedia paragraph about {a} in {f} for {l}.",
-                     "Create a multiple-choice quiz question on {a} in {f}, with the answer.",
-                     "List five key facts about {a} in {f}."]
+        verbs = ["Write", "Draft", "Compose", "Produce", "Generate"]
+        things = ["a short, factual encyclopedia paragraph", "a multiple-choice quiz question with its answer",
+                  "five key facts", "a glossary entry", "a one-paragraph summary", "three flashcards"]
+        links = ["about {a} in {f}", "on {a} ({f})", "covering {a} within {f}", "for the topic '{a}', field: {f}"]
+        ends = [" for {l}.", " aimed at {l}.", "; audience: {l}.", ". Reader: {l}. Keep it accurate."]
         for _ in range(n_accounts):
-            acct = self._account()
-            tmpl = self.rng.choice(templates)
+            acct = self._account()  # each researcher writes their own template
+            tmpl = " ".join([self.rng.choice(verbs), self.rng.choice(things), self.rng.choice(links)]) + self.rng.choice(ends)
             grid = [(a, f, l) for f in self.rng.sample(FIELDS, 8) for a in ASPECTS for l in LEVELS]
             self.rng.shuffle(grid)
             grid = grid[: self.rng.randint(200, 600)]
@@ -314,6 +320,7 @@ class Simulator:
         rows = sorted((r for a in self.actors for r in a.rows), key=lambda r: r["ts"])
         texts = [r["text"] for r in rows]
         sigs = signatures(texts)
+        probe = {t: ",".join(intent.probes(t)) for t in set(texts)}
         n = len(rows)
         out_tokens = self.np.integers(20, 800, size=n)
         cols = {
@@ -327,7 +334,7 @@ class Simulator:
             "prompt_sig": sigs,
             "prompt_chars": [len(t) for t in texts],
             "system_sha256": [None] * n,
-            "probe": [",".join(intent.probes(t)) for t in texts],
+            "probe": [probe[t] for t in texts],
             "prompt_tokens": [max(1, len(t) // 4) for t in texts],
             "completion_tokens": [min(int(o), r.get("max_tokens") or 4096) for o, r in zip(out_tokens, rows)],
             "withheld_tokens": [0] * n,
@@ -355,12 +362,34 @@ class Simulator:
 
 
 def signatures(texts: list[str]) -> list[bytes]:
-    """log_schema.prompt_signature for many prompts at once (datasketch's bulk MinHash; same bytes)."""
+    """log_schema.prompt_signature for many prompts at once, byte for byte (a test checks it):
+    datasketch's permutations, shingle hash and pre-mix (its default affine32 scheme), the
+    min-hash done for many prompts in one numpy pass instead of one MinHash object each."""
     from datasketch import MinHash
+    from datasketch.hashfunc import sha1_hash32
+    from datasketch.minhash import _fmix
 
     distinct = list(dict.fromkeys(texts))  # prompts repeat (public sets, benchmarks): hash each once
-    ms = MinHash.bulk([L.shingles(t) for t in distinct], num_perm=L.SIGNATURE_PERM, seed=L.SIGNATURE_SEED)
-    sig = {t: np.asarray(m.hashvalues, dtype="<u4").tobytes() for t, m in zip(distinct, ms)}
+    ref = MinHash(num_perm=L.SIGNATURE_PERM, seed=L.SIGNATURE_SEED)
+    if ref.scheme != "affine32":
+        raise RuntimeError(f"datasketch's default MinHash scheme is now {ref.scheme!r}; update simulate.signatures")
+    a, b = ref.permutations
+    top = np.iinfo(np.uint32).max
+    sig = {}
+    for lo in range(0, len(distinct), 20_000):
+        chunk = distinct[lo : lo + 20_000]
+        sh = [list(L.shingles(t)) for t in chunk]
+        hv = _fmix(np.array([sha1_hash32(x) for s in sh for x in s], dtype=np.uint32), 32)
+        sizes = np.array([len(s) for s in sh])
+        with np.errstate(over="ignore"):
+            phv = hv[:, None] * a + b
+        out = np.full((len(chunk), L.SIGNATURE_PERM), top, dtype=np.uint32)
+        nz = sizes > 0
+        if nz.any():
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[nz]
+            out[nz] = np.minimum.reduceat(phv, starts, axis=0)
+        for t, row in zip(chunk, out):
+            sig[t] = row.astype("<u4").tobytes()
     return [sig[t] for t in texts]
 
 
@@ -371,9 +400,9 @@ def write_parquet_days(table: pa.Table, root: str | Path) -> None:
     import pyarrow.parquet as pq
 
     root = Path(root)
-    days = pc.strftime(pc.cast(pc.multiply(table["ts"], 1000), pa.timestamp("ms", tz="UTC")), format="%Y-%m-%d")
-    for day in sorted(set(days.to_pylist())):
-        part = table.filter(pc.equal(days, day))
+    days = (table["ts"].to_numpy() * 1000).astype("datetime64[ms]").astype("datetime64[D]")
+    for day in np.unique(days):
+        part = table.filter(pa.array(days == day))
         d = root / f"day={day}"
         d.mkdir(parents=True, exist_ok=True)
         pq.write_table(part, d / "part-0.parquet")
@@ -381,6 +410,7 @@ def write_parquet_days(table: pa.Table, root: str | Path) -> None:
 
 def write_sqlite(table: pa.Table, path: str | Path) -> None:
     """The gateway's embedded log: table `requests` in WAL mode."""
+    Path(path).unlink(missing_ok=True)
     con = sqlite3.connect(path)
     con.execute("PRAGMA journal_mode=WAL")
     con.execute(L.SQLITE_DDL)
