@@ -310,6 +310,10 @@ def keys_list(file: Path = typer.Argument(..., help="Key file.")):
         print(f"{r.id}\t{r.account}\t{r.org}\t{'active' if r.active else 'revoked'}")
 
 
+from .guard.analyze_cli import analyze as _guard_analyze  # noqa: E402  (the lead moves it to `stillhouse guard analyze` at merge)
+app.command("guard-analyze")(_guard_analyze)
+
+
 def _on_sigterm(signum, frame):
     _terminated.set()
     raise KeyboardInterrupt
