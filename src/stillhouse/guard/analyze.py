@@ -55,6 +55,8 @@ def analyze(log: str | Path, window: str | None = "1d", detector: Detector | Non
     feats = feature_table(con, parse_window(window))
     scores = detector.score(feats)
     rows = feats.to_pylist()
+    for r, g in zip(rows, detector.strongest(feats) if rows else []):
+        r["evidence"] = g
     best: dict[str, tuple[float, dict]] = {}
     for s, r in zip(scores, rows):
         if r["account"] not in best or s > best[r["account"]][0]:
@@ -64,6 +66,7 @@ def analyze(log: str | Path, window: str | None = "1d", detector: Detector | Non
         accounts.append({
             "account": name, "org": r["org"], "score": round(s, 4), "flagged": s >= cut,
             "window_start": r["window_start"], "requests": r["requests"], "cluster": int(r["cluster"]),
+            "evidence": r["evidence"],  # the evidence group whose model gave the score
             "reasons": detector.reasons(r) if s >= cut or top else detector.reasons(r, limit=2),
             "features": {f: round(float(r[f]), 4) for f in FEATURES},
             "fingerprint": r["fingerprint"],

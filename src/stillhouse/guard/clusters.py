@@ -7,7 +7,8 @@ rows. tests/test_guard_analyze.py checks it finds the pairs datasketch's MinHash
 
 Each account contributes a deterministic sample of at most SAMPLE distinct prompts: cost grows
 with accounts, not requests, and an account's template habits show in 64 prompts.
-A bucket (band, key) is a *skeleton* when it holds at least MIN_PROMPTS distinct prompts;
+A bucket (band, key) is a *skeleton* when it holds at least MIN_PROMPTS distinct prompts, nearly
+all of them sent once (NOVEL);
 an account *uses* a skeleton when at least two of its own distinct prompts fall in it (one
 prompt is a coincidence, two are a template). Accounts that use a common skeleton are joined
 (connected components over the account-skeleton graph): one actor, even when each account
@@ -26,13 +27,16 @@ from . import log_schema as L
 
 BANDS, ROWS = 16, 4  # 16 x 4 = SIGNATURE_PERM; a pair at Jaccard 0.5 collides with p = 1-(1-0.5^4)^16 = 0.64
 SAMPLE = 64          # distinct prompts per account that enter template analysis
-MIN_PROMPTS = 3      # distinct prompts that make a bucket a skeleton rather than one repeated prompt
+MIN_PROMPTS = 8      # distinct prompts that make a bucket a skeleton, not one popular prompt and its few variants
+NOVEL = 0.8          # ... of which at least this share are sent by one account only: a template filled
+                     # afresh each time, not a popular prompt (or benchmark item) many accounts send
 SHARED = 3           # accounts that make a prompt or skeleton "shared"
 
 TEMPLATE_FEATURES = [
     "template_self",    # share of the account's prompts that share a skeleton with another of its own prompts
     "template_shared",  # share of its prompts in a skeleton used by >= SHARED accounts
     "exact_shared",     # share of its prompts sent verbatim by >= SHARED accounts
+    "skeleton_reach",   # mean over its prompts of log1p(other accounts in the prompt's widest skeleton): hydra breadth
 ]
 CLUSTER_FEATURES = [
     "cluster_size",     # log1p(accounts tied to this one by shared skeletons), 0 alone
@@ -86,22 +90,26 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
     # per (account, prompt): in a skeleton it shares with its own prompts / with >= SHARED accounts
     per_prompt = con.sql(
         f"""
-        WITH b AS (SELECT band, key, count(DISTINCT h) AS np, count(DISTINCT acc) AS na FROM bands GROUP BY band, key),
+        WITH b AS (SELECT band, key, count(DISTINCT h) AS np, count(DISTINCT acc) AS na,
+                          count(DISTINCT h) >= {MIN_PROMPTS} AND count(DISTINCT h) >= {NOVEL} * count(*) AS skel
+                   FROM bands GROUP BY band, key),
              ab AS (SELECT acc, band, key, count(DISTINCT h) AS own FROM bands GROUP BY acc, band, key),
              ex AS (SELECT h, count(DISTINCT acc) AS na FROM bands WHERE band = 0 GROUP BY h)
         SELECT x.acc, x.h,
                max(CASE WHEN ab.own >= 2 THEN 1 ELSE 0 END) AS self_t,
-               max(CASE WHEN b.np >= {MIN_PROMPTS} AND b.na >= {SHARED} THEN 1 ELSE 0 END) AS shared_t,
-               any_value(ex.na) >= {SHARED} AS exact
+               max(CASE WHEN b.skel AND b.na >= {SHARED} THEN 1 ELSE 0 END) AS shared_t,
+               any_value(ex.na) >= {SHARED} AS exact,
+               max(CASE WHEN b.skel THEN ln(b.na) ELSE 0 END) AS reach
         FROM bands x JOIN b USING (band, key) JOIN ab USING (acc, band, key) JOIN ex USING (h)
         GROUP BY x.acc, x.h
         """
     ).to_arrow_table()
-    # account -- skeleton edges: >= 2 own distinct prompts in a skeleton bucket used that way by >= 2 accounts
+    # account -- skeleton edges: >= 2 own distinct prompts in a skeleton that >= 2 accounts use that way
     edges = con.sql(
         f"""
         WITH ab AS (SELECT acc, band, key, count(DISTINCT h) AS own FROM bands GROUP BY acc, band, key HAVING own >= 2),
-             b AS (SELECT band, key FROM bands GROUP BY band, key HAVING count(DISTINCT h) >= {MIN_PROMPTS}),
+             b AS (SELECT band, key FROM bands GROUP BY band, key
+                   HAVING count(DISTINCT h) >= {MIN_PROMPTS} AND count(DISTINCT h) >= {NOVEL} * count(*)),
              used AS (SELECT band, key FROM ab SEMI JOIN b USING (band, key) GROUP BY band, key HAVING count(*) >= 2)
         SELECT ab.acc, dense_rank() OVER (ORDER BY band, key) - 1 AS bucket FROM ab SEMI JOIN used USING (band, key)
         """
@@ -112,7 +120,7 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
     feats = {f: np.zeros(n_acc) for f in TEMPLATE_FEATURES}
     pa_acc = per_prompt["acc"].to_numpy()
     cnt = np.bincount(pa_acc, minlength=n_acc).astype(float)
-    for f, col in (("template_self", "self_t"), ("template_shared", "shared_t"), ("exact_shared", "exact")):
+    for f, col in (("template_self", "self_t"), ("template_shared", "shared_t"), ("exact_shared", "exact"), ("skeleton_reach", "reach")):
         v = per_prompt[col].to_numpy().astype(float)
         feats[f] = np.divide(np.bincount(pa_acc, weights=v, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
 

@@ -1,7 +1,7 @@
 """From features to a score in [0, 1] and reasons in words.
 
-The score is scikit-learn's HistGradientBoostingClassifier, fitted on the *tuning split* of
-the simulated traffic (bench/guard.py --tune writes its feature table to guard/tuning/), with
+The score is the largest of several scikit-learn HistGradientBoostingClassifiers, one per
+group of evidence (GROUPS), fitted on the *tuning split* of the simulated traffic (bench/guard.py --tune writes its feature table to guard/tuning/), with
 monotone constraints: more probing, more shared skeletons, a bigger or burstier cluster can
 only raise a score, so the model cannot learn that a signal of abuse is a sign of innocence
 from the quirks of one simulation. Thresholds were fixed there too, from out-of-fold scores
@@ -30,6 +30,18 @@ FEATURES = WINDOW_FEATURES + ACCOUNT_FEATURES + TEMPLATE_FEATURES + CLUSTER_FEAT
 MONOTONE = {f: 1 for f in FEATURES} | {f: 0 for f in ("log_requests", "hours_active", "gap_regularity", "distinct_prompts", "log_prompt_chars", "long_output")}
 
 _HIGH_IS_ODD = ("log_requests", "hours_active", "gap_regularity")
+# Evidence groups, each scored by its own model; an account is as suspicious as its strongest
+# evidence. A single model over everything learns the easiest tell of each family seen in tuning
+# (e.g. max_tokens) and ignores the rest; per-group models keep every kind of evidence in play,
+# which is what carries over to a family tuning never saw.
+GROUPS = {
+    "volume and timing": ["log_requests", "hours_active", "gap_regularity", "limited_share"],
+    "prompt content": ["probe_reasoning", "probe_system", "probe_identity", "log_prompt_chars", "distinct_prompts"],
+    "harvesting parameters": ["logprob_share", "echo_share", "short_output", "long_output"],
+    "shared templates": ["template_self", "template_shared", "exact_shared", "skeleton_reach", "distinct_prompts"],
+    "actor cluster": ["cluster_size", "cluster_novelty", "cluster_fingerprint", "cluster_signups", "signup_burst"],
+    "all evidence": None,  # every feature
+}
 TUNING_DIR = Path(__file__).parent / "tuning"
 
 REASONS = {
@@ -61,18 +73,14 @@ class Detector:
     """The fitted model, its thresholds and the benign percentiles that phrase reasons."""
 
     def __init__(self, table: pa.Table, meta: dict):
-        from sklearn.ensemble import HistGradientBoostingClassifier
-
         X = matrix(table)
         y = np.asarray(table["attack"].to_pylist(), dtype=int)
-        self.model = make_model()
-        self.model.fit(X, y)
+        self.model = make_model().fit(X, y)
         self.thresholds: dict[str, float] = meta["thresholds"]
         self.default_fpr: str = meta["default_fpr"]
         benign = X[y == 0]
         self.p99 = np.quantile(benign, 0.99, axis=0)
         self.spread = np.maximum(np.quantile(benign, 0.99, axis=0) - np.quantile(benign, 0.5, axis=0), 1e-6)
-        assert isinstance(self.model, HistGradientBoostingClassifier)
 
     @property
     def threshold(self) -> float:
@@ -83,6 +91,10 @@ class Detector:
             return np.zeros(0)
         return self.model.predict_proba(matrix(table))[:, 1]
 
+    def strongest(self, table: pa.Table) -> list[str]:
+        """The evidence group whose model gave each row its score."""
+        return self.model.strongest(matrix(table))
+
     def reasons(self, row: dict, limit: int = 4) -> list[str]:
         x = np.array([row[f] for f in FEATURES], dtype=float)
         over = (x - self.p99) / self.spread
@@ -92,13 +104,37 @@ class Detector:
         return [REASONS[FEATURES[i]].format(**words) for i in said[:limit]]
 
 
-def make_model():
-    from sklearn.ensemble import HistGradientBoostingClassifier
+class GroupMax:
+    """One monotone gradient-boosted model per evidence group; the score is the largest."""
 
-    return HistGradientBoostingClassifier(
-        max_iter=200, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=20, l2_regularization=1.0,
-        monotonic_cst=[MONOTONE[f] for f in FEATURES], class_weight="balanced", random_state=0,
-    )
+    def __init__(self):
+        self.models: dict[str, object] = {}
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> "GroupMax":
+        from sklearn.ensemble import HistGradientBoostingClassifier
+
+        for name, cols in GROUPS.items():
+            idx = [FEATURES.index(c) for c in (cols or FEATURES)]
+            m = HistGradientBoostingClassifier(
+                max_iter=150, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=20, l2_regularization=1.0,
+                monotonic_cst=[MONOTONE[FEATURES[i]] for i in idx], class_weight="balanced", random_state=0)
+            self.models[name] = (idx, m.fit(X[:, idx], y))
+        return self
+
+    def _all(self, X: np.ndarray) -> np.ndarray:
+        return np.column_stack([m.predict_proba(X[:, idx])[:, 1] for idx, m in self.models.values()])
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        p = self._all(X).max(axis=1)
+        return np.column_stack([1 - p, p])
+
+    def strongest(self, X: np.ndarray) -> list[str]:
+        names = list(self.models)
+        return [names[i] for i in self._all(X).argmax(axis=1)]
+
+
+def make_model() -> GroupMax:
+    return GroupMax()
 
 
 def matrix(table: pa.Table) -> np.ndarray:

@@ -80,6 +80,8 @@ ASPECTS = ["the core definitions", "a classic theorem", "a common misconception"
            "the historical development", "an exam-style question", "an edge case", "a real-world application",
            "the key formula", "a comparison of two methods", "a proof sketch", "a step-by-step procedure",
            "typical errors students make", "an open research question", "a counterexample", "a summary table"]
+CONTEXTS = ["in practice", "historically", "for an exam", "in industry", "with pitfalls", "intuitively", "formally",
+            "with code", "with a diagram in words", "in one page", "compared across textbooks", "for teaching"]
 LEVELS = ["a beginner", "an undergraduate", "a graduate student", "an expert", "a high-school student"]
 
 COVERAGE_TEMPLATES = [
@@ -254,31 +256,34 @@ class Simulator:
         span = self.days * DAY * 0.8 if family == "adaptive" else self.rng.uniform(600, 3 * 3600)
         t_start = T0 + self.rng.uniform(0, self.days * DAY * 0.15)
         ua = self.rng.choice(["python-requests/2.32.3", "aiohttp/3.9.5", "OpenAI/Python 1.40.0", "curl/8.5.0"])
-        grid = [(a, f, l) for f in FIELDS for a in ASPECTS for l in LEVELS]
+        # 38,400 topics: a campaign of 1,000 accounts x 50 prompts barely wraps around
+        grid = [(a, f"{f} ({c})", l) for f in FIELDS for a in ASPECTS for l in LEVELS for c in CONTEXTS]
         self.rng.shuffle(grid)
         by = {}
-        for i, acct in enumerate(accts):
+        offset = 0
+        for acct in accts:
             first = t_start + self.rng.uniform(0, span)
             n = self.rng.randint(*per_account)
-            by[acct] = fn(first, n, ua, grid, i, size)
+            by[acct] = fn(first, n, ua, grid, offset, size)
+            offset += n
         self._add(family, accts, True, by)
 
-    def _slice(self, grid, i, size, n):
-        """Account i's disjoint share of the topic grid (wraps around for huge campaigns)."""
-        return [grid[(i * n + k) % len(grid)] for k in range(n)]
+    def _slice(self, grid, offset, size, n):
+        """The account's disjoint share of the topic grid, from `offset` (wraps around past its end)."""
+        return [grid[(offset + k) % len(grid)] for k in range(n)]
 
-    def _coverage(self, first, n, ua, grid, i, size):
+    def _coverage(self, first, n, ua, grid, offset, size):
         tmpls = COVERAGE_TEMPLATES
         ts = self._script_times(n, first, self.rng.uniform(30, 90), 0.1)
         return [self._row(t, self.rng.choice(tmpls).format(a=a, f=f, l=l), ua, "max_tokens,messages,model,temperature",
-                          max_tokens=4096, temperature=0.8) for t, (a, f, l) in zip(ts, self._slice(grid, i, size, n))]
+                          max_tokens=4096, temperature=0.8) for t, (a, f, l) in zip(ts, self._slice(grid, offset, size, n))]
 
-    def _reasoning(self, first, n, ua, grid, i, size):
+    def _reasoning(self, first, n, ua, grid, offset, size):
         ts = self._script_times(n, first, self.rng.uniform(30, 120), 0.2)
         return [self._row(t, self.rng.choice(self.pool) + "\n" + self.rng.choice(REASONING_SUFFIX), ua, "max_tokens,messages,model,temperature",
                           max_tokens=8192, temperature=0.6) for t in ts]
 
-    def _logprob(self, first, n, ua, grid, i, size):
+    def _logprob(self, first, n, ua, grid, offset, size):
         ts = self._script_times(n, first, self.rng.uniform(5, 40), 0.2)
         rows = []
         for t in ts:
@@ -289,7 +294,7 @@ class Simulator:
                                   echo=self.rng.random() < 0.5))
         return rows
 
-    def _probing(self, first, n, ua, grid, i, size):
+    def _probing(self, first, n, ua, grid, offset, size):
         n = max(5, n // 3)
         ts = self._human_times(n)
         ts = [first + (t - ts[0]) for t in ts]
@@ -303,10 +308,10 @@ class Simulator:
             s = s.replace(w, self.rng.choice(alts))
         return s[0].upper() + s[1:]
 
-    def _adaptive(self, first, n, ua, grid, i, size):
+    def _adaptive(self, first, n, ua, grid, offset, size):
         ua = self.rng.choice(COMMON_UA)
         ts = sorted(first + self.np.exponential(self.rng.uniform(120, 900), size=n).cumsum())
-        topics = self._slice(grid, i, size, n)
+        topics = self._slice(grid, offset, size, n)
         rows = []
         for t, (a, f, l) in zip(ts, topics):
             text = self._paraphrase(a, f, l) if self.rng.random() < 0.5 else self._chat_prompt()
