@@ -167,3 +167,10 @@ def test_window_parsing():
     for bad in ("fortnight", "5s", "-1h"):
         with pytest.raises(StillhouseError, match="--window"):
             parse_window(bad)
+
+
+def test_every_feature_has_words_and_a_group():
+    from stillhouse.guard.scoring import FEATURES, GROUPS, MONOTONE, REASONS
+
+    assert set(REASONS) == set(FEATURES) == set(MONOTONE)
+    assert set(FEATURES) == {f for cols in GROUPS.values() if cols for f in cols}

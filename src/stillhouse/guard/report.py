@@ -31,11 +31,11 @@ def print_tables(a: Analysis, limit: int = 20, console=None) -> None:
     if a.clusters:
         console.print(t)
     t = Table(title="Accounts", show_lines=False)
-    for c in ("#", "account", "score", "flag", "window", "requests", "cluster", "reasons"):
+    for c in ("#", "account", "score", "flag", "window", "requests", "cluster", "strongest evidence", "reasons"):
         t.add_column(c, overflow="fold")
     for i, r in enumerate(a.accounts[:limit], 1):
         t.add_row(str(i), r["account"], f"{r['score']:.3f}", "FLAG" if r["flagged"] else "", _when(r["window_start"]),
-                  f"{r['requests']:,}", str(r["cluster"]), "; ".join(r["reasons"]))
+                  f"{r['requests']:,}", str(r["cluster"]), r["evidence"], "; ".join(r["reasons"]))
     console.print(t)
 
 
@@ -52,7 +52,8 @@ def to_html(a: Analysis, limit: int = 500) -> str:
 
     acols = [("account", lambda r: r["account"]), ("org", lambda r: r["org"]), ("score", lambda r: f"{r['score']:.3f}"),
              ("flag", lambda r: "FLAG" if r["flagged"] else ""), ("window", lambda r: _when(r["window_start"])),
-             ("requests", lambda r: f"{r['requests']:,}"), ("cluster", lambda r: r["cluster"]), ("reasons", lambda r: "; ".join(r["reasons"]))]
+             ("requests", lambda r: f"{r['requests']:,}"), ("cluster", lambda r: r["cluster"]),
+             ("strongest evidence", lambda r: r["evidence"]), ("reasons", lambda r: "; ".join(r["reasons"]))]
     ccols = [("cluster", lambda c: c["cluster"]), ("accounts", lambda c: f"{c['accounts']:,}"), ("score", lambda c: f"{c['score']:.3f}"),
              ("flag", lambda c: "FLAG" if c["flagged"] else ""), ("flagged accounts", lambda c: c["flagged_accounts"]),
              ("reasons", lambda c: "; ".join(c["reasons"])), ("members (first 20)", lambda c: ", ".join(c["members"]))]
