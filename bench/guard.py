@@ -323,7 +323,7 @@ def scale(work: Path, sizes: list[int]) -> None:
         synth_log(n, log)
         gen = time.perf_counter() - t
         cmd = [sys.executable, "-m", "stillhouse.cli", "guard-analyze", str(log), "--json", str(work / f"scale-{n}.json"), "--quiet"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env)
         _, status, usage = os.wait4(proc.pid, 0)

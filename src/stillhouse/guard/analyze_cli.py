@@ -20,6 +20,11 @@ def analyze(
     quiet: bool = typer.Option(False, help="No terminal tables (for scripts)."),
 ):
     """Rank accounts and clusters of accounts by signs of an extraction campaign, with reasons. Flags only; never bans."""
+    import os
+
+    # before OpenMP loads: sklearn's boosting contends badly for threads on a shared machine
+    # (minutes instead of seconds to fit the detector); DuckDB keeps its own threads
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from ..fsutil import write_text_atomic
     from .analyze import analyze as run
     from .report import print_tables, to_html, to_json
