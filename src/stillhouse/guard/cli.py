@@ -8,7 +8,10 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="Provider guard: a gateway that enforces keys and quotas, logs requests and withholds reasoning.", no_args_is_help=True)
+from .analyze_cli import analyze
+
+app = typer.Typer(help="Provider guard: a gateway that enforces keys and quotas, logs requests and withholds reasoning; analysis of its log for extraction campaigns.", no_args_is_help=True)
+app.command("analyze")(analyze)
 keys_app = typer.Typer(help="The gateway's API keys (stored hashed; a key is shown once).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

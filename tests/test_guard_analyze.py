@@ -1,0 +1,176 @@
+"""`stillhouse guard analyze`: the detector on small synthetic logs with known answers, and bad logs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stillhouse.errors import StillhouseError
+from stillhouse.guard import clusters, log_schema as L, simulate as S
+from stillhouse.guard.analyze import analyze, feature_table
+from stillhouse.guard.features import parse_window
+from stillhouse.guard.logsource import open_log
+
+from support import subprocess_env
+
+
+@pytest.fixture(scope="module")
+def traffic(tmp_path_factory):
+    """~250 benign accounts of every persona, a 40-account coverage campaign, a 10-account
+    reasoning campaign and a 10-account logprob campaign, as Parquet and as SQLite."""
+    root = tmp_path_factory.mktemp("guardlog")
+    sim = S.Simulator(5)
+    sim.chat(220); sim.app(2); sim.eval(2); sim.researcher(3); sim.power(5)
+    sim.campaign("coverage", 40, per_account=(20, 60))
+    sim.campaign("reasoning", 10, per_account=(20, 60))
+    sim.campaign("logprob", 10, per_account=(20, 60))
+    table = sim.table()
+    S.write_parquet_days(table, root / "pq")
+    S.write_sqlite(table, root / "log.db")
+    return root, sim.truth().to_pylist()
+
+
+def test_batch_signatures_are_the_gateway_signatures():
+    texts = S.public_prompts()[:40] + ["", "one", "two words", "Which model are you?"]
+    assert S.signatures(texts) == [L.prompt_signature(t) for t in texts]
+
+
+def test_banding_finds_the_candidates_datasketch_lsh_finds():
+    from datasketch import MinHash, MinHashLSH
+
+    base = "Explain {} of {} to a beginner, with a detailed worked answer."
+    texts = [base.format(a, f) for a in S.ASPECTS[:6] for f in S.FIELDS[:6]] + S.public_prompts()[:40]
+    sigs = np.stack([L.signature_array(s) for s in S.signatures(texts)])
+    keys = clusters.band_keys(sigs)
+    ours = {(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts)) if (keys[i] == keys[j]).any()}
+    lsh = MinHashLSH(num_perm=L.SIGNATURE_PERM, params=(clusters.BANDS, clusters.ROWS))
+    mh = [MinHash(num_perm=L.SIGNATURE_PERM, hashvalues=s.astype(np.uint64), scheme="affine32") for s in sigs]
+    for i, m in enumerate(mh):
+        lsh.insert(i, m)
+    theirs = {(min(i, j), max(i, j)) for i, m in enumerate(mh) for j in lsh.query(m) if i != j}
+    assert ours == theirs and len(ours) > 50  # the templated prompts do collide
+
+
+def test_shared_template_accounts_form_exactly_one_cluster(tmp_path):
+    """Five accounts filling one skeleton (two prompts each at least) are one actor; five chat users are not."""
+    sim = S.Simulator(3)
+    pool = S.public_prompts()
+    rows, names = [], []
+    for k in range(5):
+        acct = f"acct-t{k}"
+        names.append(acct)
+        for i in range(12):
+            a, f = S.ASPECTS[(k * 12 + i) % 16], S.FIELDS[(k * 12 + i) // 16]
+            rows.append(dict(ts=S.T0 + 60 * (k * 12 + i), text=f"You are a patient expert tutor. Explain {a} of {f} to a beginner, with a detailed worked answer and a short summary at the end.",
+                             user_agent="x/1", param_shape="messages,model", route="chat", account=acct))
+    for k in range(5):
+        for i in range(12):
+            rows.append(dict(ts=S.T0 + 7 * (k * 12 + i), text=pool[(k * 12 + i) * 7], user_agent="y/1",
+                             param_shape="messages,model", route="chat", account=f"acct-c{k}"))
+    sim.actors.append(S.Actor("coverage", "c", names, True, rows))
+    S.write_parquet_days(sim.table(), tmp_path / "pq")
+    feats = feature_table(open_log(tmp_path / "pq"), None).to_pylist()
+    cl = {r["account"]: r["cluster"] for r in feats}
+    assert len({cl[n] for n in names}) == 1
+    assert all(cl[f"acct-c{k}"] != cl[names[0]] for k in range(5))
+    by = {r["account"]: r for r in feats}
+    assert by[names[0]]["cluster_size"] == pytest.approx(np.log1p(4))
+    assert by[names[0]]["cluster_novelty"] == 1.0  # every prompt new: coverage, not repetition
+    assert by["acct-c0"]["cluster_size"] == 0.0
+
+
+def test_detector_finds_the_campaigns_and_spares_benign_users(traffic):
+    root, truth = traffic
+    res = analyze(root / "pq", window="1d")
+    flagged = {a["account"] for a in res.accounts if a["flagged"]}
+    kind = {r["account"]: r["kind"] for r in truth}
+    attackers = [r["account"] for r in truth if r["attack"]]
+    benign = [r["account"] for r in truth if not r["attack"]]
+    assert sum(a in flagged for a in attackers) >= 0.9 * len(attackers)
+    assert sum(b in flagged for b in benign) <= 0.02 * len(benign)
+    # the coverage campaign is one cluster, ranked as such, with its reasons in words
+    cov = [c for c in res.clusters if sum(kind[m] == "coverage" for m in c["members"]) >= len(c["members"]) // 2 and c["accounts"] >= 30]
+    assert cov and cov[0]["flagged"]
+    assert any("share prompt skeletons" in r for r in cov[0]["reasons"])
+    top = res.accounts[0]
+    assert top["flagged"] and top["reasons"] and kind[top["account"]] in S.FAMILIES
+    reasons = {a["account"]: " ".join(a["reasons"]) for a in res.accounts}
+    assert any("hidden reasoning" in reasons[a] for a in attackers if kind[a] == "reasoning")
+    assert any("log-probs" in reasons[a] for a in attackers if kind[a] == "logprob")
+
+
+def test_sqlite_and_parquet_logs_give_the_same_analysis(traffic):
+    root, _ = traffic
+    a = analyze(root / "pq", window="all")
+    b = analyze(root / "log.db", window="all")
+    assert [(x["account"], x["score"]) for x in a.accounts] == [(x["account"], x["score"]) for x in b.accounts]
+
+
+def test_cli_writes_json_and_html(traffic, tmp_path):
+    root, _ = traffic
+    proc = subprocess.run([sys.executable, "-m", "stillhouse.cli", "guard", "analyze", str(root / "log.db"), "--out", str(tmp_path / "r"), "--limit", "5"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Accounts" in proc.stdout and "FLAG" in proc.stdout
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["summary"]["flagged_accounts"] > 0 and data["accounts"][0]["reasons"]
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and data["accounts"][0]["account"] in page
+
+
+def _bad(tmp_path: Path) -> dict[str, Path]:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"definitely not a database" * 100)
+    wrong = tmp_path / "wrong.db"
+    con = sqlite3.connect(wrong)
+    con.execute("CREATE TABLE requests (id INTEGER PRIMARY KEY, ts REAL, account TEXT)")
+    con.commit(); con.close()
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"SQLite format 3\x00" + b"\x13" * 5000)
+    trunc = tmp_path / "trunc"
+    (trunc / "day=2026-11-02").mkdir(parents=True)
+    (trunc / "day=2026-11-02" / "part-0.parquet").write_bytes(b"PAR1" + b"\x00" * 300)
+    empty = tmp_path / "emptydir"
+    empty.mkdir()
+    return {"junk": junk, "wrong": wrong, "corrupt": corrupt, "trunc": trunc, "empty": empty, "missing": tmp_path / "nope.db"}
+
+
+def test_bad_logs_are_one_line_errors(tmp_path):
+    for name, path in _bad(tmp_path).items():
+        with pytest.raises(StillhouseError) as e:
+            open_log(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value), name
+        if name == "wrong":
+            assert "missing column(s) org, key_id" in str(e.value)
+
+
+@pytest.mark.parametrize("which", ["junk", "wrong", "trunc"])
+def test_cli_bad_log_exits_2_and_writes_nothing(tmp_path, which):
+    path = _bad(tmp_path)[which]
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "stillhouse.cli", "guard", "analyze", str(path), "--out", str(out)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("stillhouse: error:") and str(path) in lines[0], proc.stderr
+    assert not out.exists()
+
+
+def test_window_parsing():
+    assert parse_window("1d") == 86400 and parse_window("30m") == 1800 and parse_window("all") is None
+    for bad in ("fortnight", "5s", "-1h"):
+        with pytest.raises(StillhouseError, match="--window"):
+            parse_window(bad)
+
+
+def test_every_feature_has_words_and_a_group():
+    from stillhouse.guard.scoring import FEATURES, GROUPS, MONOTONE, REASONS
+
+    assert set(REASONS) == set(FEATURES) == set(MONOTONE)
+    assert set(FEATURES) == {f for cols in GROUPS.values() if cols for f in cols}

@@ -1,0 +1,26 @@
+"""The MMD baseline: the statistic separates distributions, and the packaged encoder loads offline."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stillhouse.guard import mmd
+
+
+def test_mmd_is_near_zero_for_one_distribution_and_large_for_two():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(200, 8))
+    same = rng.normal(size=(16, 8))
+    shifted = rng.normal(loc=1.5, size=(16, 8))
+    sigma = mmd.bandwidth(ref)
+    assert abs(mmd.mmd2(same, ref, sigma)) < 0.05
+    assert mmd.mmd2(shifted, ref, sigma) > 0.2
+    assert mmd.mmd2(same[:1], ref, sigma) == 0.0  # one query is no sample
+
+
+def test_packaged_encoder_embeds_offline():
+    enc = mmd.load_encoder()
+    v = mmd.embed(enc, ["How do I bake sourdough bread?", "What is a good recipe for sourdough?", "Prove that sqrt(2) is irrational."])
+    a, b, c = v.values()
+    assert a.shape == (384,) and abs(np.linalg.norm(a) - 1) < 1e-4
+    assert a @ b > a @ c + 0.2
