@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .errors import StillhouseError
 from .recipe import Recipe
+from .stages import MODEL
 
 
 def _model_spec(recipe: Recipe, ref: str) -> str | None:
@@ -61,8 +62,8 @@ def check_prompt_file(path: Path, where: str) -> None:
 
 def check_inputs(recipe: Recipe) -> None:
     for name, stage in recipe.stages.items():
-        for fld, ref, expected in recipe.refs(name):
-            if expected == "model" and (spec := _model_spec(recipe, ref)) is not None:
-                check_model_path(spec, f"stages.{name}.{fld}")
+        for r in recipe.refs(name):
+            if r.ref.expects == MODEL and (spec := _model_spec(recipe, r.target)) is not None:
+                check_model_path(spec, f"stages.{name}.{r.field}")
         for path in getattr(stage, "external_files", lambda: [])():
             check_prompt_file(Path(path), f"stages.{name}")
