@@ -60,6 +60,10 @@ class OpenAITeacherConfig(_Strict):
     cache_dir: str | None = None  # default: $STILLHOUSE_CACHE/responses
     token_ids: bool = False  # ask for token ids (vLLM and `stillhouse serve` support it)
     tokenizer: str | None = None  # model spec of the served model's tokenizer, if known
+    # "extended": send top_k, min_p and repetition_penalty too (vLLM, llama.cpp, SGLang), so the
+    # server's own sampler defaults never apply; "standard": only OpenAI-spec fields (hosted APIs
+    # that reject others), and settings beyond them are refused
+    sampler_params: Literal["extended", "standard"] = "extended"
 
     @field_validator("base_url")
     @classmethod
@@ -78,7 +82,8 @@ class OpenAITeacherConfig(_Strict):
 
     def key_fields(self) -> dict:
         """What identifies this teacher's answers (artifact ids): not the URL, key or rate limits."""
-        return {"backend": self.backend, "model": self.model, "terms": self.terms, "token_ids": self.token_ids, "tokenizer": self.tokenizer}
+        return {"backend": self.backend, "model": self.model, "terms": self.terms, "token_ids": self.token_ids, "tokenizer": self.tokenizer,
+                "sampler_params": self.sampler_params}
 
 
 class VLLMTeacherConfig(_Strict):

@@ -69,7 +69,7 @@ def make_teacher(spec_or_config, *, name: str | None = None, loader: Callable | 
             max_concurrency=cfg.max_concurrency, requests_per_minute=cfg.requests_per_minute,
             tokens_per_minute=cfg.tokens_per_minute, price=cfg.price.model_dump(), cache=cfg.cache,
             cache_path=cfg.cache_dir, timeout=cfg.timeout, max_retries=cfg.max_retries,
-            token_ids=cfg.token_ids, tokenizer=tokenizer,
+            token_ids=cfg.token_ids, tokenizer=tokenizer, sampler_params=cfg.sampler_params,
         )
     if isinstance(cfg, VLLMTeacherConfig):
         from .vllm import VLLMTeacher

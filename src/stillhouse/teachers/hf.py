@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ..errors import StillhouseError
 from ..progress import progress
 from .base import Completion, Messages, SamplingParams
 from .decode import decode, prefill
@@ -84,6 +85,10 @@ class HFTeacher:
         (at temperature 1) for every generated token and the stop token: the offline teacher
         signal for KD, obtained from the decoding pass at no extra forward cost.
         """
+        refused = params.unsupported(set())  # decode.py samples from temperature and top_p only
+        if refused:
+            raise StillhouseError(f"teacher '{self.name}' (hf backend) does not apply {', '.join(refused)}: "
+                                  "leave them off, or use the llamacpp, vllm or openai backend")
         tok = self.tokenizer
         encoded = [encode_prompt(tok, t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))

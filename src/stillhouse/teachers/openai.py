@@ -7,6 +7,12 @@ an adaptive concurrency limit and optional requests/tokens-per-minute buckets; 4
 timeouts and dropped connections are retried with jittered exponential backoff, honouring
 Retry-After. Every answer is cached on disk, so rerunning the same requests sends none.
 
+Sampling is sent in full: besides temperature and top_p, top_k, min_p and the penalties go in
+every request (as "off" unless set), so a server's own sampler defaults (llama.cpp: top_k 40,
+min_p 0.05, repeat_penalty 1.1) never apply unrecorded. `sampler_params="standard"` sends only
+the OpenAI-spec fields, for hosted APIs that reject the others, and refuses settings it cannot
+send. A server that ignores `n` (llama.cpp's) gets n separate requests with seeds seed+0..n-1.
+
 The API key is read from the environment variable the recipe names. It is held only in the
 request header: never in a cache key, a manifest, a log line or an error message.
 """
@@ -96,6 +102,7 @@ class OpenAITeacher:
         token_ids: bool = False,
         tokenizer=None,
         jitter_seed: int | None = None,
+        sampler_params: str = "extended",
     ):
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -115,6 +122,10 @@ class OpenAITeacher:
         self.token_ids = token_ids  # ask for ids (vLLM's `return_tokens_as_token_ids`; `stillhouse serve` too)
         self.tokenizer = tokenizer  # optional: the served model's tokenizer (stop tokens, re-encoding)
         self._rng = random.Random(jitter_seed)
+        if sampler_params not in SAMPLER_PARAMS:
+            raise StillhouseError(f"teacher '{self.name}': sampler_params must be one of {', '.join(SAMPLER_PARAMS)}")
+        self.sampler_params = sampler_params
+        self.server_ignores_n = False  # learnt from the first answer with fewer choices than asked
         self.usage = Usage()
         self.stats = {"generated_tokens": 0, "seconds": 0.0}  # same keys as HFTeacher.stats
 
@@ -156,6 +167,7 @@ class OpenAITeacher:
             "cached_completion_tokens": u.cached_completion_tokens,
             "cost_usd": round(u.cost_usd, 6),
             "waited_s": round(u.waited_s, 2),
+            "server_ignores_n": self.server_ignores_n,
         }
 
     # -- running requests -----------------------------------------------------------------
@@ -210,7 +222,18 @@ class OpenAITeacher:
             "top_p": params.top_p,
             "n": params.n,
             "seed": params.seed,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
         }
+        if self.sampler_params == "extended":
+            # the extensions vLLM, llama.cpp and SGLang read; llama.cpp spells the penalty repeat_penalty
+            body.update(top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+                        repeat_penalty=params.repetition_penalty)
+        else:
+            refused = params.unsupported({"presence_penalty", "frequency_penalty"})
+            if refused:
+                raise StillhouseError(f"teacher '{self.name}': sampler_params is 'standard', so {', '.join(refused)} "
+                                      "cannot be sent; use sampler_params: extended or leave them off")
         want_logprobs = top_k > 0 or self.token_ids
         if endpoint == "chat/completions":
             body["messages"] = prompt
@@ -236,19 +259,38 @@ class OpenAITeacher:
             self.usage.cached_prompt_tokens += u.get("prompt_tokens", 0)
             self.usage.cached_completion_tokens += u.get("completion_tokens", 0)
         else:
-            data = await self._post(client, endpoint, body, _estimate_tokens(prompt, params))
-            if len(data.get("choices") or []) != params.n:
-                raise StillhouseError(f"teacher '{self.name}': {self.base_url} returned {len(data.get('choices') or [])} choices, asked for n={params.n}")
-            u = data.get("usage") or {}
-            self.usage.responses += 1
-            self.usage.prompt_tokens += u.get("prompt_tokens", 0)
-            self.usage.completion_tokens += u.get("completion_tokens", 0)
-            self.usage.cost_usd += self.price.cost(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+            answers = await self._answers(client, endpoint, body, prompt, params)
+            for a in answers:
+                u = a.get("usage") or {}
+                self.usage.responses += 1
+                self.usage.prompt_tokens += u.get("prompt_tokens", 0)
+                self.usage.completion_tokens += u.get("completion_tokens", 0)
+                self.usage.cost_usd += self.price.cost(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
+            data = _merge_answers(answers)
+            u = data["usage"]
             if self.cache is not None:
-                self.cache.put(key, {"choices": data["choices"], "usage": u})
+                self.cache.put(key, data)
         comps = [self._completion(c, data) for c in sorted(data["choices"], key=lambda c: c.get("index", 0))]
         self.stats["generated_tokens"] += sum(len(c.token_ids) for c in comps)
         return comps
+
+    async def _answers(self, client, endpoint: str, body: dict, prompt, params: SamplingParams) -> list[dict]:
+        """The server's answers holding `params.n` choices: one request, or n when the server ignores `n`."""
+        est = _estimate_tokens(prompt, params)
+        if params.n > 1 and self.server_ignores_n:
+            return await self._separately(client, endpoint, body, params, range(params.n), est)
+        data = await self._post(client, endpoint, body, est)
+        got = len(data.get("choices") or [])
+        if got == 1 and params.n > 1:  # the server ignored n: ask for the others one by one
+            self.server_ignores_n = True
+            return [data] + await self._separately(client, endpoint, body, params, range(1, params.n), est)
+        if got != params.n:
+            raise StillhouseError(f"teacher '{self.name}': {self.base_url} returned {got} choices, asked for n={params.n}")
+        return [data]
+
+    async def _separately(self, client, endpoint, body, params, samples, est) -> list[dict]:
+        one = lambda i: {**body, "n": 1, "seed": params.seed + i}  # noqa: E731  distinct seeds: distinct samples
+        return list(await asyncio.gather(*(self._post(client, endpoint, one(i), est // params.n + 1) for i in samples)))
 
     async def _post(self, client: httpx.AsyncClient, endpoint: str, body: dict, est_tokens: int) -> dict:
         connect_failures = 0
@@ -318,7 +360,8 @@ class OpenAITeacher:
             text = (choice.get("message") or {}).get("content") or ""
         finish = choice.get("finish_reason") or "stop"
         entries = _logprob_entries(choice.get("logprobs"))
-        prompt_tokens = (data.get("usage") or {}).get("prompt_tokens", 0)
+        # n separate requests each billed the prompt once
+        prompt_tokens = (data.get("usage") or {}).get("prompt_tokens", 0) // data.get("requests", 1)
         c = Completion(text=text, token_ids=[], finish_reason=finish, prompt_tokens=prompt_tokens)
         ids = [_token_id(tok) for tok, _, _ in entries] if entries else []
         if entries and all(i is not None for i in ids):
@@ -344,6 +387,23 @@ class OpenAITeacher:
             c.extra["token_ids_source"] = "re-encoded"
         return c
 
+
+
+SAMPLER_PARAMS = ("extended", "standard")
+
+
+def _merge_answers(answers: list[dict]) -> dict:
+    """One answer with every choice (re-indexed in request order) and the summed usage."""
+    if len(answers) == 1:
+        return {"choices": answers[0]["choices"], "usage": answers[0].get("usage") or {}}
+    choices, usage = [], {}
+    for a in answers:
+        for c in sorted(a["choices"], key=lambda c: c.get("index", 0)):
+            choices.append({**c, "index": len(choices)})
+        for k, v in (a.get("usage") or {}).items():
+            if isinstance(v, (int, float)):
+                usage[k] = usage.get(k, 0) + v
+    return {"choices": choices, "usage": usage, "requests": len(answers)}
 
 
 def _read_key(env: str | None, name: str) -> str | None:
