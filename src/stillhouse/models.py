@@ -256,6 +256,29 @@ def resolve(spec: str) -> tuple[Path | str, ModelIdentity]:
     raise StillhouseError(f"unknown model '{spec}': not a built-in ({known}), a directory, a .gguf file or a hub id")
 
 
+def gguf_source(spec: str) -> tuple[Path, ModelIdentity]:
+    """The GGUF file of a built-in or `.gguf` spec and its identity, without converting it (what
+    the llamacpp backend runs; the identity equals the one `resolve` gives the converted model)."""
+    if spec in BUILTINS:
+        b = BUILTINS[spec]
+        gguf = b.locate()
+        return gguf, ModelIdentity(spec, _hash_cached(gguf), b.license, "builtin")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise StillhouseError(f"model file not found: {spec}")
+        return path, ModelIdentity(str(path.resolve()), _hash_cached(path), "unknown", "gguf")
+    raise StillhouseError(f"'{spec}' is not a GGUF model: the llamacpp backend runs a .gguf file or a built-in "
+                          f"({', '.join(BUILTINS)})")
+
+
+def identify(spec: str) -> ModelIdentity:
+    """A spec's identity; GGUF-based specs are hashed, not converted."""
+    if spec in BUILTINS or Path(spec).expanduser().suffix == ".gguf":
+        return gguf_source(spec)[1]
+    return resolve(spec)[1]
+
+
 def load(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
          quantize: str | None = None) -> LoadedModel:
     """Load a model and tokenizer from any spec stillhouse understands.

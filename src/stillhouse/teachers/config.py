@@ -13,6 +13,7 @@
         price: {input_per_mtok: 0.15, output_per_mtok: 0.60}
       local: {backend: hf, model: smollm2-135m-instruct}
       big: {backend: vllm, model: Qwen/Qwen2.5-7B-Instruct, tensor_parallel_size: 2}
+      gguf: {backend: llamacpp, model: gemma3-270m, n_threads: 2}   # quantised, in process
 
 Pure pydantic, no torch: recipe validation imports it.
 """
@@ -24,7 +25,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-BACKENDS = ("hf", "openai", "vllm")
+BACKENDS = ("hf", "openai", "vllm", "llamacpp")
 
 
 class _Strict(BaseModel):
@@ -95,7 +96,19 @@ class VLLMTeacherConfig(_Strict):
     dtype: str = "auto"
 
 
-TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig], Field(discriminator="backend")]
+class LlamaCppTeacherConfig(_Strict):
+    """A GGUF teacher run by llama.cpp as it is (quantised, memory-mapped): optional extra `llamacpp`."""
+
+    backend: Literal["llamacpp"]
+    model: str  # a .gguf file or a built-in GGUF model (smollm2-135m-instruct, gemma3-270m)
+    n_ctx: int = Field(4096, gt=0)  # context (prompt + answer) in tokens; the KV cache is sized for it
+    n_threads: int | None = Field(None, gt=0)  # default: OMP_NUM_THREADS, else every core
+    n_batch: int = Field(512, gt=0)  # prompt tokens evaluated per llama.cpp decode call
+    flash_attn: bool = False  # llama.cpp's fused attention (on CPU it rarely pays at short contexts)
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig, LlamaCppTeacherConfig],
+                          Field(discriminator="backend")]
 
 
 def key_fields(cfg) -> dict:
