@@ -156,11 +156,12 @@ def lineage(
     from_spec: Optional[str] = typer.Option(None, "--from", help="Is this model distilled from SPEC? yes/no with paths and share (exit 1 if no)."),
     terms: bool = typer.Option(False, "--terms", help="Obligations inherited through every path, with teacher and clause."),
     card: Optional[Path] = typer.Option(None, "--card", help="Write a refreshed model card (with evaluations found in the workspace)."),
+    bom: Optional[str] = typer.Option(None, "--bom", help="An AI bill of materials on stdout: cyclonedx (CycloneDX 1.6 ML-BOM, schema-validated)."),
 ):
     """Where an artifact came from: stages, teachers with their share of the training signal, terms."""
     from .lineage.cli import run_lineage
 
-    code = run_lineage(artifact, workspace, as_json=as_json, prov=prov, graph=graph, from_spec=from_spec, terms=terms, card=card)
+    code = run_lineage(artifact, workspace, as_json=as_json, prov=prov, graph=graph, from_spec=from_spec, terms=terms, card=card, bom=bom)
     if code:
         raise SystemExit(code)  # click would swallow typer.Exit's code outside standalone mode
 SuiteOpt = typer.Option(..., "--suite", "-s", help="rg:TASK[,key=value..], humaneval[,size=N] or jsonl:PATH[,verifier=NAME]; repeatable.")
