@@ -189,11 +189,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path, license: str = "unknown") -> Pa
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
     src_dir, name = str(gguf_path.parent), gguf_path.name
     _quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-        gmodel = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+        # transformers' per-tensor tqdm bar ignores its progress-bar switch, and in a log (not a
+        # terminal) it prints one line per tensor; the caller shows one status line instead
+        with mock.patch.object(gguf_utils, "tqdm", lambda it, **_: it):
+            tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+            gmodel = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for unreadable files
         raise StillhouseError(f"cannot read GGUF {gguf_path}: {type(e).__name__}: {e}") from None
     cfg_dict = gmodel.config.to_dict()

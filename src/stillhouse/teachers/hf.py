@@ -98,7 +98,7 @@ class HFTeacher:
         # Each batch holds batch_size rows, i.e. batch_size // n distinct prompts.
         per_batch = max(1, self.batch_size // max(1, params.n))
         batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
-        start = time.perf_counter()
+        start, tokens_before = time.perf_counter(), self.stats["generated_tokens"]
         with progress(description, total=len(texts)) as advance:
             for b, idx in enumerate(batches):
                 batch = [encoded[i] for i in idx]
@@ -136,8 +136,9 @@ class HFTeacher:
                             c.topk_ids, c.topk_logprobs = row.topk_ids, row.topk_logprobs
                         comps.append(c)
                     out[i] = comps
+                # this pass only: stats are cumulative over a teacher's life (every shard of a stage)
                 elapsed = time.perf_counter() - start
-                advance(len(idx), info=f"{self.stats['generated_tokens'] / max(elapsed, 1e-9):.0f} tok/s")
+                advance(len(idx), info=f"{(self.stats['generated_tokens'] - tokens_before) / max(elapsed, 1e-9):.0f} tok/s")
         self.stats["seconds"] += time.perf_counter() - start
         return out  # type: ignore[return-value]
 

@@ -128,7 +128,7 @@ class LlamaCppTeacher:
                       top_k_logprobs: int = 0) -> list[list[Completion]]:
         from .hf import encode_prompt
 
-        start = time.perf_counter()
+        start, tokens_before = time.perf_counter(), self.stats["generated_tokens"]
         out = []
         with progress(description, total=len(texts)) as advance:
             for text in texts:
@@ -138,7 +138,8 @@ class LlamaCppTeacher:
                                           f"{params.max_new_tokens} exceeds the llama.cpp context n_ctx={self.n_ctx}")
                 # sample i is seeded seed+i, as the openai backend seeds separate requests
                 out.append([self._one(ids, params, params.seed + i, top_k_logprobs) for i in range(params.n)])
-                advance(1)
+                rate = (self.stats["generated_tokens"] - tokens_before) / max(time.perf_counter() - start, 1e-9)
+                advance(1, info=f"{rate:.0f} tok/s")
         self.stats["seconds"] += time.perf_counter() - start
         return out
 
