@@ -57,7 +57,7 @@ def run(
 def quickstart(
     workspace: Path = WorkspaceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage."),
-    preset: str = typer.Option("quickstart", help="Built-in recipe: quickstart (about 15 min on 2 CPU cores) or quickstart_long."),
+    preset: str = typer.Option("quickstart", help="Built-in recipe: quickstart (about 15 min on 2 CPU cores) or two_stage (docs/lineage.md)."),
 ):
     """Run the built-in quickstart: SmolLM2-135M -> verified traces -> pruned student -> KD -> eval -> report."""
     from .recipe import builtin_recipe
