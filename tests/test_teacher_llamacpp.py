@@ -178,6 +178,7 @@ def test_recipe_stage_resumes_its_shards_and_records_provenance(tmp_path, monkey
     calls.clear()
     art = run_recipe(recipe, tmp_path / "ws")["answers"]
     assert calls == [2]  # only the unfinished shard ran again
+    monkeypatch.setattr(LlamaCppTeacher, "generate_text", real)
     clean = run_recipe(recipe, tmp_path / "fresh")["answers"]
     rows, ref = read_rows(art.path / "data.parquet"), read_rows(clean.path / "data.parquet")
     assert [r["completion_ids"] for r in rows] == [r["completion_ids"] for r in ref] and len(rows) == 12

@@ -136,6 +136,10 @@ class LlamaCppTeacher:
                 if len(ids) + params.max_new_tokens > self.n_ctx:
                     raise StillhouseError(f"teacher '{self.name}': prompt of {len(ids)} tokens + max_new_tokens "
                                           f"{params.max_new_tokens} exceeds the llama.cpp context n_ctx={self.n_ctx}")
+                # a fresh context per prompt: a prompt's answers never depend on the one before it
+                # (a reused KV prefix is evaluated in other chunk sizes, so its logits differ in the
+                # last bits, enough to change a sample); the n samples then share its prefix
+                self.llm.reset()
                 # sample i is seeded seed+i, as the openai backend seeds separate requests
                 out.append([self._one(ids, params, params.seed + i, top_k_logprobs) for i in range(params.n)])
                 rate = (self.stats["generated_tokens"] - tokens_before) / max(time.perf_counter() - start, 1e-9)
