@@ -49,7 +49,8 @@ def main() -> int:
     from stillhouse.lineage.cards import distillation_block
 
     store = ArtifactStore(ws)
-    lin = load_lineage(store, "student2")
+    sid = next(m.parent.name for m in (ws / "model").glob("*/manifest.json") if json.loads(m.read_text()).get("name") == "student2")
+    lin = load_lineage(store, sid)
     block = distillation_block(lin)
     print("| original teacher | terms | share of student2's training signal | path |\n|---|---|---:|---|")
     for t in block["teachers"]:
@@ -59,16 +60,16 @@ def main() -> int:
         buf = io.StringIO()
         with redirect_stdout(buf):
             try:
-                cli_main(["lineage", "student2", "-w", str(ws), *extra])
+                cli_main(["lineage", sid, "-w", str(ws), *extra])
             except SystemExit:
                 pass
-        print("$ stillhouse lineage student2 " + " ".join(extra) + "\n" + buf.getvalue())
+        print(f"$ stillhouse lineage {sid} " + " ".join(extra) + "\n" + buf.getvalue())
     card = card_for(store, lin.root)
     head = card.split("---")[1]
     print("card (YAML head):\n" + head)
     if args.picture:
         with redirect_stdout(io.StringIO()):
-            cli_main(["lineage", "student2", "-w", str(ws), "--graph", args.picture])
+            cli_main(["lineage", sid, "-w", str(ws), "--graph", args.picture])
         print(f"wrote {args.picture}")
     print(json.dumps({"wall_s": wall, "shares": {t["spec"]: t["share"] for t in block["teachers"]}}))
     return 0
