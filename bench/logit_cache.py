@@ -103,8 +103,8 @@ def reference_zstd_bytes(values: torch.Tensor, ids: torch.Tensor, exact: int, de
         basis = torch.stack([x**i for i in range(degree + 1)], -1)
         coef = torch.linalg.lstsq(basis.expand(values.size(0), -1, -1), values[:, exact:].double().unsqueeze(-1)).solution
         streams.append(coef.squeeze(-1).float().numpy())
-    total = sum(len(pa.compress(np.ascontiguousarray(s).tobytes(), codec="zstd", compression_level=19, asbytes=True))
-                for s in streams)
+    codec = pa.Codec("zstd", compression_level=19)
+    total = sum(len(codec.compress(np.ascontiguousarray(s).tobytes(), asbytes=True)) for s in streams)
     return total / values.size(0)
 
 
