@@ -1,6 +1,6 @@
 """Measure the quickstart end to end: wall time, peak RSS, and the student against its teacher.
 
-    .venv/bin/python bench/quickstart.py [--preset quickstart|quickstart_long] [--workspace DIR]
+    .venv/bin/python bench/quickstart.py [--preset quickstart] [--workspace DIR]
 
 Runs `stillhouse quickstart --force` in a fresh workspace as a child process (so the model
 conversion cache is reused but no stage is), then prints the figures the README quotes:

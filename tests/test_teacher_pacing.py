@@ -214,7 +214,8 @@ def test_vllm_sampling_params_and_output_mapping():
     from stillhouse.teachers.vllm import sampling_kwargs, to_completion
 
     p = SamplingParams(max_new_tokens=12, temperature=0.7, top_p=0.9, n=3, seed=5)
-    assert sampling_kwargs(p) == {"n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 12, "seed": 5}
+    assert sampling_kwargs(p) == {"n": 3, "temperature": 0.7, "top_p": 0.9, "max_tokens": 12, "seed": 5, "top_k": 0, "min_p": 0.0,
+                                  "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
     assert sampling_kwargs(p, 4)["logprobs"] == 4
     lp = lambda v: SimpleNamespace(logprob=v)  # noqa: E731  vLLM's Logprob record
     out = SimpleNamespace(text="ab", token_ids=[5, 6, 2], finish_reason="stop",

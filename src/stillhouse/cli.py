@@ -57,7 +57,7 @@ def run(
 def quickstart(
     workspace: Path = WorkspaceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage."),
-    preset: str = typer.Option("quickstart", help="Built-in recipe: quickstart (about 15 min on 2 CPU cores) or quickstart_long."),
+    preset: str = typer.Option("quickstart", help="Built-in recipe: quickstart (about 15 min on 2 CPU cores) or two_stage (docs/lineage.md)."),
 ):
     """Run the built-in quickstart: SmolLM2-135M -> verified traces -> pruned student -> KD -> eval -> report."""
     from .recipe import builtin_recipe
@@ -158,11 +158,12 @@ def lineage(
     from_spec: Optional[str] = typer.Option(None, "--from", help="Is this model distilled from SPEC? yes/no with paths and share (exit 1 if no)."),
     terms: bool = typer.Option(False, "--terms", help="Obligations inherited through every path, with teacher and clause."),
     card: Optional[Path] = typer.Option(None, "--card", help="Write a refreshed model card (with evaluations found in the workspace)."),
+    bom: Optional[str] = typer.Option(None, "--bom", help="An AI bill of materials on stdout: cyclonedx (CycloneDX 1.6 ML-BOM, schema-validated)."),
 ):
     """Where an artifact came from: stages, teachers with their share of the training signal, terms."""
     from .lineage.cli import run_lineage
 
-    code = run_lineage(artifact, workspace, as_json=as_json, prov=prov, graph=graph, from_spec=from_spec, terms=terms, card=card)
+    code = run_lineage(artifact, workspace, as_json=as_json, prov=prov, graph=graph, from_spec=from_spec, terms=terms, card=card, bom=bom)
     if code:
         raise SystemExit(code)  # click would swallow typer.Exit's code outside standalone mode
 SuiteOpt = typer.Option(..., "--suite", "-s", help="rg:TASK[,key=value..], humaneval[,size=N] or jsonl:PATH[,verifier=NAME]; repeatable.")

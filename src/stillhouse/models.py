@@ -106,11 +106,18 @@ def convert_gguf(gguf_path: Path, out_dir: Path, license: str = "unknown") -> Pa
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from unittest import mock
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
     src_dir, name = str(gguf_path.parent), gguf_path.name
     _quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
-        gmodel = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
+        # transformers' per-tensor tqdm bar ignores its progress-bar switch, and in a log (not a
+        # terminal) it prints one line per tensor; the caller shows one status line instead
+        with mock.patch.object(gguf_utils, "tqdm", lambda it, **_: it):
+            tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
+            gmodel = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for unreadable files
         raise StillhouseError(f"cannot read GGUF {gguf_path}: {type(e).__name__}: {e}") from None
     cfg_dict = gmodel.config.to_dict()
@@ -171,6 +178,29 @@ def resolve(spec: str) -> tuple[Path | str, ModelIdentity]:
         return spec, ModelIdentity(spec, "hub:" + spec, "unknown", "hub")
     known = ", ".join(BUILTINS)
     raise StillhouseError(f"unknown model '{spec}': not a built-in ({known}), a directory, a .gguf file or a hub id")
+
+
+def gguf_source(spec: str) -> tuple[Path, ModelIdentity]:
+    """The GGUF file of a built-in or `.gguf` spec and its identity, without converting it (what
+    the llamacpp backend runs; the identity equals the one `resolve` gives the converted model)."""
+    if spec in BUILTINS:
+        b = BUILTINS[spec]
+        gguf = b.locate()
+        return gguf, ModelIdentity(spec, _hash_cached(gguf), b.license, "builtin")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise StillhouseError(f"model file not found: {spec}")
+        return path, ModelIdentity(str(path.resolve()), _hash_cached(path), "unknown", "gguf")
+    raise StillhouseError(f"'{spec}' is not a GGUF model: the llamacpp backend runs a .gguf file or a built-in "
+                          f"({', '.join(BUILTINS)})")
+
+
+def identify(spec: str) -> ModelIdentity:
+    """A spec's identity; GGUF-based specs are hashed, not converted."""
+    if spec in BUILTINS or Path(spec).expanduser().suffix == ".gguf":
+        return gguf_source(spec)[1]
+    return resolve(spec)[1]
 
 
 def load(spec: str, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,

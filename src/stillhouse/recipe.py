@@ -203,5 +203,6 @@ def load_recipe(path: str | Path) -> Recipe:
 def builtin_recipe(name: str) -> Path:
     path = Path(__file__).parent / "recipes" / f"{name}.yaml"
     if not path.is_file():
-        raise StillhouseError(f"no built-in recipe '{name}'")
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise StillhouseError(f"no built-in recipe '{name}' (built-in: {known})")
     return path

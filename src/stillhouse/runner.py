@@ -88,7 +88,7 @@ class Runner:
             if spec in self._loaded:
                 self._identities[spec] = self._loaded[spec].identity
             else:
-                self._identities[spec] = model_specs.resolve(spec)[1]
+                self._identities[spec] = model_specs.identify(spec)  # a GGUF is hashed, not converted
         return self._identities[spec]
 
     def load_model(self, ref: str) -> model_specs.LoadedModel:

@@ -135,12 +135,17 @@ def print_table(table: Table, title: str, out=None) -> None:
     from ..progress import console
 
     console = out or console
+    rows = [[c.replace("**", "") for c in row] for row in table.rows]
     t = RichTable(title=title)
+    mins = []
     for i, h in enumerate(table.headers):
-        t.add_column(h, justify="right" if table.numeric[i] else "left", overflow="fold")
-    for row in table.rows:
-        t.add_row(*[c.replace("**", "") for c in row])
-    console.print(t)
+        # a header may wrap between words, never inside one; a cell (a figure) never wraps
+        mins.append(max([len(w) for w in h.split()] + [len(r[i]) for r in rows]))
+        t.add_column(h, justify="right" if table.numeric[i] else "left", min_width=mins[i], overflow="fold")
+    for row in rows:
+        t.add_row(*row)
+    # narrower than that (80 columns, a CI log) the table runs wider than the console instead of folding letters
+    console.print(t, width=max(console.width, sum(mins) + 3 * len(mins) + 1), crop=False)
 
 
 # -- which artifacts a report covers ---------------------------------------------------------

@@ -17,11 +17,14 @@ from .terms import obligations
 out = Console(soft_wrap=True)  # stdout, so the output can be piped
 
 
-def run_lineage(ref: str, workspace: Path, *, as_json=False, prov=False, graph=None, from_spec=None, terms=False, card=None) -> int:
+def run_lineage(ref: str, workspace: Path, *, as_json=False, prov=False, graph=None, from_spec=None, terms=False, card=None,
+                bom=None) -> int:
     store = ArtifactStore(workspace)
     lin = load_lineage(store, ref)
     code = 0
-    if prov:
+    if bom is not None:
+        print_bom(lin, bom)
+    elif prov:
         from .prov import to_prov, validate_prov
 
         doc = to_prov(lin)
@@ -49,6 +52,24 @@ def run_lineage(ref: str, workspace: Path, *, as_json=False, prov=False, graph=N
         write_text_atomic(card, card_for(store, lin.root))
         out.print(f"wrote {card}")
     return code
+
+
+def print_bom(lin, fmt: str) -> None:
+    """The AI bill of materials on stdout, validated against the format's schema when the
+    validator is installed (extra `bom`); said on stderr when it is not."""
+    from ..errors import StillhouseError
+    from .bom import to_cyclonedx, validate_cyclonedx
+
+    if fmt != "cyclonedx":
+        raise StillhouseError(f"--bom: unknown format '{fmt}' (known: cyclonedx)")
+    doc = to_cyclonedx(lin)
+    try:
+        validate_cyclonedx(doc)
+    except StillhouseError as e:
+        if "needs cyclonedx-python-lib" not in str(e):
+            raise
+        Console(stderr=True).print(f"note: BOM not validated ({e})", highlight=False)
+    print(json.dumps(doc, indent=2))
 
 
 def answer_from(lin, spec: str) -> int:

@@ -15,9 +15,23 @@ class SamplingParams:
     top_p: float = 1.0
     n: int = 1
     seed: int = 0
+    # Sampler settings servers such as llama.cpp and vLLM apply with their own defaults unless
+    # told otherwise (llama.cpp: top_k 40, min_p 0.05, repeat_penalty 1.1). The values here are
+    # "off"; every backend either applies them as given or refuses (see `unsupported`).
+    top_k: int = 0  # 0: the whole vocabulary
+    min_p: float = 0.0  # 0: no floor relative to the most likely token
+    repetition_penalty: float = 1.0  # 1: none (llama.cpp's repeat_penalty, vLLM's repetition_penalty)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def unsupported(self, supported: set[str]) -> list[str]:
+        """The sampler settings (beyond temperature and top_p) set away from "off" that a backend
+        applying only `supported` would silently ignore."""
+        off = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+        return [k for k, v in off.items() if k not in supported and getattr(self, k) != v]
 
 
 @dataclass

@@ -13,6 +13,7 @@
         price: {input_per_mtok: 0.15, output_per_mtok: 0.60}
       local: {backend: hf, model: smollm2-135m-instruct}
       big: {backend: vllm, model: Qwen/Qwen2.5-7B-Instruct, tensor_parallel_size: 2}
+      gguf: {backend: llamacpp, model: gemma3-270m, n_threads: 2}   # quantised, in process
 
 Pure pydantic, no torch: recipe validation imports it.
 """
@@ -28,7 +29,7 @@ from ..strict import Strict
 
 from .endpoint import has_userinfo, normalise
 
-BACKENDS = ("hf", "openai", "vllm")
+BACKENDS = ("hf", "openai", "vllm", "llamacpp")
 
 
 class Price(Strict):
@@ -63,6 +64,10 @@ class OpenAITeacherConfig(Strict):
     cache_dir: str | None = None  # default: $STILLHOUSE_CACHE/responses
     token_ids: bool = False  # ask for token ids (vLLM and `stillhouse serve` support it)
     tokenizer: str | None = None  # model spec of the served model's tokenizer, if known
+    # "extended": send top_k, min_p and repetition_penalty too (vLLM, llama.cpp, SGLang), so the
+    # server's own sampler defaults never apply; "standard": only OpenAI-spec fields (hosted APIs
+    # that reject others), and settings beyond them are refused
+    sampler_params: Literal["extended", "standard"] = "extended"
 
     @field_validator("base_url")
     @classmethod
@@ -84,9 +89,9 @@ class OpenAITeacherConfig(Strict):
 
     def key_fields(self) -> dict:
         """What identifies this teacher's answers (artifact ids): the endpoint (normalised, no
-        userinfo) and model, not the key or rate limits."""
+        userinfo), model and the sampler settings it sends, not the key or rate limits."""
         return {"backend": self.backend, "endpoint": normalise(self.base_url), "model": self.model, "terms": self.terms,
-                "token_ids": self.token_ids, "tokenizer": self.tokenizer}
+                "token_ids": self.token_ids, "tokenizer": self.tokenizer, "sampler_params": self.sampler_params}
 
 
 class VLLMTeacherConfig(Strict):
@@ -98,7 +103,19 @@ class VLLMTeacherConfig(Strict):
     dtype: str = "auto"
 
 
-TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig], Field(discriminator="backend")]
+class LlamaCppTeacherConfig(_Strict):
+    """A GGUF teacher run by llama.cpp as it is (quantised, memory-mapped): optional extra `llamacpp`."""
+
+    backend: Literal["llamacpp"]
+    model: str  # a .gguf file or a built-in GGUF model (smollm2-135m-instruct, gemma3-270m)
+    n_ctx: int = Field(4096, gt=0)  # context (prompt + answer) in tokens; the KV cache is sized for it
+    n_threads: int | None = Field(None, gt=0)  # default: OMP_NUM_THREADS, else every core
+    n_batch: int = Field(512, gt=0)  # prompt tokens evaluated per llama.cpp decode call
+    flash_attn: bool = False  # llama.cpp's fused attention (on CPU it rarely pays at short contexts)
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig, LlamaCppTeacherConfig],
+                          Field(discriminator="backend")]
 
 
 def key_fields(cfg) -> dict:

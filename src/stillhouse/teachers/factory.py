@@ -1,8 +1,8 @@
 """One place that turns a teacher reference into a teacher object.
 
 A plain model spec (or a `backend: hf` declaration) gives the in-process `HFTeacher`; a
-`backend: openai` declaration an `OpenAITeacher`; `backend: vllm` a `VLLMTeacher` (the
-optional extra, imported only here and only when asked).
+`backend: openai` declaration an `OpenAITeacher`; `backend: vllm` a `VLLMTeacher` and
+`backend: llamacpp` a `LlamaCppTeacher` (optional extras, imported only here and only when asked).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..errors import StillhouseError
 from ..models import ModelIdentity, load_tokenizer
-from .config import HFTeacherConfig, OpenAITeacherConfig, TeacherConfig, VLLMTeacherConfig
+from .config import HFTeacherConfig, LlamaCppTeacherConfig, OpenAITeacherConfig, TeacherConfig, VLLMTeacherConfig
 from .endpoint import normalise
 
 
@@ -57,4 +57,10 @@ def make_teacher(spec_or_config, *, name: str | None = None, loader: Callable | 
         from .vllm import VLLMTeacher
 
         return VLLMTeacher(cfg, name=name)
+    if isinstance(cfg, LlamaCppTeacherConfig):
+        from .llamacpp import LlamaCppTeacher
+
+        gguf, identity = models.gguf_source(cfg.model)
+        return LlamaCppTeacher(gguf, identity, name=name, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
+                               n_batch=cfg.n_batch, flash_attn=cfg.flash_attn)
     raise StillhouseError(f"not a teacher: {spec_or_config!r}")

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ..errors import StillhouseError
 from ..progress import progress
 from .base import Completion, Messages, SamplingParams
 from .decode import decode, prefill
@@ -86,6 +87,10 @@ class HFTeacher:
         (at temperature 1) for every generated token and the stop token: the offline teacher
         signal for KD, obtained from the decoding pass at no extra forward cost.
         """
+        refused = params.unsupported(set())  # decode.py samples from temperature and top_p only
+        if refused:
+            raise StillhouseError(f"teacher '{self.name}' (hf backend) does not apply {', '.join(refused)}: "
+                                  "leave them off, or use the llamacpp, vllm or openai backend")
         tok = self.tokenizer
         encoded = [encode_prompt(tok, t) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
@@ -95,7 +100,7 @@ class HFTeacher:
         # Each batch holds batch_size rows, i.e. batch_size // n distinct prompts.
         per_batch = max(1, self.batch_size // max(1, params.n))
         batches = [order[i : i + per_batch] for i in range(0, len(order), per_batch)]
-        start = time.perf_counter()
+        start, tokens_before = time.perf_counter(), self.stats["generated_tokens"]
         with progress(description, total=len(texts)) as advance:
             for b, idx in enumerate(batches):
                 batch = [encoded[i] for i in idx]
@@ -133,8 +138,9 @@ class HFTeacher:
                             c.topk_ids, c.topk_logprobs = row.topk_ids, row.topk_logprobs
                         comps.append(c)
                     out[i] = comps
+                # this pass only: stats are cumulative over a teacher's life (every shard of a stage)
                 elapsed = time.perf_counter() - start
-                advance(len(idx), info=f"{self.stats['generated_tokens'] / max(elapsed, 1e-9):.0f} tok/s")
+                advance(len(idx), info=f"{(self.stats['generated_tokens'] - tokens_before) / max(elapsed, 1e-9):.0f} tok/s")
         self.stats["seconds"] += time.perf_counter() - start
         return out  # type: ignore[return-value]
 

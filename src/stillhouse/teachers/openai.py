@@ -7,6 +7,12 @@ an adaptive concurrency limit and optional requests/tokens-per-minute buckets; 4
 timeouts and dropped connections are retried with jittered exponential backoff, honouring
 Retry-After. Every answer is cached on disk, so rerunning the same requests sends none.
 
+Sampling is sent in full: besides temperature and top_p, top_k, min_p and the penalties go in
+every request (as "off" unless set), so a server's own sampler defaults (llama.cpp: top_k 40,
+min_p 0.05, repeat_penalty 1.1) never apply unrecorded. `sampler_params="standard"` sends only
+the OpenAI-spec fields, for hosted APIs that reject the others, and refuses settings it cannot
+send. A server that ignores `n` (llama.cpp's) gets n separate requests with seeds seed+0..n-1.
+
 The API key is read from the environment variable the recipe names. It is held only in the
 request header: never in a cache key, a manifest, a log line or an error message.
 """
@@ -113,6 +119,7 @@ class OpenAITeacher:
         token_ids: bool = False,
         tokenizer=None,
         jitter_seed: int | None = None,
+        sampler_params: str = "extended",
     ):
         self.name = name or f"openai:{model}"
         refuse_userinfo(base_url, f"teacher '{self.name}'")
@@ -134,6 +141,10 @@ class OpenAITeacher:
         self.token_ids = token_ids  # ask for ids (vLLM's `return_tokens_as_token_ids`; `stillhouse serve` too)
         self.tokenizer = tokenizer  # optional: the served model's tokenizer (stop tokens, re-encoding)
         self._rng = random.Random(jitter_seed)
+        if sampler_params not in SAMPLER_PARAMS:
+            raise StillhouseError(f"teacher '{self.name}': sampler_params must be one of {', '.join(SAMPLER_PARAMS)}")
+        self.sampler_params = sampler_params
+        self.server_ignores_n = False  # learnt from the first answer with fewer choices than asked
         self.usage = Usage()  # this process's share
         # when set (by the stage), every change is also appended here, so a stage resumed after a
         # kill accounts for the requests of every process that worked on it
@@ -148,7 +159,7 @@ class OpenAITeacher:
             max_concurrency=cfg.max_concurrency, requests_per_minute=cfg.requests_per_minute,
             tokens_per_minute=cfg.tokens_per_minute, price=cfg.price, cache=cfg.cache,
             cache_path=cfg.cache_dir, timeout=cfg.timeout, max_retries=cfg.max_retries,
-            token_ids=cfg.token_ids, tokenizer=tokenizer,
+            token_ids=cfg.token_ids, tokenizer=tokenizer, sampler_params=cfg.sampler_params,
         )
 
     def __repr__(self) -> str:  # never the key
@@ -202,6 +213,7 @@ class OpenAITeacher:
             "cached_completion_tokens": u.cached_completion_tokens,
             "cost_usd": round(u.cost_usd, 6),
             "waited_s": round(u.waited_s, 2),
+            "server_ignores_n": self.server_ignores_n,
         }
 
     # -- running requests -----------------------------------------------------------------
@@ -256,7 +268,18 @@ class OpenAITeacher:
             "top_p": params.top_p,
             "n": params.n,
             "seed": params.seed,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
         }
+        if self.sampler_params == "extended":
+            # the extensions vLLM, llama.cpp and SGLang read; llama.cpp spells the penalty repeat_penalty
+            body.update(top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+                        repeat_penalty=params.repetition_penalty)
+        else:
+            refused = params.unsupported({"presence_penalty", "frequency_penalty"})
+            if refused:
+                raise StillhouseError(f"teacher '{self.name}': sampler_params is 'standard', so {', '.join(refused)} "
+                                      "cannot be sent; use sampler_params: extended or leave them off")
         want_logprobs = top_k > 0 or self.token_ids
         if endpoint == "chat/completions":
             body["messages"] = prompt
@@ -280,14 +303,35 @@ class OpenAITeacher:
             u = data.get("usage") or {}
             self._count(cached=1, cached_prompt_tokens=u.get("prompt_tokens", 0), cached_completion_tokens=u.get("completion_tokens", 0))
         else:
-            data = await self._post(client, endpoint, body, _estimate_tokens(prompt, params))
-            u = data.get("usage") or {}
-            self._count(responses=1, prompt_tokens=u.get("prompt_tokens", 0), completion_tokens=u.get("completion_tokens", 0))
+            answers = await self._answers(client, endpoint, body, prompt, params)
+            for a in answers:  # cost is counted when billed (_attempt), rejected answers included
+                u = a.get("usage") or {}
+                self._count(responses=1, prompt_tokens=u.get("prompt_tokens", 0), completion_tokens=u.get("completion_tokens", 0))
+            data = _merge_answers(answers)
+            u = data["usage"]
             if self.cache is not None:
-                self.cache.put(key, {"choices": data["choices"], "usage": u})
+                self.cache.put(key, data)
         comps = [self._completion(c, data) for c in sorted(data["choices"], key=lambda c: c.get("index", 0))]
         self.stats["generated_tokens"] += sum(len(c.token_ids) for c in comps)
         return comps
+
+    async def _answers(self, client, endpoint: str, body: dict, prompt, params: SamplingParams) -> list[dict]:
+        """The server's answers holding `params.n` choices: one request, or n when the server ignores `n`."""
+        est = _estimate_tokens(prompt, params)
+        if params.n > 1 and self.server_ignores_n:
+            return await self._separately(client, endpoint, body, params, range(params.n), est)
+        data = await self._post(client, endpoint, body, est)
+        got = len(data.get("choices") or [])
+        if got == 1 and params.n > 1:  # the server ignored n: ask for the others one by one
+            self.server_ignores_n = True
+            return [data] + await self._separately(client, endpoint, body, params, range(1, params.n), est)
+        if got != params.n:
+            raise StillhouseError(f"teacher '{self.name}': {self.base_url} returned {got} choices, asked for n={params.n}")
+        return [data]
+
+    async def _separately(self, client, endpoint, body, params, samples, est) -> list[dict]:
+        one = lambda i: {**body, "n": 1, "seed": params.seed + i}  # noqa: E731  distinct seeds: distinct samples
+        return list(await asyncio.gather(*(self._post(client, endpoint, one(i), est // params.n + 1) for i in samples)))
 
     async def _post(self, client: httpx.AsyncClient, endpoint: str, body: dict, est_tokens: int) -> dict:
         connect_failures = 0
@@ -347,7 +391,8 @@ class OpenAITeacher:
         choices = data.get("choices")
         if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
             raise _Retryable("malformed", "response without a list of choices")
-        if len(choices) != body["n"]:
+        # one choice for n > 1: a server that ignores `n` (llama.cpp's), which _answers makes up for
+        if len(choices) != body["n"] and not (len(choices) == 1 and body["n"] > 1):
             raise _Retryable("malformed", f"{len(choices)} choices, asked for n={body['n']}")
         tokens = (data.get("usage") or {}).get("completion_tokens", 1)
         self.limit.on_success(time.monotonic() - t0, tokens, budget=body.get("max_tokens"))
@@ -372,7 +417,8 @@ class OpenAITeacher:
             text = (choice.get("message") or {}).get("content") or ""
         finish = choice.get("finish_reason") or "stop"
         entries = _logprob_entries(choice.get("logprobs"))
-        prompt_tokens = (data.get("usage") or {}).get("prompt_tokens", 0)
+        # n separate requests each billed the prompt once
+        prompt_tokens = (data.get("usage") or {}).get("prompt_tokens", 0) // data.get("requests", 1)
         c = Completion(text=text, token_ids=[], finish_reason=finish, prompt_tokens=prompt_tokens)
         ids = [_token_id(tok) for tok, _, _ in entries] if entries else []
         if entries and all(i is not None for i in ids):
@@ -398,6 +444,23 @@ class OpenAITeacher:
             c.extra["token_ids_source"] = "re-encoded"
         return c
 
+
+
+SAMPLER_PARAMS = ("extended", "standard")
+
+
+def _merge_answers(answers: list[dict]) -> dict:
+    """One answer with every choice (re-indexed in request order) and the summed usage."""
+    if len(answers) == 1:
+        return {"choices": answers[0]["choices"], "usage": answers[0].get("usage") or {}}
+    choices, usage = [], {}
+    for a in answers:
+        for c in sorted(a["choices"], key=lambda c: c.get("index", 0)):
+            choices.append({**c, "index": len(choices)})
+        for k, v in (a.get("usage") or {}).items():
+            if isinstance(v, (int, float)):
+                usage[k] = usage.get(k, 0) + v
+    return {"choices": choices, "usage": usage, "requests": len(answers)}
 
 
 def _read_key(env: str | None, name: str) -> str | None:

@@ -28,6 +28,11 @@ def sampling_kwargs(params: SamplingParams, top_k_logprobs: int = 0) -> dict:
         "top_p": params.top_p,
         "max_tokens": params.max_new_tokens,
         "seed": params.seed,
+        "top_k": params.top_k,  # 0: all tokens
+        "min_p": params.min_p,
+        "repetition_penalty": params.repetition_penalty,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
     }
     if top_k_logprobs > 0:
         kw["logprobs"] = top_k_logprobs  # vLLM returns the sampled token's log-prob plus the top k
