@@ -262,11 +262,13 @@ def serve(
     faults: Optional[str] = typer.Option(None, help="Inject faults, e.g. 429=0.1,500=0.1,slow=0.05,cut=0.05 (fractions of requests)."),
     seed: int = typer.Option(0, help="Seed of the fault injection."),
     served_name: Optional[str] = typer.Option(None, "--served-name", help="Model name clients send (default: MODEL)."),
+    watermark_key_env: Optional[str] = typer.Option(None, "--watermark-key-env", help="Watermark every answer with the key in this environment variable (docs/provenance.md)."),
 ):
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from .serve import serve as run_server
 
-    run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name)
+    run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name,
+               watermark_key_env=watermark_key_env)
 
 
 # SIGTERM is handled like Ctrl-C (temporary directories removed, committed shards kept); click
@@ -276,6 +278,8 @@ _terminated = threading.Event()
 
 keys_app = typer.Typer(help="API keys for `stillhouse serve --api-keys FILE` (stored hashed; a key is shown once).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+from .guard.provenance_cli import app as guard_wm_app  # noqa: E402  (torch-free; lead: move under `stillhouse guard`)
+app.add_typer(guard_wm_app, name="guard-wm")
 
 
 @keys_app.command("add")

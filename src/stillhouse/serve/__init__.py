@@ -13,7 +13,7 @@ import time
 from ..errors import StillhouseError
 
 
-def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None, window_ms: float = 50.0, gap_ms: float = 10.0):
+def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None, window_ms: float = 50.0, gap_ms: float = 10.0, watermark_key_env: str | None = None):
     from .. import models
     from ..teachers.hf import HFTeacher
     from .app import create_app
@@ -23,8 +23,14 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
     if max_batch < 1:
         raise StillhouseError("--max-batch must be at least 1")
     fault_cfg = parse_faults(faults, seed)  # checked before the model loads
+    watermark = None
+    if watermark_key_env:  # the key comes from the environment, never the command line
+        from ..guard.watermark import processor_from_env
+
+        watermark = processor_from_env(watermark_key_env)
     lm = models.load(model)
     teacher = HFTeacher(lm.model, lm.tokenizer, name=lm.identity.spec)
+    teacher.logits_processor = watermark
     return create_app(Batcher(teacher, max_batch, window_ms / 1000, gap_ms / 1000), served_name or model, fault_cfg)
 
 
