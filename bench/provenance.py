@@ -440,11 +440,14 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="the setting that runs in minutes on a shared 2-core machine")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,prov,real")
+    ap.add_argument("--doses", default="", help="comma-separated watermarked shares overriding the setting's, e.g. 0.25,0.5")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "provenance-results.json")
     ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "provenance.png")
     args = ap.parse_args()
     setting = "smoke" if args.smoke else "small" if args.small else "full"
-    cfg = SETTINGS[setting]
+    cfg = dict(SETTINGS[setting])
+    if args.doses:
+        cfg["doses"] = [float(d) for d in args.doses.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     out: dict = {"setting": setting, "config": cfg, "times": {}}
     start = time.perf_counter()
