@@ -108,7 +108,7 @@ def watermark_cost(cfg: dict, out: dict) -> None:
     task_cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/quickstart.yaml
     recs = problems("chain_sum", task_cfg, cfg["problems"], 1_000_000)
     verify = ReasoningGymVerifier("chain_sum", task_cfg)
-    proc = wm.WatermarkProcessor(KEY, delta=cfg.get("delta", wm.DELTA))
+    proc = wm.WatermarkProcessor(KEY, delta=cfg.get("delta", wm.DELTA), confident=cfg.get("confident", 1.0))
     res = {}
     for arm, p in [("plain", None), ("watermarked", proc)]:
         t0 = time.perf_counter()
@@ -138,7 +138,7 @@ def watermark_cost(cfg: dict, out: dict) -> None:
     }
     out["_plain_long"] = [c.token_ids for c in plain]
     c = out["cost"]
-    print(f"\n| | plain | watermarked (gamma 0.25, delta {proc.delta:g}) | difference |\n|---|---|---|---|")
+    print(f"\n| | plain | watermarked (gamma 0.25, delta {proc.delta:g}, confident {proc.confident:g}) | difference |\n|---|---|---|---|")
     print(f"| pass@1, chain_sum, {c['problems']} problems (%) | {c['pass1_plain']:.1f} | {c['pass1_watermarked']:.1f} | "
           f"{c['pass1_diff']:+.1f} ± {c['pass1_diff_ci95']:.1f} |")
     print(f"| perplexity, {c['ppl_tokens']} held-out tokens | {c['ppl_plain']:.2f} | {c['ppl_watermarked']:.2f} | "
@@ -442,12 +442,13 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,prov,real")
     ap.add_argument("--doses", default="", help="comma-separated watermarked shares overriding the setting's, e.g. 0.25,0.5")
     ap.add_argument("--delta", type=float, default=wm.DELTA, help="the watermark's logit bias in the cost section")
+    ap.add_argument("--confident", type=float, default=1.0, help="cost section: leave steps whose top token is above this probability unmarked")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "provenance-results.json")
     ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "provenance.png")
     args = ap.parse_args()
     setting = "smoke" if args.smoke else "small" if args.small else "full"
     cfg = dict(SETTINGS[setting])
-    cfg["delta"] = args.delta
+    cfg["delta"], cfg["confident"] = args.delta, args.confident
     if args.doses:
         cfg["doses"] = [float(d) for d in args.doses.split(",")]
     skip = set(filter(None, args.skip.split(",")))

@@ -138,3 +138,13 @@ def test_serve_without_the_key_variable_is_one_line(tiny_model_dir, monkeypatch)
     monkeypatch.setenv("WM_MISSING", "not-a-key")
     with pytest.raises(StillhouseError, match="32-128 hex"):
         build_app(str(tiny_model_dir), watermark_key_env="WM_MISSING")
+
+
+def test_confident_steps_are_left_alone():
+    p = wm.WatermarkProcessor(KEY, delta=2.0, confident=0.9)
+    scores = torch.zeros(2, 50)
+    scores[0, 3] = 20.0  # row 0: one token is near-certain; row 1: flat
+    out = p(torch.tensor([[4], [4]]), scores)
+    assert torch.equal(out[0], scores[0])
+    green = torch.from_numpy(wm.green_mask(p.seed, np.array([4]), 50)[0])
+    assert torch.equal(out[1], 2.0 * green.float())

@@ -96,22 +96,33 @@ class WatermarkProcessor:
     signature, `(input_ids [rows, seq], scores [rows, vocab]) -> scores`, so it plugs into
     `model.generate(logits_processor=[...])` as well as stillhouse's own decode loop."""
 
-    def __init__(self, key: str, gamma: float = GAMMA, delta: float = DELTA):
+    def __init__(self, key: str, gamma: float = GAMMA, delta: float = DELTA, confident: float = 1.0):
         if not 0 < gamma < 1:
             raise StillhouseError(f"watermark gamma must be in (0, 1), got {gamma}")
+        if not 0 < confident <= 1:
+            raise StillhouseError(f"watermark confident must be in (0, 1], got {confident}")
         self.seed = key_seed(key)
         self.key_id = key_id(key)
         self.gamma, self.delta = gamma, delta
+        # Steps where the model's top token already has probability > `confident` are left
+        # alone (1.0: never): an answer's forced tokens (digits of a sum) keep their accuracy.
+        # The detector needs no change: skipped steps are scored like unwatermarked text, which
+        # lowers power but leaves the null exactly binomial.
+        self.confident = confident
 
     def __call__(self, input_ids, scores):
         import torch
 
         prev = input_ids[:, -1].cpu().numpy()
         mask = torch.from_numpy(green_mask(self.seed, prev, scores.shape[-1], self.gamma)).to(scores.device)
-        return scores + self.delta * mask.to(scores.dtype)
+        bias = self.delta * mask.to(scores.dtype)
+        if self.confident < 1.0:
+            sure = scores.float().softmax(-1).amax(-1) > self.confident
+            bias = bias.masked_fill(sure[:, None], 0.0)
+        return scores + bias
 
     def __repr__(self) -> str:  # never the key
-        return f"WatermarkProcessor(key_id={self.key_id}, gamma={self.gamma}, delta={self.delta})"
+        return f"WatermarkProcessor(key_id={self.key_id}, gamma={self.gamma}, delta={self.delta}, confident={self.confident})"
 
 
 @dataclass(frozen=True)
