@@ -28,7 +28,7 @@ def context_length(model) -> int:
 
 def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None,
               api_keys: str | None = None, max_context: int | None = None, max_concurrent: int = 64,
-              default_max_tokens: int = 256):
+              default_max_tokens: int = 256, watermark_key_env: str | None = None):
     from .. import models
     from ..teachers.hf import HFTeacher
     from .app import ServeConfig, create_app
@@ -44,11 +44,17 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
         raise StillhouseError("--max-context must be at least 2")
     fault_cfg = parse_faults(faults, seed)  # checked before the model loads
     keys = KeyCheck(api_keys) if api_keys else None
+    watermark = None
+    if watermark_key_env:  # the key comes from the environment, never the command line
+        from ..guard.watermark import processor_from_env
+
+        watermark = processor_from_env(watermark_key_env)
     lm = models.load(model)
     context = context_length(lm.model)
     if max_context is not None:
         context = min(context, max_context)
     engine = Engine(lm.model, lm.tokenizer, HFTeacher(lm.model, lm.tokenizer)._stop_ids(), max_batch=max_batch)
+    engine.logits_processor = watermark
     cfg = ServeConfig(served_name or model, context, default_max_tokens=default_max_tokens, max_concurrent=max_concurrent)
     app = create_app(engine, cfg, fault_cfg, keys)
     app.state.faults = fault_cfg  # tests and bench/chaos.py change the rates of a running server

@@ -121,6 +121,7 @@ class Engine:
         self.tok = tokenizer
         self.stop_ids = sorted(set(stop_ids))
         self.max_batch = max_batch
+        self.logits_processor = None  # (prev token ids [rows, 1], scores) -> scores, after the sampling settings
         self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.stats = {"batches": 0, "prompts": 0, "largest_batch": 0, "steps": 0, "generated_tokens": 0,
                       "cancelled": 0, "running": 0, "waiting": 0}
@@ -272,6 +273,9 @@ class Engine:
         want_lp = any(s.sampling.top_logprobs >= 0 for s in rows)
         logp = torch.log_softmax(logits, -1) if want_lp else None
         scores = self._processed(logits, rows)
+        if self.logits_processor is not None:  # e.g. the guard's watermark; served log-probs stay the model's own
+            prev = torch.tensor([[s.ids[-1] if s.ids else s.prompt_ids[-1]] for s in rows])
+            scores = self.logits_processor(prev, scores)
         nxt = scores.argmax(-1)
         for r, s in enumerate(rows):
             if s.sampling.temperature > 0:

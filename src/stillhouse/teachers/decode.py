@@ -78,11 +78,15 @@ def decode(
     generator: torch.Generator | None = None,
     top_k_logprobs: int = 0,
     cache=None,
+    logits_processor=None,
 ) -> list[Decoded]:
     """Generate for a left-padded batch; `cache`, if given, holds all but the last prompt token.
 
     With `top_k_logprobs=k`, each row also gets the k most likely ids and their log-probs (at
     temperature 1) at every step it generated: the offline teacher signal for KD.
+    `logits_processor(ids [rows, seq], logits [rows, vocab]) -> logits` (transformers'
+    LogitsProcessor signature; e.g. the guard's watermark) sees each live row's tokens so far
+    and changes the logits before sampling and before the top-k log-probs are taken.
     """
     rows = input_ids.shape[0]
     if cache is None:
@@ -92,12 +96,15 @@ def decode(
     tokens = input_ids[:, -1:]
     mask = attn.clone()
     pos = mask.sum(-1, keepdim=True) - 1
+    seq = input_ids if logits_processor is not None else None
     out = [Decoded([], False, [] if top_k_logprobs else None, [] if top_k_logprobs else None) for _ in range(rows)]
     for step in range(max_new_tokens):
         logits = model(
             input_ids=tokens, attention_mask=mask, position_ids=pos, past_key_values=cache,
             use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
+        if seq is not None:
+            logits = logits_processor(seq, logits)
         if temperature > 0:
             nxt = gumbel_sample(logits, temperature, top_p, generator)
         else:
@@ -121,7 +128,10 @@ def decode(
         if keep.numel() < active.numel():  # finished rows leave the batch and the cache
             cache.batch_select_indices(keep)
             active, nxt, mask, pos = active[keep], nxt[keep], mask[keep], pos[keep]
+            seq = seq[keep] if seq is not None else None
         tokens = nxt.unsqueeze(-1)
+        if seq is not None:
+            seq = torch.cat([seq, tokens], dim=-1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         pos = pos + 1
     return out

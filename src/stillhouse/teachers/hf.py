@@ -53,6 +53,8 @@ class HFTeacher:
         self.name = name
         self.batch_size = batch_size
         self.stats = {"generated_tokens": 0, "seconds": 0.0}
+        # Applied to every decoding step's logits (decode.decode), e.g. the guard's watermark.
+        self.logits_processor = None
 
     def usage_metrics(self) -> dict:
         return {}  # a local model: nothing is billed or rate-limited
@@ -120,7 +122,7 @@ class HFTeacher:
                     max_new_tokens=params.max_new_tokens, stop_ids=stop_ids,
                     temperature=params.temperature, top_p=params.top_p,
                     generator=torch.Generator().manual_seed(params.seed * 100_003 + b),
-                    top_k_logprobs=top_k_logprobs, cache=cache,
+                    top_k_logprobs=top_k_logprobs, cache=cache, logits_processor=self.logits_processor,
                 )
                 for j, i in enumerate(idx):
                     comps = []

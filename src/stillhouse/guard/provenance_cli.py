@@ -1,0 +1,173 @@
+"""`stillhouse guard keygen|detect|radioactivity|provenance`: watermark detection, radioactivity
+and provenance tests. guard/cli.py registers these functions; nothing heavy is imported until
+a command runs. Keys are
+read from `--key` or, better (no key in the shell history or `ps`), `--key-env VAR`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import StillhouseError
+
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+KeyOpt = typer.Option(None, "--key", "-k", help="Watermark key (hex); prefer --key-env.")
+KeyEnvOpt = typer.Option(None, "--key-env", help="Environment variable holding the watermark key.")
+GammaOpt = typer.Option(0.25, help="Green share of the vocabulary the text was watermarked with.")
+JsonOpt = typer.Option(False, "--json", help="Print the result as JSON.")
+
+
+def _key(key: str | None, key_env: str | None) -> str:
+    import os
+
+    from .watermark import check_key
+
+    if key_env:
+        if not os.environ.get(key_env):
+            raise StillhouseError(f"watermark key variable {key_env} is not set (or empty)")
+        key = os.environ[key_env]
+    if not key:
+        raise StillhouseError("give the watermark key: --key-env VAR (or --key)")
+    return check_key(key)
+
+
+def _load(spec: str, role: str):
+    """A model by spec; anything that fails to load is one line naming it."""
+    from .. import models
+
+    try:
+        return models.load(spec)
+    except StillhouseError as e:
+        raise StillhouseError(f"{role} {spec} does not load: {e}") from None
+    except Exception as e:  # a corrupt directory fails deep inside transformers
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise StillhouseError(f"{role} {spec} does not load: {type(e).__name__}: {msg[:200]}") from None
+
+
+def _read_texts(path: Path, field: str | None = None) -> list[str]:
+    """Texts from .txt (blank-line separated) or .jsonl (field, else text/completion/prompt)."""
+    if not path.is_file():
+        raise StillhouseError(f"file not found: {path}")
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise StillhouseError(f"{path}:{n}: not a JSON line") from None
+            names = [field] if field else ["text", "completion", "prompt"]
+            val = next((row[k] for k in names if isinstance(row, dict) and k in row), None)
+            if not isinstance(val, str):
+                raise StillhouseError(f"{path}:{n}: no string field {' / '.join(names)}")
+            out.append(val)
+    else:
+        out = [t.strip() for t in path.read_text().split("\n\n") if t.strip()]
+    if not out:
+        raise StillhouseError(f"{path} holds no texts")
+    return out
+
+
+def _print(result: dict, as_json: bool, line: str) -> None:
+    typer.echo(json.dumps(result, indent=2) if as_json else line)
+
+
+def keygen():
+    """Print a new random 256-bit watermark key (keep it secret; give it to serve via --watermark-key-env)."""
+    from .watermark import new_key
+
+    typer.echo(new_key())
+
+
+def detect(
+    text: Optional[str] = typer.Argument(None, help="The text to test (or --file)."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Texts to test together: .txt (blank-line separated) or .jsonl."),
+    key: Optional[str] = KeyOpt,
+    key_env: Optional[str] = KeyEnvOpt,
+    tokenizer: str = typer.Option(DEFAULT_TEACHER, help="The watermarking model (its tokenizer splits the text)."),
+    gamma: float = GammaOpt,
+    as_json: bool = JsonOpt,
+):
+    """Is this text watermarked with my key? z-score and p-value over distinct (previous, token) pairs."""
+    from .watermark import detect as run_detect
+
+    k = _key(key, key_env)
+    if (text is None) == (file is None):
+        raise StillhouseError("give exactly one of TEXT or --file")
+    texts = [text] if text is not None else _read_texts(file)
+    tok = _load(tokenizer, "watermarking model").tokenizer
+    s = run_detect(k, texts, tok, gamma)
+    _print(s.to_dict(), as_json, f"z = {s.z:.2f}, p = {s.p_value:.3g} ({s.green} green of {s.scored} distinct pairs, {s.tokens} tokens)")
+
+
+def radioactivity(
+    suspect: str = typer.Argument(..., help="Suspect model spec, or (--mode api) a .jsonl/.txt of its answers collected from its API."),
+    prompts: Path = typer.Option(..., "--prompts", "-p", help="Probe texts: .txt or .jsonl (open: scored teacher-forced; api: prompts to answer)."),
+    key: Optional[str] = KeyOpt,
+    key_env: Optional[str] = KeyEnvOpt,
+    teacher: str = typer.Option(DEFAULT_TEACHER, "--teacher", help="The watermarking model (its tokenizer defines the green lists)."),
+    mode: str = typer.Option("open", help="open (weights: teacher-forced top-1 predictions) or api (generations)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="api mode, suspect generating: tokens per answer."),
+    gamma: float = GammaOpt,
+    as_json: bool = JsonOpt,
+):
+    """Was SUSPECT trained on text watermarked with my key? One-sided binomial p-value."""
+    from ..teachers.hf import encode_prompt
+    from . import radioactivity as ra
+
+    k = _key(key, key_env)
+    if mode not in ("open", "api"):
+        raise StillhouseError(f"--mode must be open or api, got {mode!r}")
+    texts = _read_texts(prompts)
+    ref_tok = _load(teacher, "watermarking model").tokenizer
+    answers_file = Path(suspect)
+    if mode == "api" and answers_file.suffix in (".jsonl", ".txt") and answers_file.is_file():
+        gens = [ref_tok(t, add_special_tokens=False)["input_ids"] for t in _read_texts(answers_file)]
+        s = ra.score_generations(k, gens, gamma)
+    else:
+        lm = _load(suspect, "suspect")
+        if mode == "open":
+            ra.check_same_tokenizer(lm.tokenizer, ref_tok, suspect)
+            s = ra.score_open_weights(k, lm.model, [encode_prompt(lm.tokenizer, t) for t in texts], lm.tokenizer.pad_token_id, gamma)
+        else:
+            from .provenance import answers
+
+            gens = [ref_tok(t, add_special_tokens=False)["input_ids"] for t in answers(lm.model, lm.tokenizer, texts, max_new_tokens)]
+            s = ra.score_generations(k, gens, gamma)
+    _print({"mode": mode, **s.to_dict()}, as_json,
+           f"{mode}: z = {s.z:.2f}, p = {s.p_value:.3g} ({s.green} green of {s.scored} distinct pairs)")
+
+
+def provenance(
+    suspect: str = typer.Argument(..., help="Suspect model spec."),
+    parent: str = typer.Option(..., "--parent", help="The model it may derive from."),
+    reference: list[str] = typer.Option(..., "--reference", "-r", help="A model unrelated to the parent; repeatable (more is stricter)."),
+    probes: Optional[Path] = typer.Option(None, "--probes", help="Probe prompts (.txt or .jsonl); default: 60 built-in ones."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    alpha: float = typer.Option(0.01, help="Significance level of the verdict."),
+    as_json: bool = JsonOpt,
+):
+    """Does SUSPECT derive from PARENT? Black-box agreement on probes vs unrelated references, p-value."""
+    from . import provenance as pv
+
+    prompts = _read_texts(probes) if probes else pv.default_probes()
+    out = {}
+    for role, spec in [("suspect", suspect), ("parent", parent)] + [("reference", r) for r in reference]:
+        lm = _load(spec, role)
+        out[(role, spec)] = pv.answers(lm.model, lm.tokenizer, prompts, max_new_tokens)
+        del lm
+    v = pv.test(out[("suspect", suspect)], out[("parent", parent)], {r: out[("reference", r)] for r in reference}, alpha)
+    result = v.to_dict()
+    lineage = pv.lineage_says(suspect, parent) if Path(suspect).is_dir() else None
+    result["lineage_says_derived"] = lineage
+    verdict = "derived from" if v.derived else "no evidence it derives from"
+    line = f"{verdict} {parent}: p = {v.p_value:.3g} (similarity to parent {v.parent_similarity:.2f}, " + \
+        ", ".join(f"{n}: {s:.2f}" for n, s in v.reference_similarity.items()) + ")"
+    if lineage is not None:
+        line += f"; lineage graph: {'derived' if lineage else 'not derived'} ({'agrees' if lineage == v.derived else 'DISAGREES'})"
+    _print(result, as_json, line)

@@ -1,0 +1,208 @@
+"""Radioactivity and provenance with known answers: a student trained (stillhouse's own training
+loop) on watermarked outputs of a tiny teacher is detected in both modes, one trained on the
+same teacher's plain outputs is not; the guard commands, and their bad inputs as one line
+with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from stillhouse.guard import provenance as pv
+from stillhouse.guard import radioactivity as ra
+from stillhouse.guard import watermark as wm
+from stillhouse.teachers.base import SamplingParams
+from stillhouse.teachers.hf import HFTeacher, encode_prompt, render_chat
+from support import module_env
+
+KEY = "00112233445566778899aabbccddeeff" * 2
+TRAIN_PROMPTS = [f"Question {i}: what about {i * 7 % 13}?" for i in range(256)]
+PROBES = [f"Tell me {i}" for i in range(32)]
+
+
+def _msgs(p):
+    return [{"role": "user", "content": p}]
+
+
+def _generate(model, tok, prompts, key=None, seed=0, n=64):
+    t = HFTeacher(model, tok)
+    t.logits_processor = wm.WatermarkProcessor(key, delta=3.0) if key else None
+    return [o[0] for o in t.generate([_msgs(p) for p in prompts], SamplingParams(max_new_tokens=n, temperature=1.0, seed=seed))]
+
+
+def _student(tok, prompts, comps, seed=1):
+    """A fresh small llama (default init: it learns bigram habits quickly) SFT-trained on the answers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stillhouse.train.loop import Example, TrainConfig, train
+
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                     bos_token_id=None))
+    ex = []
+    for p, c in zip(prompts, comps):
+        pi = encode_prompt(tok, render_chat(tok, _msgs(p)))
+        ex.append(Example(pi + c.token_ids + [tok.eos_token_id], len(pi)))
+    train(m, ex, TrainConfig(epochs=6, lr=3e-3, batch_size=16, sft_weight=1.0, kd_weight=0.0, warmup_ratio=0.0, seed=seed), tok.pad_token_id)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """The tiny teacher, a student of its watermarked answers, one of its plain answers, saved."""
+    from conftest import build_tiny_model, build_tokenizer
+    from stillhouse import models
+
+    root = tmp_path_factory.mktemp("radioactive")
+    with module_env(root):
+        tok = build_tokenizer()
+        models.prepare_tokenizer(tok)
+        teacher = build_tiny_model(tok)
+        marked = _student(tok, TRAIN_PROMPTS, _generate(teacher, tok, TRAIN_PROMPTS, KEY))
+        plain = _student(tok, TRAIN_PROMPTS, _generate(teacher, tok, TRAIN_PROMPTS, seed=1))
+        probe_text = [render_chat(tok, _msgs(p)) + c.text for p, c in zip(PROBES, _generate(teacher, tok, PROBES, seed=2))]
+        dirs = {}
+        for name, m in [("teacher", teacher), ("marked", marked), ("plain", plain)]:
+            dirs[name] = root / name
+            models.save(m, tok, dirs[name])
+        probes = root / "probes.jsonl"
+        probes.write_text("".join(json.dumps({"text": t}) + "\n" for t in probe_text))
+        yield {"tok": tok, "teacher": teacher, "marked": marked, "plain": plain, "probe_text": probe_text,
+               "dirs": dirs, "probes": probes, "root": root}
+
+
+def _probe_ids(fam):
+    return [encode_prompt(fam["tok"], t) for t in fam["probe_text"]]
+
+
+def test_open_weights_mode_finds_the_watermarked_student_only(family):
+    pad = family["tok"].pad_token_id
+    assert ra.score_open_weights(KEY, family["marked"], _probe_ids(family), pad).p_value < 1e-6
+    for control in ("plain", "teacher"):
+        assert ra.score_open_weights(KEY, family[control], _probe_ids(family), pad).p_value > 1e-3, control
+
+
+def test_api_mode_finds_the_watermarked_student_only(family):
+    tok = family["tok"]
+    gens = {n: [c.token_ids for c in _generate(family[n], tok, PROBES, seed=3)] for n in ("marked", "plain")}
+    assert ra.score_generations(KEY, gens["marked"]).p_value < 1e-6
+    assert ra.score_generations(KEY, gens["plain"]).p_value > 1e-3
+
+
+def test_open_weights_pairs_are_deduplicated(family):
+    ids = _probe_ids(family)
+    once = ra.score_open_weights(KEY, family["marked"], ids, family["tok"].pad_token_id)
+    twice = ra.score_open_weights(KEY, family["marked"], ids + ids, family["tok"].pad_token_id)
+    assert twice.tokens == 2 * once.tokens and (twice.scored, twice.green) == (once.scored, once.green)
+
+
+def test_provenance_statistics_known_answers():
+    parent = ["the cat sat on the mat", "blue sky today", "two plus two is four"]
+    suspect = ["the cat sat on a mat", "blue sky today!", "two plus two is 4"]
+    ref = ["a dog ran far away", "rain is coming", "I cannot answer"]
+    v = pv.test(suspect * 10, parent * 10, {"r1": ref * 10, "r2": [r[::-1] for r in ref] * 10})
+    assert v.derived and v.p_value < 1e-3 and v.parent_similarity > max(v.reference_similarity.values())
+    v = pv.test(ref * 10, parent * 10, {"r1": ref * 10})  # it answers exactly like an unrelated model
+    assert not v.derived and v.p_value > 0.5
+    assert pv.paired_p(pv.similarities(parent, parent) - pv.similarities(parent, parent)) == 1.0
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(family, capsys, monkeypatch):
+    """`stillhouse guard ARGS` in this process (a subprocess would spend 10 s importing torch)."""
+    from stillhouse.cli import main
+
+    monkeypatch.setenv("STILLHOUSE_CACHE", str(family["root"] / "cache"))
+
+    def run(args, **env) -> Run:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        try:
+            main(["guard", *args])
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return Run(code, out.out, out.err)
+
+    return run
+
+
+def test_cli_detect_and_radioactivity(family, cli):
+    d = family["dirs"]
+    texts = family["root"] / "answers.jsonl"
+    marked = _generate(family["teacher"], family["tok"], PROBES[:8], KEY, seed=4)
+    texts.write_text("".join(json.dumps({"text": c.text}) + "\n" for c in marked))
+    r = cli(["detect", "--file", str(texts), "--key-env", "WMK", "--tokenizer", str(d["teacher"]), "--json"], WMK=KEY)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["p_value"] < 1e-6
+    r = cli(["radioactivity", str(d["marked"]), "--prompts", str(family["probes"]), "--key", KEY,
+              "--teacher", str(d["teacher"]), "--json"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["p_value"] < 1e-6 and KEY not in r.stdout + r.stderr
+    r = cli(["radioactivity", str(d["plain"]), "--prompts", str(family["probes"]), "--key", KEY,
+              "--teacher", str(d["teacher"]), "--mode", "api", "--json"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["p_value"] > 1e-3
+
+
+def test_cli_provenance(family, cli):
+    from conftest import build_tiny_model
+    from stillhouse import models
+
+    d = dict(family["dirs"])
+    for s in (5, 6, 7):  # unrelated models: other random initialisations
+        d[f"r{s}"] = family["root"] / f"r{s}"
+        if not d[f"r{s}"].exists():
+            models.save(build_tiny_model(family["tok"], seed=s), family["tok"], d[f"r{s}"])
+    r = cli(["provenance", str(d["plain"]), "--parent", str(d["teacher"]), "-r", str(d["r5"]), "-r", str(d["r6"]), "--json"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["derived"] is True
+    r = cli(["provenance", str(d["r7"]), "--parent", str(d["teacher"]), "-r", str(d["r5"]), "-r", str(d["r6"]), "--json"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["derived"] is False
+
+
+def _one_line_error(r) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("stillhouse: error:") and "Traceback" not in r.stderr, lines
+    return lines[0]
+
+
+def test_cli_bad_inputs_are_one_line(family, cli):
+    d, probes = family["dirs"], str(family["probes"])
+    err = _one_line_error(cli(["detect", "some text", "--key", "not-hex!", "--tokenizer", str(d["teacher"])]))
+    assert "32-128 hex" in err and "not-hex!" not in err
+    broken = family["root"] / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "config.json").write_text("{not json")
+    err = _one_line_error(cli(["radioactivity", str(broken), "--prompts", probes, "--key", KEY, "--teacher", str(d["teacher"])]))
+    assert f"suspect {broken} does not load" in err
+    # a suspect with another tokenizer cannot be scored on the watermark's token ids
+    from stillhouse import models
+
+    other = family["root"] / "other-tok"
+    if not other.exists():
+        lm = models.load(str(d["plain"]))
+        lm.tokenizer.add_tokens(["<extra-token>"])
+        models.save(lm.model, lm.tokenizer, other)
+    err = _one_line_error(cli(["radioactivity", str(other), "--prompts", probes, "--key", KEY, "--teacher", str(d["teacher"])]))
+    assert "different tokenizer" in err
+    err = _one_line_error(cli(["radioactivity", str(d["plain"]), "--prompts", probes, "--key-env", "NOPE_UNSET", "--teacher", str(d["teacher"])]))
+    assert "NOPE_UNSET is not set" in err
+    err = _one_line_error(cli(["provenance", str(broken), "--parent", str(d["teacher"]), "-r", str(d["plain"])]))
+    assert "does not load" in err
