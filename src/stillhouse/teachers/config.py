@@ -103,7 +103,7 @@ class VLLMTeacherConfig(Strict):
     dtype: str = "auto"
 
 
-class LlamaCppTeacherConfig(_Strict):
+class LlamaCppTeacherConfig(Strict):
     """A GGUF teacher run by llama.cpp as it is (quantised, memory-mapped): optional extra `llamacpp`."""
 
     backend: Literal["llamacpp"]
