@@ -71,3 +71,12 @@ def test_eval_stage_reads_the_test_split_unless_told():
     assert EvalStage(**kw, split="validation").split == "validation"
     with pytest.raises(ValueError):
         EvalStage(**kw, split="train")  # training problems are never a measuring split
+
+
+def test_humaneval_splits_share_no_problem(tmp_path):
+    stage = TasksStage(type="tasks", task="humaneval", train={"size": 100, "seed": 1},
+                       validation={"size": 30, "seed": 500}, eval={"size": 40, "seed": 1000})
+    splits, out = _run(tmp_path, stage)
+    ids = {n: {r["task_id"] for r in rows} for n, rows in splits.items()}
+    assert [len(ids[n]) for n in ("train", "validation", "eval")] == [164 - 40 - 30, 30, 40]  # train gets what is left
+    assert not (ids["train"] & ids["validation"] or ids["train"] & ids["eval"] or ids["validation"] & ids["eval"])
