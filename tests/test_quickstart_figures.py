@@ -69,3 +69,16 @@ def test_chain_sum_space_counts_operands_and_operators():
     assert chain_sum_space(2, 1) == 200  # 0..9 twice, + or -
     assert chain_sum_space(2, 2) == 90 * 90 * 2
     assert chain_sum_space(3, 1) == 1000 * 4
+
+
+def test_teacher_only_evaluation_prints_the_bar_without_targets(tmp_path, capsys):
+    ws = _workspace(tmp_path)
+    res_path = next((ws / "eval").glob("*/results.json"))
+    res = json.loads(res_path.read_text())
+    del res["models"]["distilled"]
+    res_path.write_text(json.dumps(res))
+    f = figures(ws)
+    assert f["student"] is None and f["unseen_diff_ci"] is None and f["by_digits"][1]["student"] is None
+    print_figures(ws)
+    out = capsys.readouterr().out
+    assert "1-digit: n=   3  teacher 1.000  train rows 1" in out and "targets" not in out
