@@ -247,7 +247,7 @@ def test_training_history_and_teacher_shares(pipeline):
 def test_eval_results(pipeline):
     art = pipeline["results"]["evaluation"]
     res = json.loads(art.file("results.json").read_text())
-    assert res["teacher"] == "teacher"
+    assert res["teacher"] == "teacher" and res["split"] == "test"  # the tasks stage's held-out split
     ms = res["models"]
     assert list(ms) == ["teacher", "pruned", "distilled"]
     for label, r in ms.items():
@@ -270,6 +270,7 @@ def test_eval_results(pipeline):
 def test_report(pipeline):
     md = assert_report(pipeline["results"]["report"])
     assert pipeline["results"]["evaluation"].id in md
+    assert "evaluation: chain_sum (test split)" in md  # every figure names its split
     assert "![training loss, KL to teacher and learning rate](training.png)" in md  # curves of `distilled`
     assert f"`{pipeline['results']['distilled'].id}` (metrics.jsonl)" in md
 

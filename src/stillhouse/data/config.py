@@ -39,18 +39,21 @@ class DataOptions(Strict):
 
 
 class Split(Strict):
-    size: int = Field(gt=0)
-    seed: int = 0
+    size: int = Field(gt=0)  # problems drawn (train and validation may end smaller after cross-split dedup)
+    seed: int = 0  # reasoning-gym seeds problem i with seed + i: splits need seed ranges that do not overlap
 
 
 class TasksStage(Strict):
-    """Procedural problems with verifiers (reasoning-gym), as a train and a held-out split."""
+    """Procedural problems with verifiers (reasoning-gym), as train, optional validation and
+    held-out (test) splits, disjoint by question text (data/splits.py)."""
 
     type: Literal["tasks"]
     task: str
     config: dict[str, Any] = {}
     train: Split
-    eval: Split
+    # Choose settings on this split (an eval stage with `split: validation`); never report it as the result.
+    validation: Split | None = None
+    eval: Split  # the held-out test split: report only; drawn first and never trimmed
     # Repeats are part of a generator's distribution (small tasks repeat their easy cases);
     # removing them shifts training away from what the held-out split measures.
     dedup: bool = False
@@ -63,6 +66,17 @@ class TasksStage(Strict):
         if v not in task_names() and v != "humaneval":
             raise ValueError(f"unknown task '{v}'")
         return v
+
+    @model_validator(mode="after")
+    def _seed_ranges_apart(self):
+        # item i of a split is generated from seed + i, so overlapping ranges repeat whole problems
+        named = [("train", self.train), ("validation", self.validation), ("eval", self.eval)]
+        spans = [(n, s.seed, s.seed + s.size) for n, s in named if s is not None]
+        for i, (a, a0, a1) in enumerate(spans):
+            for b, b0, b1 in spans[i + 1 :]:
+                if a0 < b1 and b0 < a1:
+                    raise ValueError(f"{b}.seed: seeds {b0}..{b1 - 1} overlap {a}'s {a0}..{a1 - 1}; use far-apart seeds")
+        return self
 
     @model_validator(mode="after")
     def _known_config(self):

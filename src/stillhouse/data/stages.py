@@ -6,13 +6,13 @@ import random
 
 from ..errors import EmptyDatasetError, StillhouseError
 from ..verify.reasoning_gym import problems
-from .dedup import drop_overlap, exact_dedup
+from .splits import disjoint_splits
 from ..records import read_rows, write_rows
 
 
-def _humaneval_splits(c) -> tuple[list[dict], list[dict]]:
-    """HumanEval's fixed problems: the held-out split drawn first (by its seed), the training
-    split from the rest, so the two never share a problem."""
+def _humaneval_splits(c) -> tuple[list[dict], list[dict], list[dict]]:
+    """HumanEval's fixed problems: the held-out split drawn first (by its seed), then validation
+    and train from the rest, so no two splits share a problem."""
     from ..verify.code import humaneval_problems
 
     pool = [
@@ -22,31 +22,41 @@ def _humaneval_splits(c) -> tuple[list[dict], list[dict]]:
     ]
     random.Random(c.eval.seed).shuffle(pool)
     held_out, rest = pool[: c.eval.size], pool[c.eval.size :]
+    validation = []
+    if c.validation is not None:
+        random.Random(c.validation.seed).shuffle(rest)
+        validation, rest = rest[: c.validation.size], rest[c.validation.size :]
     random.Random(c.train.seed).shuffle(rest)
-    return rest[: c.train.size], held_out
+    return rest[: c.train.size], validation, held_out
 
 
 def run_tasks(ctx) -> None:
     c = ctx.config
     if c.task == "humaneval":
-        train, held_out = _humaneval_splits(c)
+        train, validation, held_out = _humaneval_splits(c)
         verifier = "code"
     else:
         held_out = problems(c.task, c.config, c.eval.size, c.eval.seed)
+        validation = [] if c.validation is None else problems(c.task, c.config, c.validation.size, c.validation.seed)
         train = problems(c.task, c.config, c.train.size, c.train.seed)
         verifier = f"reasoning_gym:{c.task}"
-    n_dup = 0
-    if c.dedup:
-        train, n_dup = exact_dedup(train, key="question")
-    # reasoning-gym seeds item i with (seed + i): close seeds overlap, so decontaminate always
-    train, n_overlap = drop_overlap(train, held_out, key="question")
-    if not train:
+    # reasoning-gym problem spaces can be small (two 1-digit terms: 100 questions), so different
+    # seeds still repeat questions: always make the splits disjoint by question text
+    splits, removed = disjoint_splits(train, validation, held_out, dedup_train=c.dedup)
+    if not splits["train"]:
         raise EmptyDatasetError(f"stage '{ctx.name}': no training problems left after removing held-out overlaps")
-    write_rows(ctx.out.path / "train.parquet", train)
-    write_rows(ctx.out.path / "eval.parquet", held_out)
-    ctx.out.counts.update(train=len(train), eval=len(held_out), removed_duplicates=n_dup, removed_eval_overlap=n_overlap)
-    if n_overlap:
-        ctx.out.warnings.append(f"removed {n_overlap} training problems that also appear in the held-out split")
+    if c.validation is not None and not splits["validation"]:
+        raise EmptyDatasetError(f"stage '{ctx.name}': no validation problems left after removing test overlaps")
+    write_rows(ctx.out.path / "train.parquet", splits["train"])
+    write_rows(ctx.out.path / "eval.parquet", splits["eval"])
+    if c.validation is not None:
+        write_rows(ctx.out.path / "validation.parquet", splits["validation"])
+    ctx.out.counts.update({name: len(rows) for name, rows in splits.items() if name != "validation" or c.validation is not None})
+    ctx.out.counts.update(removed)
+    if removed["removed_eval_overlap"]:
+        ctx.out.warnings.append(f"removed {removed['removed_eval_overlap']} training problems that also appear in a held-out split")
+    if removed["removed_validation_overlap"]:
+        ctx.out.warnings.append(f"removed {removed['removed_validation_overlap']} validation problems that also appear in the test split")
     ctx.out.extra["task"] = {"name": c.task, "config": c.config, "verifier": verifier}
 
 

@@ -14,6 +14,7 @@ class EvalStage(Strict):
 
     type: Literal["eval"]
     tasks: str
+    split: Literal["eval", "validation"] = "eval"  # eval: the tasks stage's test split; validation: for choosing settings
     teacher: str
     models: dict[str, str]  # label -> model reference; the teacher is evaluated first as "teacher"
     max_new_tokens: int = Field(32, gt=0)

@@ -266,7 +266,8 @@ def build_document(src: Sources, title: str, names: dict[str, str] | None = None
                           "it includes zero. Speeds are best-of-two wall-clock runs on the machine that ran the evaluation.")
         blocks.append(Figure(f"pass-rates-{ev.id[:8]}.png", charts.pass_rates(suites, rows, f"eval artifact {ev.id}"),
                              "pass rate per task"))
-        sections.append(Section(f"{label}: {', '.join(suites)}", blocks, f"eval artifact `{ev.id}` (results.json)"))
+        split = f" ({res['split']} split)" if res.get("split") else ""  # which tasks split the figures come from
+        sections.append(Section(f"{label}: {', '.join(suites)}{split}", blocks, f"eval artifact `{ev.id}` (results.json)"))
         prefix = f"{label}/" if len(src.evals) > 1 else ""
         points += [{**r, "model": prefix + r["model"]} for r in rows]
     if points:
@@ -329,7 +330,9 @@ def run_report(ctx) -> None:
     names = {a.id: n for n, a in ctx.runner.results.items()}
     doc = build_document(src, title, names)
     for ev in src.evals:
-        print_tables(table_rows(load_results(ev)), f"{title} ({names.get(ev.id, ev.id)})")
+        res = load_results(ev)
+        split = f", {res['split']} split" if res.get("split") else ""
+        print_tables(table_rows(res), f"{title} ({names.get(ev.id, ev.id)}{split})")
     write_document(doc, ctx.out.path)
     ctx.out.metrics["models"] = {r["model"]: {k: r[k] for k in ("pass_at_1", "decode_tok_s", "params_m", "kl")}
                                  for ev in src.evals for r in table_rows(load_results(ev))}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import EmptyDatasetError
+from ..errors import EmptyDatasetError, StillhouseError
 from ..records import read_rows
 from ..verify.choose import verifier_for
 from .compare import Candidate, EvalSettings, evaluate_models, write_results
@@ -14,9 +14,11 @@ from .suites import Suite, parse_suite
 def run_eval(ctx) -> None:
     c = ctx.config
     tasks = ctx.inputs["tasks"]
-    records = read_rows(tasks.file("eval.parquet"))
+    if c.split == "validation" and not tasks.file("validation.parquet").is_file():
+        raise StillhouseError(f"stage '{ctx.name}': split: validation, but tasks stage '{c.tasks}' has no validation split")
+    records = read_rows(tasks.file(f"{c.split}.parquet"))
     if not records:
-        raise EmptyDatasetError(f"stage '{ctx.name}': held-out split is empty")
+        raise EmptyDatasetError(f"stage '{ctx.name}': {c.split} split is empty")
     task = tasks.manifest["task"]
     # the tasks stage's own verifier: a reasoning-gym scorer, or code run in the sandbox for HumanEval
     verifier = verifier_for("auto", tasks.manifest, records, ctx.name)
@@ -40,6 +42,7 @@ def run_eval(ctx) -> None:
                                lambda ref=ref: runner.load_model(ref), art.id if art is not None else None, disk, {"ref": ref}))
     results, rows = evaluate_models(cands, suites, settings)
     results["task"] = task
+    results["split"] = "test" if c.split == "eval" else "validation"  # which split every figure comes from
     write_results(ctx.out, results, rows)
 
 
