@@ -284,45 +284,10 @@ def serve(
 _terminated = threading.Event()
 
 
-keys_app = typer.Typer(help="API keys for `stillhouse serve --api-keys FILE` (stored hashed; a key is shown once).", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-
-
-@keys_app.command("add")
-def keys_add(
-    file: Path = typer.Argument(..., help="Key file (created if missing)."),
-    account: str = typer.Option("default", help="Account the key belongs to."),
-    org: str = typer.Option("default", help="Organisation of the account."),
-):
-    """Make a key; print it once (only its hash is stored)."""
-    from .apikeys import KeyStore
-
-    rec, key = KeyStore.load(file, create=True).add(account=account, org=org)
-    print(key)
-    print(f"key id {rec.id} (account {rec.account}, org {rec.org}) added to {file}; the key is not shown again", file=sys.stderr)
-
-
-@keys_app.command("revoke")
-def keys_revoke(file: Path = typer.Argument(..., help="Key file."), key_id: str = typer.Argument(..., help="The key's id (8 hex chars).")):
-    """Revoke a key by its id."""
-    from .apikeys import KeyStore
-
-    KeyStore.load(file).revoke(key_id)
-    print(f"key {key_id} revoked", file=sys.stderr)
-
-
-@keys_app.command("list")
-def keys_list(file: Path = typer.Argument(..., help="Key file.")):
-    """Key ids, accounts and states (never the keys)."""
-    from .apikeys import KeyStore
-
-    for r in KeyStore.load(file).records:
-        print(f"{r.id}\t{r.account}\t{r.org}\t{'active' if r.active else 'revoked'}")
-
-
-from .guard.cli import app as guard_app  # noqa: E402  (the provider guard: guard/cli.py)
+from .guard.cli import app as guard_app, keys_app  # noqa: E402  (the provider guard: guard/cli.py)
 
 app.add_typer(guard_app, name="guard")
+app.add_typer(keys_app, name="keys")  # the same commands as `stillhouse guard keys`: one key mechanism (apikeys.py)
 
 
 def _on_sigterm(signum, frame):

@@ -15,7 +15,7 @@ app = typer.Typer(help="Provider guard: a gateway that enforces keys and quotas,
 app.command("analyze")(analyze)
 for _command in (keygen, detect, radioactivity, provenance):  # was this model distilled from mine? (docs/provenance.md)
     app.command()(_command)
-keys_app = typer.Typer(help="The gateway's API keys (stored hashed; a key is shown once).", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys for the gateway and `stillhouse serve --api-keys` (stored hashed; a key is shown once); also `stillhouse keys`.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 
