@@ -70,6 +70,10 @@ class TasksStage(Strict):
     @model_validator(mode="after")
     def _seed_ranges_apart(self):
         # item i of a split is generated from seed + i, so overlapping ranges repeat whole problems
+        # (the overlap is removed by question text either way; three-split recipes, which choose
+        # settings on validation, are held to far-apart seeds; older two-split ones are not)
+        if self.validation is None:
+            return self
         named = [("train", self.train), ("validation", self.validation), ("eval", self.eval)]
         spans = [(n, s.seed, s.seed + s.size) for n, s in named if s is not None]
         for i, (a, a0, a1) in enumerate(spans):
