@@ -125,7 +125,7 @@ def test_editing_the_prompt_file_gives_a_new_artifact(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("", "has no prompts"),
+    ("", "is empty (no records)"),  # preflight finds it before any model loads
     ('{"text": "hi"}\n', "has no field 'prompt'"),
     ('{"prompt": "ok"}\n{"prompt": \n', "p.jsonl:2: not valid JSON"),
     ('{"prompt": "   "}\n', "field 'prompt' is empty"),

@@ -70,6 +70,12 @@ class _Common(_Strict):
     user: str | None = None  # accepted, unused
     ignore_eos: bool = False  # vLLM: generate until max_tokens even past the end token
     return_tokens_as_token_ids: bool = False  # vLLM: spell log-prob tokens as `token_id:<id>`
+    # vLLM / llama.cpp sampler extensions: accepted only at their "off" values (what stillhouse's
+    # openai backend sends explicitly so that no server default applies silently)
+    top_k: int | None = None  # 0 or -1: the whole vocabulary
+    min_p: float | None = None  # 0: no floor
+    repetition_penalty: float | None = None  # 1: none (vLLM's name)
+    repeat_penalty: float | None = None  # 1: none (llama.cpp's name)
 
 
 class TextPart(_Strict):
@@ -110,6 +116,10 @@ class CompletionRequest(_Common):
 
 def unsupported(req: _Common) -> str | None:
     """Why a declared parameter's value is not implemented, or None."""
+    for name, off in (("top_k", (0, -1)), ("min_p", (0.0,)), ("repetition_penalty", (1.0,)), ("repeat_penalty", (1.0,))):
+        value = getattr(req, name)
+        if value is not None and value not in off:
+            return f"{name}={value} is not supported by stillhouse serve (only its 'off' value, {off[0]})"
     if isinstance(req, CompletionRequest) and req.best_of is not None and req.best_of != req.n:
         return "best_of other than n is not supported (no server-side reranking); drop it or set it to n"
     if isinstance(req, ChatRequest):
