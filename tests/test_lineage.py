@@ -141,13 +141,13 @@ def test_corrupted_manifests_are_one_line_errors(tmp_path):
     trained(tmp_path, "s", {"d_t": 100})
     mf = tmp_path / "dataset" / "d_t" / "manifest.json"
     mf.write_text('{"id": "d_t", "kind": "data')
-    with pytest.raises(StillhouseError, match="corrupt manifest .*d_t"):
+    with pytest.raises(StillhouseError, match="d_t.*corrupt"):
         load_lineage(ArtifactStore(tmp_path), "s")
     mf.write_text(json.dumps({"id": "d_t", "kind": "dataset"}))
-    with pytest.raises(StillhouseError, match="missing 'stage', 'parents'"):
+    with pytest.raises(StillhouseError, match="d_t.*not a valid manifest \\(stage: Field required"):
         load_lineage(ArtifactStore(tmp_path), "s")
     mf.write_text(json.dumps({"id": "d_t", "kind": "dataset", "stage": "x", "parents": "s"}))
-    with pytest.raises(StillhouseError, match="'parents' must be a list"):
+    with pytest.raises(StillhouseError, match="d_t.*not a valid manifest"):
         load_lineage(ArtifactStore(tmp_path), "s")
 
 

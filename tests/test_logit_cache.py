@@ -221,7 +221,8 @@ def _write_cache(root, codec, logits, lengths, fmt=FORMAT):
     writer.close()
     meta = {"format": fmt, "codec": codec.to_dict(), "shards": writer.shards, "data_id": "d1",
             "teacher": {"spec": "t"}, "tokenizer": {"vocab": "v", "size": logits.size(1)}}
-    (root / "manifest.json").write_text(json.dumps({"id": "c1", "kind": "logit_cache", META: meta, "teachers": []}))
+    (root / "manifest.json").write_text(json.dumps({"id": "c1", "kind": "logit_cache", "stage": "logit_cache", "name": "cache",
+                                                             "config": {}, "parents": ["d1"], META: meta, "teachers": []}))
 
 
 def test_logit_cache_reads_records_by_id(tmp_path):
