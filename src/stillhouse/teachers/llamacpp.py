@@ -115,6 +115,9 @@ class LlamaCppTeacher:
     def identity(self):
         return self._identity
 
+    def usage_metrics(self) -> dict:
+        return {}  # a local model: nothing is billed or rate-limited
+
     def _is_stop(self, tid: int) -> bool:
         return tid in self._stops or bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, tid))
 
