@@ -189,17 +189,24 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
     async def healthz():
         return {"ok": True}
 
-    @app.get("/v1/models")
-    async def models(request: Request):
+    def authenticate(request: Request, route: str, **fields):
+        """(start time, the log row begun, the key's (record, limits) or None); an unknown key is logged as 401."""
         t0 = time.perf_counter()
-        row = {"ts": time.time(), "route": "/v1/models", "user_agent": request.headers.get("user-agent"),
-               "client_ip": request.client.host if request.client else None, "param_shape": ""}
+        row = {"ts": time.time(), "route": route, "user_agent": request.headers.get("user-agent"),
+               "client_ip": request.client.host if request.client else None, **fields}
         found = keys.lookup(bearer_token(request.headers.get("authorization")))
         if found is None:
             finish(row, t0, 401, "unauthorized")
+        else:
+            rec = found[0]
+            row.update(account=rec.account, org=rec.org, key_id=rec.id)
+        return t0, row, found
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        t0, row, found = authenticate(request, "/v1/models", param_shape="")
+        if found is None:
             return _error(401, "invalid or missing API key", "invalid_api_key")
-        rec, _ = found
-        row.update(account=rec.account, org=rec.org, key_id=rec.id)
         try:
             async with app.state.client.get(f"{upstream}/models", headers=headers) as r:
                 status, content = r.status, await r.read()
@@ -210,15 +217,10 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
         return Response(content, status_code=status, media_type="application/json")
 
     async def proxy(request: Request, chat: bool):
-        t0 = time.perf_counter()
-        row = {"ts": time.time(), "route": "chat" if chat else "completions", "user_agent": request.headers.get("user-agent"),
-               "client_ip": request.client.host if request.client else None}
-        found = keys.lookup(bearer_token(request.headers.get("authorization")))
+        t0, row, found = authenticate(request, "chat" if chat else "completions")
         if found is None:
-            finish(row, t0, 401, "unauthorized")
             return _error(401, "invalid or missing API key", "invalid_api_key")
         rec, key_limits = found
-        row.update(account=rec.account, org=rec.org, key_id=rec.id)
         raw = await request.body()
         if len(raw) > cfg.max_body_bytes:
             finish(row, t0, 413, "bad_request")
