@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -25,20 +25,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..apikeys import KeyRecord, KeyStore, bearer_token
 from ..errors import StillhouseError
+from ..teachers.endpoint import normalise
 from .config import GuardConfig, Limits
 from .quotas import Quotas
 from .reqlog import RequestLog
 from .responses import ResponseFilter
 
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-
-
-def redact(url: str) -> str:
-    """The URL without user:password (for messages and logs)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
@@ -150,7 +143,7 @@ async def _sse_lines(r: aiohttp.ClientResponse):
 
 def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
     upstream = upstream.rstrip("/")
-    shown = redact(upstream)
+    shown = normalise(upstream)
     keys = Keys(cfg.keys, cfg)
     quotas = Quotas()
     headers = {"content-type": "application/json"}
@@ -387,12 +380,12 @@ def check_upstream(upstream: str, cfg: GuardConfig) -> None:
     try:
         r = httpx.get(f"{upstream.rstrip('/')}/models", headers=headers, timeout=10)
     except httpx.HTTPError as e:
-        raise StillhouseError(f"upstream {redact(upstream)} unreachable: {type(e).__name__}") from None
+        raise StillhouseError(f"upstream {normalise(upstream)} unreachable: {type(e).__name__}") from None
     except ValueError as e:  # not a URL at all
-        raise StillhouseError(f"--upstream {redact(upstream)!r}: not a usable URL ({e})") from None
+        raise StillhouseError(f"--upstream {normalise(upstream)!r}: not a usable URL ({e})") from None
     if r.status_code in (401, 403):
         given = f"the key in {cfg.upstream.api_key_env}" if cfg.upstream.api_key_env else "no key (set upstream.api_key_env)"
-        raise StillhouseError(f"upstream {redact(upstream)} refused {given}: HTTP {r.status_code}")
+        raise StillhouseError(f"upstream {normalise(upstream)} refused {given}: HTTP {r.status_code}")
 
 
 def serve(upstream: str, config: str | Path, *, host: str = "127.0.0.1", port: int = 8080) -> None:
@@ -404,7 +397,7 @@ def serve(upstream: str, config: str | Path, *, host: str = "127.0.0.1", port: i
 
     cfg = load_config(config)
     if not urlsplit(upstream).scheme in ("http", "https"):
-        raise StillhouseError(f"--upstream {redact(upstream)!r}: must be an http(s) URL such as http://127.0.0.1:8000/v1")
+        raise StillhouseError(f"--upstream {normalise(upstream)!r}: must be an http(s) URL such as http://127.0.0.1:8000/v1")
     sock = _bind(host, port)  # sets TCP_NODELAY for accepted connections
     try:
         KeyStore.load(cfg.keys)  # a missing or broken key file fails here, before anything listens
@@ -414,7 +407,7 @@ def serve(upstream: str, config: str | Path, *, host: str = "127.0.0.1", port: i
         if cfg.upstream.check:
             check_upstream(upstream, cfg)
         app = create_app(cfg, upstream)
-        print(f"stillhouse guard: http://{host}:{sock.getsockname()[1]}/v1 -> {redact(upstream)}", file=sys.stderr, flush=True)
+        print(f"stillhouse guard: http://{host}:{sock.getsockname()[1]}/v1 -> {normalise(upstream)}", file=sys.stderr, flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
     finally:
         sock.close()
