@@ -23,17 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from .errors import StillhouseError
 from .fsutil import write_json_atomic
+from .strict import Strict
 
 KEY_RE = re.compile(r"^sh-([0-9a-f]{8})-([A-Za-z0-9_-]{43})$")
 
 
-class KeyRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class KeyRecord(Strict):
     id: str = Field(pattern=r"^[0-9a-f]{8}$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     account: str = "default"
@@ -47,9 +46,7 @@ class KeyRecord(BaseModel):
         return self.revoked_at is None
 
 
-class _KeyFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class _KeyFile(Strict):
     version: int = 1
     keys: list[KeyRecord] = Field(default_factory=list)
 

@@ -21,13 +21,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from ..errors import StillhouseError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from ..strict import Strict
 
 
 class Limits(Strict):

@@ -14,7 +14,9 @@ import json
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from ..strict import Strict
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; completions allow 5, we allow the same 20
 MAX_STOP = 4  # OpenAI's limit
@@ -43,19 +45,15 @@ class Reject(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Strict):
+class StreamOptions(Strict):
     include_usage: bool = False  # a last chunk with `usage` and no choices
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     type: str  # only "text" (the default) is implemented
 
 
-class _Common(_Strict):
+class _Common(Strict):
     model: str
     temperature: float = Field(1.0, ge=0, le=2)  # 0: greedy
     top_p: float = Field(1.0, gt=0, le=1)
@@ -78,12 +76,12 @@ class _Common(_Strict):
     repeat_penalty: float | None = None  # 1: none (llama.cpp's name)
 
 
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(_Strict):
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None  # a string or a list of text parts
     name: str | None = None
