@@ -57,6 +57,7 @@ def assert_clean(code: int, err: str, allowed=(0, 2)) -> None:
     assert "Traceback" not in err, err
     if code == 2:
         lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert lines, f"exit 2 with nothing on stderr: {err!r}"
         assert len(lines) == 1 or lines[-1].startswith(("stillhouse: error:", "Error:")) or "Usage:" in err, err
 
 
@@ -141,3 +142,12 @@ def test_fuzzed_cli_arguments_never_raise_a_traceback(argv, capsys):
         finally:
             os.chdir(cwd)
     assert_clean(code, err, allowed=(0, 1, 2))  # 1: `lineage --from` answering "no"
+
+
+@pytest.mark.parametrize("argv", [[], ["keys"], ["guard"], ["guard", "keys"]])
+def test_a_bare_command_group_shows_its_help_and_names_the_missing_command(argv, capsys):
+    """Found by the fuzz (`keys` alone): typer printed the help on stdout and the CLI then printed
+    only a blank line on stderr with exit 2."""
+    code, err = cli(capsys, argv)
+    assert code == 2 and "needs a command" in err
+    assert_clean(code, err)
