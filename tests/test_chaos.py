@@ -41,3 +41,13 @@ def test_training_resumes_after_kills_within_tolerance(tmp_path):
     assert r["kills"] == 3 and r["half_artifacts_seen"] == 0 and r["failed_checks"] == 0, r
     assert r["steps"] == r["reference_steps"] and r["loss_rel_diff"] <= chaos.LOSS_TOLERANCE
     assert r["spent_checkpoints_left"] == 0
+
+
+def test_accounting_after_kills_reconciles_with_the_fault_servers_count(tmp_path):
+    """A fresh artifact (own server, workspace, cache): every answer the server reported is billed
+    in the manifest's ledger or explained (timed out, in flight at a kill); tokens and cost equal."""
+    r = chaos.scenario_accounting(tmp_path, random.Random(4), kills=2, rate=0.3, prompts=8)
+    assert r["kills"] >= 1 and r["half_artifacts_seen"] == 0, r  # the first kill point comes before the last unit
+    assert r["records"] == r["expected_records"] and r["duplicated"] == 0, r
+    assert r["unexplained_answers"] == 0 and r["billed_answers_unknown_to_server"] == 0, r
+    assert r["exact"] and r["cost_usd"] == pytest.approx(r["server_cost_usd"], abs=1e-12), r
