@@ -216,7 +216,10 @@ def scenario_openai(root: Path, rng: random.Random, kills: int, rate: float, pro
             results[label] = {
                 "scenario": f"generation (openai backend, {rate:.0%} faults{', kills' if n_kills else ''})", **out,
                 **compare(reference, dataset_rows(ws)),
-                "server_requests": stats["requests"], "faults_injected": injected, "faults": stats["faults"],
+                "server_requests": stats["requests"], "faults_injected": injected, "faults": stats["faults"]}
+            if n_kills:  # a run that finished before its kill point was discarded and rerun from the response
+                continue  # cache, so the server saw more than the last artifact: scenario_accounting counts that
+            results[label] |= {
                 "client_requests": usage["requests"], "client_failures": usage["failures"],
                 "billed_completion_tokens": usage["billed_completion_tokens"],
                 "server_reported_completion_tokens": stats.get("reported_completion_tokens", 0),

@@ -25,15 +25,14 @@ def test_generation_openai_with_faults_and_kills_completes_every_record_once(tmp
     res = chaos.scenario_openai(tmp_path, random.Random(2), kills=2, rate=0.3, prompts=16)
     for r in res.values():
         assert (r["lost"], r["duplicated"], r["half_artifacts_seen"], r["failed_checks"]) == (0, 0, 0, 0) and r["identical"], r
-        assert r["faults_injected"] > 0 and r["client_requests"] <= r["server_requests"]
+        assert r["faults_injected"] > 0
     # no kill: the client's billed tokens are exactly what the server reported in answers it could
     # read (every slow answer outlives the client's timeout here: reported, never read)
     exact = res["faults"]
     assert exact["client_requests"] == exact["server_requests"]
     assert exact["billed_completion_tokens"] == exact["server_reported_completion_tokens"] - exact["timed_out_completion_tokens"]
     assert exact["billed_prompt_tokens"] == exact["server_reported_prompt_tokens"] - exact["timed_out_prompt_tokens"]
-    killed = res["faults+kills"]  # killed: at most the requests in flight at a kill are missing
-    assert killed["kills"] == 2 and killed["billed_completion_tokens"] <= killed["server_reported_completion_tokens"]
+    assert res["faults+kills"]["kills"] == 2  # accounting after kills: test_accounting_after_kills_...
 
 
 def test_training_resumes_after_kills_within_tolerance(tmp_path):

@@ -122,7 +122,15 @@ def test_fuzzed_model_specs_resolve_or_fail_in_one_line(spec):
     try:
         models.resolve(spec)
     except StillhouseError as e:
-        assert "\n" not in str(e)
+        assert len(str(e).splitlines()) == 1, str(e)
+
+
+@pytest.mark.parametrize("spec", ["\n", "a\nb", "x\n.gguf", "./a\u2028b", "m\x85"])
+def test_a_model_spec_with_a_line_break_is_shown_escaped_on_one_line(spec):
+    """Found by the fuzz at 1,000 examples: the spec was quoted raw, newline and all."""
+    with pytest.raises(StillhouseError) as e:
+        models.resolve(spec)
+    assert len(str(e.value).splitlines()) == 1 and repr(spec) in str(e.value)
 
 
 COMMANDS = ["show", "validate", "models", "lineage", "keys", "generate", "eval", "compare", "report", "--help", "nonsense"]

@@ -150,6 +150,14 @@ def _gguf_cached_dir(gguf_path: Path, license: str) -> tuple[Path, str]:
     return out, digest
 
 
+def _shown(spec: str, quote: bool = False) -> str:
+    """A spec as an error message shows it: escaped when it holds a newline or another unprintable
+    character (the message must stay one line), else as typed (quoted if asked)."""
+    if not spec.isprintable():
+        return repr(spec)
+    return f"'{spec}'" if quote else spec
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec and Path(spec).exists()
 
@@ -164,20 +172,20 @@ def resolve(spec: str) -> tuple[Path | str, ModelIdentity]:
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise StillhouseError(f"model file not found: {spec}")
+            raise StillhouseError(f"model file not found: {_shown(spec)}")
         d, digest = _gguf_cached_dir(path, "unknown")
         return d, ModelIdentity(str(path.resolve()), digest, "unknown", "gguf")
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise StillhouseError(f"model directory has no config.json: {spec}")
+            raise StillhouseError(f"model directory has no config.json: {_shown(spec)}")
         source = "artifact" if (path / "manifest.json").exists() else "hf-dir"
         return path, ModelIdentity(str(path.resolve()), weights_hash(path), _read_card_license(path), source)
     if _looks_like_path(spec) or path.exists():
-        raise StillhouseError(f"model path not found: {spec}")
+        raise StillhouseError(f"model path not found: {_shown(spec)}")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         return spec, ModelIdentity(spec, "hub:" + spec, "unknown", "hub")
     known = ", ".join(BUILTINS)
-    raise StillhouseError(f"unknown model '{spec}': not a built-in ({known}), a directory, a .gguf file or a hub id")
+    raise StillhouseError(f"unknown model {_shown(spec, quote=True)}: not a built-in ({known}), a directory, a .gguf file or a hub id")
 
 
 def gguf_source(spec: str) -> tuple[Path, ModelIdentity]:
@@ -190,9 +198,9 @@ def gguf_source(spec: str) -> tuple[Path, ModelIdentity]:
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise StillhouseError(f"model file not found: {spec}")
+            raise StillhouseError(f"model file not found: {_shown(spec)}")
         return path, ModelIdentity(str(path.resolve()), _hash_cached(path), "unknown", "gguf")
-    raise StillhouseError(f"'{spec}' is not a GGUF model: the llamacpp backend runs a .gguf file or a built-in "
+    raise StillhouseError(f"{_shown(spec, quote=True)} is not a GGUF model: the llamacpp backend runs a .gguf file or a built-in "
                           f"({', '.join(BUILTINS)})")
 
 
