@@ -254,8 +254,10 @@ def load_tokenizer(spec: str):
 
 
 def save(model: torch.nn.Module, tokenizer, out_dir: Path, extra: dict | None = None) -> None:
-    """Save as a plain HF directory (safetensors) that `from_pretrained(dir)` loads unchanged."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    """Save as a plain HF directory (safetensors) that `from_pretrained(dir)` loads unchanged.
+    An FSDP-trained model carries its gathered full state dict (train/fsdp.py): saved instead of its shards."""
+    full = getattr(model, "stillhouse_full_state", None)
+    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
     tokenizer.save_pretrained(out_dir)
     if extra:
         write_json_atomic(out_dir / "stillhouse.json", extra)
