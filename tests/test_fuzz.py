@@ -159,3 +159,10 @@ def test_a_bare_command_group_shows_its_help_and_names_the_missing_command(argv,
     code, err = cli(capsys, argv)
     assert code == 2 and "needs a command" in err
     assert_clean(code, err)
+
+
+@pytest.mark.parametrize("spec", ["~0", "~nosuchuser/m", "~nosuchuser/x.gguf"])
+def test_a_path_under_an_unknown_users_home_is_a_one_line_error(spec):
+    """Found by the fuzz at 1,000 examples: pathlib's expanduser raised a bare RuntimeError."""
+    with pytest.raises(StillhouseError, match="no home directory"):
+        models.resolve(spec)

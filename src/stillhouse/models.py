@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import StillhouseError
-from .fsutil import atomic_dir, sha256_file, write_json_atomic
+from .fsutil import atomic_dir, sha256_file, write_json_atomic, expand_user
 from .model_catalog import BUILTINS, Builtin, ModelIdentity, _read_card_license, cache_dir  # noqa: F401 (importable here)
 
 
@@ -169,7 +169,7 @@ def resolve(spec: str) -> tuple[Path | str, ModelIdentity]:
         gguf = b.locate()
         d, digest = _gguf_cached_dir(gguf, b.license)
         return d, ModelIdentity(spec, digest, b.license, "builtin")
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise StillhouseError(f"model file not found: {_shown(spec)}")
@@ -195,7 +195,7 @@ def gguf_source(spec: str) -> tuple[Path, ModelIdentity]:
         b = BUILTINS[spec]
         gguf = b.locate()
         return gguf, ModelIdentity(spec, _hash_cached(gguf), b.license, "builtin")
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise StillhouseError(f"model file not found: {_shown(spec)}")
@@ -206,7 +206,7 @@ def gguf_source(spec: str) -> tuple[Path, ModelIdentity]:
 
 def identify(spec: str) -> ModelIdentity:
     """A spec's identity; GGUF-based specs are hashed, not converted."""
-    if spec in BUILTINS or Path(spec).expanduser().suffix == ".gguf":
+    if spec in BUILTINS or expand_user(spec).suffix == ".gguf":
         return gguf_source(spec)[1]
     return resolve(spec)[1]
 
