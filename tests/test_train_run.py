@@ -134,9 +134,11 @@ def test_fsdp_on_two_cpu_processes_saves_the_whole_model_and_resumes_after_kill_
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(out / "hf").state_dict()
+    assert set(model.state_dict()) - set(final) == ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
     for name, p in model.state_dict().items():
-        torch.testing.assert_close(final[name], p, rtol=1e-3, atol=5e-4)  # as DDP: Adam amplifies rounding
-        torch.testing.assert_close(hf[name], final[name])
+        if name in final:  # a tied copy is saved once, as save_pretrained does
+            torch.testing.assert_close(final[name], p, rtol=1e-3, atol=5e-4)  # as DDP: Adam amplifies rounding
+        torch.testing.assert_close(hf[name], p, rtol=1e-3, atol=5e-4)
 
 
 def test_resume_after_kill_9_reproduces_the_uninterrupted_loss_curve(tmp_path, tiny):

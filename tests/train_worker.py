@@ -61,11 +61,13 @@ def main() -> int:
     out = Path(args.out)
     tok = build_tokenizer()
     model = build_tiny_model(tok, seed=0)
-    acc = Accelerator(cpu=True)
-    if args.fsdp:
-        from stillhouse.train import fsdp
+    if args.fsdp:  # as `accelerate launch` with examples/accelerate/fsdp.yaml asks for it
+        from stillhouse import processes
 
-        fsdp.enable_on_cpu(acc)
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        acc = processes.accelerator()
+    else:
+        acc = Accelerator(cpu=True)
 
     def on_step(rec):
         if args.kill_at and rec["step"] == args.kill_at:
@@ -76,7 +78,7 @@ def main() -> int:
                     metrics_path=out / "metrics.jsonl")
     if acc.is_main_process:
         (out / "history.json").write_text(json.dumps(history))
-        if args.fsdp:  # the stage's save path: the gathered full state dict, not the main process's shards
+        if args.fsdp:  # the stage's save path: the gathered full state dict (set only under FSDP)
             from safetensors.torch import save_file
 
             from stillhouse import models

@@ -89,3 +89,13 @@ def unique(state: dict) -> dict:
         out[name] = t.clone().contiguous() if key in seen else t.contiguous()
         seen.add(key)
     return out
+
+
+def without_tied(model: torch.nn.Module, state: dict) -> dict:
+    """The state dict without the second name of a tied parameter (e.g. `lm_head.weight` tied to
+    the embedding), as `save_pretrained` writes a model it holds itself."""
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+    return {k: v for k, v in state.items() if k not in tied}

@@ -522,7 +522,7 @@ def train(
             advance(1, info=f"loss {loss_value:.3f} {rec['tokens_per_s']:.0f} tok/s")
     student.eval()
     if fsdp.active(scorer):  # the whole student for saving (models.save), gathered on the main process
-        student.stillhouse_full_state = fsdp.full_model_state(student)
+        student.stillhouse_full_state = fsdp.without_tied(student, fsdp.full_model_state(student))
     return history
 
 
