@@ -10,7 +10,8 @@ checkpoints plus a random delay, so the points do not depend on the machine's sp
 rerun until it finishes. Checked after every kill: no half artifact is visible (every
 directory in view has a valid manifest). Checked at the end: the dataset is identical record
 for record to the reference (0 lost, 0 duplicated), the trained model's final loss is within
-tolerance of the reference, and the teacher's billed tokens against the server's count.
+tolerance of the reference. The accounting scenario runs a fresh artifact against its own fault
+server and reconciles the manifest's billed answers with the server's list, answer by answer.
 Disk-full trials need root (a small tmpfs). tests/test_chaos.py runs a few kills of each.
 """
 
@@ -215,7 +216,10 @@ def scenario_openai(root: Path, rng: random.Random, kills: int, rate: float, pro
             results[label] = {
                 "scenario": f"generation (openai backend, {rate:.0%} faults{', kills' if n_kills else ''})", **out,
                 **compare(reference, dataset_rows(ws)),
-                "server_requests": stats["requests"], "faults_injected": injected, "faults": stats["faults"],
+                "server_requests": stats["requests"], "faults_injected": injected, "faults": stats["faults"]}
+            if n_kills:  # a run that finished before its kill point was discarded and rerun from the response
+                continue  # cache, so the server saw more than the last artifact: scenario_accounting counts that
+            results[label] |= {
                 "client_requests": usage["requests"], "client_failures": usage["failures"],
                 "billed_completion_tokens": usage["billed_completion_tokens"],
                 "server_reported_completion_tokens": stats.get("reported_completion_tokens", 0),
@@ -228,6 +232,84 @@ def scenario_openai(root: Path, rng: random.Random, kills: int, rate: float, pro
                 "server_reported_prompt_tokens": stats.get("reported_prompt_tokens", 0),
             }
     return results
+
+
+def scenario_accounting(root: Path, rng: random.Random, kills: int, rate: float, prompts: int = 32) -> dict:
+    """Teacher accounting after kills, on a fresh artifact: one fault server (its own count), one
+    workspace and response cache never reused or discarded; kill -9 at seeded points before the
+    last unit, rerun after each, then run to the end.
+
+    Reconciled answer by answer: every answer the server reported a usage for is either in the
+    manifest's ledger (billed) or explained: a slow answer the client stopped waiting for (each
+    outlives the client's timeout here) or an answer in flight when its process was killed (sent
+    to a process that then died before it could write it down; a metered API bills it, no client
+    can know). `unexplained` must be 0, and the manifest's billed tokens and cost must equal the
+    server's reported ones less the explained ones; received tokens likewise for well-formed answers."""
+    model = tiny_model(root)
+    price = {"input_per_mtok": 1.0, "output_per_mtok": 2.0}
+    shard = 2
+    units = prompts // shard
+    with server(model, fault_spec(rate), rng.randint(0, 10**6)) as (url, app):
+        teacher = {"teachers": {"teacher": {"backend": "openai", "base_url": url, "model": "tiny", "terms": "apache-2.0",
+                                            "max_concurrency": 4, "timeout": 3, "max_retries": 40, "price": price}}}
+        recipe = write_recipe(root, "acct", teacher, prompts, shard, temperature=0.0)
+        ws, cache = root / "acct-ws", root / "cache-acct"
+        killed_spans, half, done = [], [], False  # (start, end) of each killed process, monotonic
+        while len(killed_spans) < kills and not done:
+            t0 = time.monotonic()
+            proc = spawn(recipe, ws, cache)
+            target, delay = rng.randint(0, units - 1), rng.uniform(0, 0.5)
+            while proc.poll() is None and progress(ws) < target:
+                time.sleep(0.02)
+            time.sleep(delay)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                time.sleep(0.5)  # the server may still finish an answer the dead process asked for
+                killed_spans.append((t0, time.monotonic()))
+                half += half_artifacts(ws)
+            else:  # finished before this kill point: no more kills, keep the artifact
+                done = proc.returncode == 0
+        if not done:
+            run_to_end(recipe, ws, cache)
+        stats = app.state.stats
+    art = next(a for a in ArtifactStore(ws).all() if a.kind == "dataset")
+    usage = art.manifest["metrics"]["teacher_usage"]["teacher"]
+    ledger = [json.loads(ln) for ln in (art.path / "teacher_usage" / "teacher.jsonl").read_text().splitlines()
+              if ln.endswith("}")]
+    billed_ids = [d["answer"] for d in ledger if "answer" in d]
+    answers = stats.get("reported_answers", [])
+    slow = [a for a in answers if a["id"] not in billed_ids and a["fault"] == "slow"]
+    in_flight = [a for a in answers if a["id"] not in billed_ids and a["fault"] != "slow"
+                 and any(t0 <= a["t"] <= t1 for t0, t1 in killed_spans)]
+    explained = {a["id"] for a in slow + in_flight}
+    unexplained = [a for a in answers if a["id"] not in billed_ids and a["id"] not in explained]
+    total = lambda group, side: sum(a[side] for a in group)  # noqa: E731
+    server_billed = {side: total(answers, side) - total(slow + in_flight, side) for side in ("prompt", "completion")}
+    usable = [a for a in answers if a["fault"] in (None, "slow") and a["id"] not in explained]
+    server_cost = (server_billed["prompt"] * price["input_per_mtok"] + server_billed["completion"] * price["output_per_mtok"]) / 1e6
+    rows = dataset_rows(ws)
+    got = (usage["billed_prompt_tokens"], usage["billed_completion_tokens"], usage["prompt_tokens"], usage["completion_tokens"])
+    want = (server_billed["prompt"], server_billed["completion"], total(usable, "prompt"), total(usable, "completion"))
+    return {
+        "scenario": f"accounting after kills (openai backend, {rate:.0%} faults, fresh artifact)", "kills": len(killed_spans),
+        "half_artifacts_seen": len(half), "records": len(rows), "expected_records": prompts * 2,
+        "duplicated": len(rows) - len({r["id"] for r in rows}),
+        "server_requests": stats["requests"], "client_requests": usage["requests"], "faults": stats["faults"],
+        "server_reported_answers": len(answers), "billed_answers": len(billed_ids),
+        "billed_answers_unknown_to_server": len(set(billed_ids) - {a["id"] for a in answers}),
+        "timed_out_answers": len(slow), "in_flight_at_kill_answers": len(in_flight),
+        "in_flight_at_kill_completion_tokens": total(in_flight, "completion"), "unexplained_answers": len(unexplained),
+        "billed_prompt_tokens": got[0], "server_billed_prompt_tokens": want[0],
+        "billed_completion_tokens": got[1], "server_billed_completion_tokens": want[1],
+        "received_prompt_tokens": got[2], "server_usable_prompt_tokens": want[2],
+        "received_completion_tokens": got[3], "server_usable_completion_tokens": want[3],
+        "cached_responses": usage["cached_responses"],
+        "cost_usd": usage["cost_usd"], "server_cost_usd": round(server_cost, 9),
+        # generated but never readable by any client (cut, non-JSON): what a metered API may also bill
+        "served_unreadable_completion_tokens": stats.get("served_completion_tokens", 0) - total(answers, "completion"),
+        "exact": got == want and not unexplained and abs(usage["cost_usd"] - server_cost) < 1e-9,
+    }
 
 
 def scenario_train(root: Path, rng: random.Random, kills: int, prompts: int = 12) -> dict:
@@ -299,6 +381,7 @@ def main() -> None:
     show(scenario_hf(root, rng, per))
     for r in scenario_openai(root, rng, per, a.faults).values():
         show(r)
+    show(scenario_accounting(root, rng, per, a.faults))
     show(scenario_train(root, rng, a.kills - 2 * per))
     show(scenario_disk_full(root, a.disk_full, rng))
     shutil.rmtree(root, ignore_errors=True)

@@ -67,7 +67,7 @@ def test_keys_401_without_upstream_call(upstream, tmp_path):
         # revoking in the key file takes effect in the running gateway (it re-reads a changed file)
         store = KeyStore.load(tmp_path / "keys.json")
         store.revoke(store.records[1].id)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300  # a bound for a broken reload, not a speed test
         while post(url, "/chat/completions", other, {"model": "inline", "messages": U}).status_code != 401:
             assert time.monotonic() < deadline
             time.sleep(0.2)
@@ -179,7 +179,7 @@ def test_client_leaving_a_stream_is_logged_once_as_cancelled(upstream, tmp_path)
     _, up_url = upstream
     [key] = make_keys(tmp_path / "keys.json", {})
     with gateway_server(guard_config(tmp_path), up_url) as (_, url):
-        with httpx.stream("POST", url + "/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+        with httpx.stream("POST", url + "/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=300,
                           json={"model": "slow", "messages": U, "stream": True}) as r:
             next(r.iter_lines())  # the first event, then hang up
         assert wait_rows(tmp_path / "log.sqlite", 1) == 1

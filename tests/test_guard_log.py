@@ -58,7 +58,7 @@ def test_committed_rows_survive_kill_9(tmp_path):
         stop, sent = threading.Event(), []
 
         def load(i):
-            with httpx.Client(timeout=30) as c:
+            with httpx.Client(timeout=300) as c:
                 while not stop.is_set():
                     try:
                         r = c.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
@@ -76,7 +76,7 @@ def test_committed_rows_survive_kill_9(tmp_path):
                 assert time.monotonic() < deadline and proc.poll() is None
                 time.sleep(0.05)
             os.kill(proc.pid, signal.SIGKILL)  # mid-traffic: requests are in flight and rows queued
-            proc.wait(timeout=30)
+            proc.wait(timeout=300)
         finally:
             stop.set()
             for t in threads:
@@ -92,7 +92,7 @@ def test_committed_rows_survive_kill_9(tmp_path):
         # the killed gateway's log opens again; a graceful stop commits every answered request once
         proc = _start_gateway(tmp_path, up_url, port)
         n0 = len(after)
-        with httpx.Client(timeout=30) as c:
+        with httpx.Client(timeout=300) as c:
             for i in range(20):
                 c.post(f"http://127.0.0.1:{port}/v1/completions", headers={"authorization": f"Bearer {key}"},
                        json={"model": "inline", "prompt": f"graceful {i}"}).raise_for_status()

@@ -155,7 +155,7 @@ def test_without_the_gateway_the_stub_leaks(rig):
     import httpx
 
     up_app, url, key = rig
-    leaks = sum(any(c in httpx.post(up_app.state.url + path, json=body, timeout=30).text for c in HIDDEN) for _, path, body in ATTACKS)
+    leaks = sum(any(c in httpx.post(up_app.state.url + path, json=body, timeout=300).text for c in HIDDEN) for _, path, body in ATTACKS)
     assert leaks == len(ATTACKS)
 
 
@@ -168,7 +168,7 @@ def test_implicit_open_streams_and_length_summary(tmp_path):
     cfg = guard_config(tmp_path, reasoning={"implicit_open": True, "summary": "length"})
     with upstream_server() as (up_app, up_url), gateway_server(cfg, up_url) as (_, url):
         body = {"model": "r1", "messages": U, "stream": True, "logprobs": True, "top_logprobs": 2}
-        assert any(c in httpx.post(up_url + CHAT, json=body, timeout=30).text for c in HIDDEN)  # the upstream does leak
+        assert any(c in httpx.post(up_url + CHAT, json=body, timeout=300).text for c in HIDDEN)  # the upstream does leak
         r = post(url, CHAT, key, body)
         assert not any(c in r.text for c in HIDDEN) and "\\u04" not in r.text
         events = sse_events(r.text)

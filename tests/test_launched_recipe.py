@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from stillhouse.artifacts import ArtifactWriter
@@ -185,3 +186,40 @@ def test_a_follower_stops_when_the_main_process_reports_a_failure(launched, monk
     with pytest.raises(StillhouseError, match="stage 'problems' failed on the main process: StillhouseError: no such task"):
         Runner(load_recipe(launched["recipe"]), root / "ws-follower").run()
     assert not (root / "ws-follower").exists() or not list((root / "ws-follower").rglob("manifest.json"))
+
+
+def test_fsdp_launch_trains_and_saves_the_same_model_as_one_process(tmp_path, tiny_model_dir):
+    """`torchrun` on 2 CPU processes with ACCELERATE_USE_FSDP=true (what `accelerate launch` with
+    examples/accelerate/fsdp.yaml sets): the train stage runs FSDP2 over gloo, each process
+    training half of every batch, and the saved model (gathered on the main process) equals a
+    single-process run's."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {i}."}) + "\n" for i in range(8)))
+    recipe = tmp_path / "fsdp.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "fsdp", "models": {"teacher": str(tiny_model_dir)}, "stages": {
+        "answers": {"type": "complete", "teacher": "teacher", "prompts_file": str(prompts), "samples": 2,
+                    "temperature": 0.8, "max_new_tokens": 8, "batch_size": 4, "shard_size": 4},
+        "student": {"type": "train", "student": "teacher", "data": "answers", "epochs": 2, "batch_size": 4,
+                    "sft_weight": 1.0, "kd_weight": 0.0, "lr": 1e-3, "checkpoint_every": 1}}}))
+
+    def run(ws: Path, processes: int) -> dict:
+        launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                                              "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        env = subprocess_env(STILLHOUSE_CACHE=str(tmp_path / "cache"), ACCELERATE_USE_FSDP="true")
+        proc = subprocess.run([sys.executable, *launcher, "-m", "stillhouse.cli", "run", str(recipe), "-w", str(ws)],
+                              env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        [model_dir] = [mf.parent for mf in ws.glob("model/*/manifest.json")]
+        steps = [json.loads(ln) for ln in (model_dir / "metrics.jsonl").read_text().splitlines()]
+        return {"weights": load_file(str(model_dir / "model.safetensors")), "steps": steps}
+
+    single, fsdp = run(tmp_path / "ws-single", 1), run(tmp_path / "ws-fsdp", 2)
+    assert all(s["rows"] == 4 and "fsdp" not in s for s in single["steps"])
+    assert all(s["rows"] == 2 and s["fsdp"] for s in fsdp["steps"])  # sharded, not DDP
+    for a, b in zip(fsdp["steps"], single["steps"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert set(fsdp["weights"]) == set(single["weights"])  # tied copies saved once, as save_pretrained does
+    for name, t in single["weights"].items():
+        torch.testing.assert_close(fsdp["weights"][name], t, rtol=1e-3, atol=5e-4)

@@ -65,7 +65,7 @@ def _unsandboxed(code, *, limits):
     """The control: the same program run directly on the host, as the sandbox's result type."""
     from stillhouse.verify.sandbox import SandboxResult
 
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd="/tmp")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/tmp")
     return SandboxResult("ok" if r.returncode == 0 else "error", r.returncode, r.stdout, r.stderr, 0.0)
 
 

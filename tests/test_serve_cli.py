@@ -48,7 +48,7 @@ def test_serve_answers_openai_requests(tiny_model_dir, tmp_path):
         assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=300)
 
 
 @pytest.mark.parametrize("args,culprit", [

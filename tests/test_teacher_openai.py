@@ -117,8 +117,8 @@ def test_rerun_is_served_from_cache_with_zero_requests(server, tmp_path):
 
 def test_faults_every_prompt_completes_once_with_the_fault_free_answer(tiny_model_dir, tmp_path_factory, baseline, tmp_path):
     expected, tok = baseline
-    # a slow answer (8 s) outlives the client's timeout (4 s); a normal one, even on a loaded
-    # machine, does not: otherwise a cut could be counted as a timeout
+    # a slow answer (8 s) outlives the client's timeout (4 s) however fast the machine; on a
+    # loaded machine a cut or normal answer may outlive it too (then it counts as a timeout)
     spec = "429=0.15,500=0.15,cut=0.15,slow=0.1,retry_after=0,slow_s=8"
     questions = QUESTIONS * 2  # 16 prompts, 8 distinct: duplicates must not collapse or double
     with serving(tiny_model_dir, tmp_path_factory, faults=spec, seed=3, max_batch=4) as (url, stats):
@@ -130,8 +130,9 @@ def test_faults_every_prompt_completes_once_with_the_fault_free_answer(tiny_mode
     f = t.usage.failures
     assert stats["faults"].get("429") and stats["faults"].get("500") and stats["faults"].get("cut")
     assert f.get("429") == stats["faults"]["429"] and f.get("5xx") == stats["faults"]["500"]
-    assert f.get("dropped") == stats["faults"]["cut"]
+    assert f.get("dropped", 0) <= stats["faults"]["cut"]  # a cut is dropped, or timed out first on a slow machine
     assert stats["faults"].get("slow") and f.get("timeout")  # a slow answer outlives the client's timeout
+    assert f.get("dropped", 0) + f["timeout"] >= stats["faults"]["cut"] + stats["faults"]["slow"]
     assert t.usage.responses == len(questions)  # exactly one accepted answer per prompt
     assert t.usage.requests == len(questions) + t.usage.retries
 

@@ -102,6 +102,45 @@ def test_two_process_ddp_training_matches_single_process(tmp_path, tiny):
             torch.testing.assert_close(final[name], p, rtol=1e-3, atol=5e-4)
 
 
+def test_fsdp_on_two_cpu_processes_saves_the_whole_model_and_resumes_after_kill_9(tmp_path, tiny):
+    """FSDP2 over gloo (train/fsdp.py): killed with kill -9 on both processes after step 5, resumed
+    from the step-4 checkpoint (gathered full model and optimizer state); the loss curve and the
+    saved weights (the checkpoint's, the final save's and `models.save`'s) match one process."""
+    out = tmp_path / "fsdp"
+
+    def launch(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+             str(WORKER), str(out), "--fsdp", *args], env=subprocess_env(), capture_output=True, text=True, timeout=600)
+
+    killed = launch("--kill-at", "5")
+    assert killed.returncode != 0 and not (out / "history.json").exists(), killed.stderr[-2000:]
+    [last] = ckpt.list_checkpoints(out / "ckpt")
+    assert last.name == "step-00000004"
+    tok = tiny.tokenizer
+    model = build_tiny_model(tok, seed=0)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    saved = load_file(str(last / "model.safetensors"))
+    assert {n: tuple(t.shape) for n, t in saved.items()} == shapes  # whole tensors, not one process's shards
+    resumed = launch("--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads((out / "history.json").read_text())
+    want = train(model, train_worker.examples(tok), train_worker.config(), tok.pad_token_id)
+    assert [h["step"] for h in got] == list(range(1, 10)) and all(h["rows"] == 2 and h["fsdp"] for h in got)
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+        assert a["tokens"] == b["tokens"]
+    final = load_file(str(out / "final.safetensors"))
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").state_dict()
+    assert set(model.state_dict()) - set(final) == ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    for name, p in model.state_dict().items():
+        if name in final:  # a tied copy is saved once, as save_pretrained does
+            torch.testing.assert_close(final[name], p, rtol=1e-3, atol=5e-4)  # as DDP: Adam amplifies rounding
+        torch.testing.assert_close(hf[name], p, rtol=1e-3, atol=5e-4)
+
+
 def test_resume_after_kill_9_reproduces_the_uninterrupted_loss_curve(tmp_path, tiny):
     out = tmp_path / "run"
     killed = subprocess.run([sys.executable, str(WORKER), str(out), "--kill-at", "5"], env=subprocess_env(), capture_output=True, text=True, timeout=600)

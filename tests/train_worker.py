@@ -1,11 +1,12 @@
 """A tiny training run in a process of its own, for the DDP and kill/resume tests.
 
-    python tests/train_worker.py OUT [--kill-at STEP] [--resume] [--micro N]
+    python tests/train_worker.py OUT [--kill-at STEP] [--resume] [--micro N] [--fsdp]
 
 Trains a tiny random llama (seed 0) on fixed synthetic examples and writes OUT/history.json
 and OUT/final.safetensors (rank 0). `--kill-at` sends SIGKILL to this process after that step
 (a real `kill -9`, mid-run); `--resume` continues from OUT/ckpt. Under `accelerate launch
---num_processes 2` each process trains its share of every batch (DDP over gloo).
+--num_processes 2` each process trains its share of every batch (DDP over gloo; with `--fsdp`,
+FSDP2 over gloo, and the whole model is also saved with `models.save` to OUT/hf).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> int:
     ap.add_argument("--kill-at", type=int, default=0)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--micro", type=int, default=0)
+    ap.add_argument("--fsdp", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ["STILLHOUSE_QUIET"] = "1"
@@ -59,7 +61,13 @@ def main() -> int:
     out = Path(args.out)
     tok = build_tokenizer()
     model = build_tiny_model(tok, seed=0)
-    acc = Accelerator(cpu=True)
+    if args.fsdp:  # as `accelerate launch` with examples/accelerate/fsdp.yaml asks for it
+        from stillhouse import processes
+
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        acc = processes.accelerator()
+    else:
+        acc = Accelerator(cpu=True)
 
     def on_step(rec):
         if args.kill_at and rec["step"] == args.kill_at:
@@ -70,7 +78,16 @@ def main() -> int:
                     metrics_path=out / "metrics.jsonl")
     if acc.is_main_process:
         (out / "history.json").write_text(json.dumps(history))
-        save_model(model, str(out / "final.safetensors"))
+        if args.fsdp:  # the stage's save path: the gathered full state dict (set only under FSDP)
+            from safetensors.torch import save_file
+
+            from stillhouse import models
+            from stillhouse.train import fsdp
+
+            save_file(fsdp.unique(model.stillhouse_full_state), str(out / "final.safetensors"))
+            models.save(model, tok, out / "hf")
+        else:
+            save_model(model, str(out / "final.safetensors"))
     acc.wait_for_everyone()
     acc.end_training()
     return 0

@@ -327,6 +327,10 @@ def _dispatch(argv: Optional[list[str]]) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors arrive here in standalone_mode=False
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: typer printed its help to stdout and
+            # left the error's message empty, so show() would print only a blank line on stderr
+            print(f"stillhouse: error: '{e.ctx.command_path}' needs a command (listed in the help above)", file=sys.stderr)
+            sys.exit(2)
         if isinstance(e, _click_errors()):
             e.show()
             sys.exit(2)

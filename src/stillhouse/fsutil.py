@@ -67,3 +67,15 @@ def sha256_json(obj: Any) -> str:
 
 def dir_size(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def expand_user(path: str | Path) -> Path:
+    """`Path(path).expanduser()`, with a one-line error for a `~user` that does not exist
+    (pathlib raises a bare RuntimeError there; found by the fuzz)."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        from .errors import StillhouseError
+
+        shown = str(path) if str(path).isprintable() else repr(str(path))
+        raise StillhouseError(f"path {shown}: no home directory for '{str(path).split('/')[0]}'") from None

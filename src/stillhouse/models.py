@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import StillhouseError
-from .fsutil import atomic_dir, sha256_file, write_json_atomic
+from .fsutil import atomic_dir, sha256_file, write_json_atomic, expand_user
 from .model_catalog import BUILTINS, Builtin, ModelIdentity, _read_card_license, cache_dir  # noqa: F401 (importable here)
 
 
@@ -150,6 +150,14 @@ def _gguf_cached_dir(gguf_path: Path, license: str) -> tuple[Path, str]:
     return out, digest
 
 
+def _shown(spec: str, quote: bool = False) -> str:
+    """A spec as an error message shows it: escaped when it holds a newline or another unprintable
+    character (the message must stay one line), else as typed (quoted if asked)."""
+    if not spec.isprintable():
+        return repr(spec)
+    return f"'{spec}'" if quote else spec
+
+
 def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep in spec and Path(spec).exists()
 
@@ -161,23 +169,23 @@ def resolve(spec: str) -> tuple[Path | str, ModelIdentity]:
         gguf = b.locate()
         d, digest = _gguf_cached_dir(gguf, b.license)
         return d, ModelIdentity(spec, digest, b.license, "builtin")
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise StillhouseError(f"model file not found: {spec}")
+            raise StillhouseError(f"model file not found: {_shown(spec)}")
         d, digest = _gguf_cached_dir(path, "unknown")
         return d, ModelIdentity(str(path.resolve()), digest, "unknown", "gguf")
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise StillhouseError(f"model directory has no config.json: {spec}")
+            raise StillhouseError(f"model directory has no config.json: {_shown(spec)}")
         source = "artifact" if (path / "manifest.json").exists() else "hf-dir"
         return path, ModelIdentity(str(path.resolve()), weights_hash(path), _read_card_license(path), source)
     if _looks_like_path(spec) or path.exists():
-        raise StillhouseError(f"model path not found: {spec}")
+        raise StillhouseError(f"model path not found: {_shown(spec)}")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         return spec, ModelIdentity(spec, "hub:" + spec, "unknown", "hub")
     known = ", ".join(BUILTINS)
-    raise StillhouseError(f"unknown model '{spec}': not a built-in ({known}), a directory, a .gguf file or a hub id")
+    raise StillhouseError(f"unknown model {_shown(spec, quote=True)}: not a built-in ({known}), a directory, a .gguf file or a hub id")
 
 
 def gguf_source(spec: str) -> tuple[Path, ModelIdentity]:
@@ -187,18 +195,18 @@ def gguf_source(spec: str) -> tuple[Path, ModelIdentity]:
         b = BUILTINS[spec]
         gguf = b.locate()
         return gguf, ModelIdentity(spec, _hash_cached(gguf), b.license, "builtin")
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise StillhouseError(f"model file not found: {spec}")
+            raise StillhouseError(f"model file not found: {_shown(spec)}")
         return path, ModelIdentity(str(path.resolve()), _hash_cached(path), "unknown", "gguf")
-    raise StillhouseError(f"'{spec}' is not a GGUF model: the llamacpp backend runs a .gguf file or a built-in "
+    raise StillhouseError(f"{_shown(spec, quote=True)} is not a GGUF model: the llamacpp backend runs a .gguf file or a built-in "
                           f"({', '.join(BUILTINS)})")
 
 
 def identify(spec: str) -> ModelIdentity:
     """A spec's identity; GGUF-based specs are hashed, not converted."""
-    if spec in BUILTINS or Path(spec).expanduser().suffix == ".gguf":
+    if spec in BUILTINS or expand_user(spec).suffix == ".gguf":
         return gguf_source(spec)[1]
     return resolve(spec)[1]
 
@@ -246,8 +254,10 @@ def load_tokenizer(spec: str):
 
 
 def save(model: torch.nn.Module, tokenizer, out_dir: Path, extra: dict | None = None) -> None:
-    """Save as a plain HF directory (safetensors) that `from_pretrained(dir)` loads unchanged."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+    """Save as a plain HF directory (safetensors) that `from_pretrained(dir)` loads unchanged.
+    An FSDP-trained model carries its gathered full state dict (train/fsdp.py): saved instead of its shards."""
+    full = getattr(model, "stillhouse_full_state", None)
+    model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": full} if full is not None else {}))
     tokenizer.save_pretrained(out_dir)
     if extra:
         write_json_atomic(out_dir / "stillhouse.json", extra)

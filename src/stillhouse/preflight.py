@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import StillhouseError
 from .recipe import Recipe
 from .stages import MODEL
+from .fsutil import expand_user
 
 
 def _model_spec(recipe: Recipe, ref: str) -> str | None:
@@ -23,7 +24,7 @@ def _model_spec(recipe: Recipe, ref: str) -> str | None:
 
 def check_model_path(spec: str, where: str) -> None:
     """A local model spec points at a model directory (config.json and safetensors weights) or a .gguf file."""
-    path = Path(spec).expanduser()
+    path = expand_user(spec)
     looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or path.exists()
     if not looks_local:
         return  # a built-in name or a hub id: models.resolve says what is wrong with it

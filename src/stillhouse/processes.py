@@ -75,7 +75,12 @@ def accelerator():
     """The Accelerator a training loop uses when its caller gives none."""
     from accelerate import Accelerator
 
-    return Accelerator(cpu=_cpu_only())
+    from .train import fsdp
+
+    acc = Accelerator(cpu=_cpu_only())
+    if fsdp.requested():  # accelerate turns FSDP on for GPUs only; on CPU (gloo) stillhouse does
+        fsdp.enable_on_cpu(acc)
+    return acc
 
 
 def from_environment() -> Processes:

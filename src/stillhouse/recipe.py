@@ -20,6 +20,7 @@ from .lineage.policy import Policy
 from .stages import MODEL, STAGES, Ref, StageType
 from .strict import Strict
 from .teachers.config import BACKENDS, TeacherConfig
+from .fsutil import expand_user
 
 # One config class per registered stage type, told apart by `type`.
 Stage = Annotated[Union[tuple(entry.config for entry in STAGES.values())], Field(discriminator="type")]
@@ -131,7 +132,7 @@ def _check_model_spec(spec: str, key: str, model_specs) -> None:
     """Cheap validation of a model spec (no loading): built-in, existing path, or hub id."""
     import re
 
-    p = Path(spec).expanduser()
+    p = expand_user(spec)
     if spec in model_specs.BUILTINS:
         return
     if p.suffix == ".gguf" or spec.startswith((".", "/", "~")):

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import StillhouseError
 from ..strict import Strict
+from ..fsutil import expand_user
 
 
 class DataOptions(Strict):
@@ -141,7 +142,7 @@ class ImportStage(Strict):
     @field_validator("path")
     @classmethod
     def _exists(cls, v: str) -> str:
-        if not Path(v).expanduser().is_file():
+        if not expand_user(v).is_file():
             raise ValueError(f"file not found: {v}")
         return v
 
@@ -149,7 +150,7 @@ class ImportStage(Strict):
     def _hash_file(self):
         from ..fsutil import sha256_file
 
-        digest = sha256_file(Path(self.path).expanduser())
+        digest = sha256_file(expand_user(self.path))
         if self.sha256 is not None and self.sha256 != digest:
             raise ValueError(f"sha256: {self.path} has changed (hash {digest[:12]}..., recipe says {self.sha256[:12]}...)")
         self.sha256 = digest

@@ -17,6 +17,7 @@ from ..models import load_tokenizer
 from ..lineage.signal import target_tokens
 from ..records import read_jsonl, read_rows, write_rows
 from ..teachers.hf import encode_prompt, render_chat
+from ..fsutil import expand_user
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 COMPLETION_KEYS = ("completion", "response", "answer", "output")
@@ -48,7 +49,7 @@ def _field(row: dict, keys: tuple[str, ...], path: Path, i: int) -> str:
 
 def run_import(ctx) -> None:
     c = ctx.config
-    path = Path(c.path).expanduser()
+    path = expand_user(c.path)
     raw = _read_file(path)
     if not raw:
         raise EmptyDatasetError(f"stage '{ctx.name}': {path} has no records")

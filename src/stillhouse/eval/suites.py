@@ -23,6 +23,7 @@ import yaml
 
 from ..errors import StillhouseError
 from ..records import read_jsonl
+from ..fsutil import expand_user
 
 HELD_OUT_SEED = 1_000_000
 DEFAULT_SIZE = 50
@@ -107,7 +108,7 @@ def jsonl_suite(spec: str, arg: str | None, opts: dict) -> Suite:
 
     if not arg:
         raise StillhouseError(f"suite '{spec}': jsonl needs a path (jsonl:PATH)")
-    path = Path(arg).expanduser()
+    path = expand_user(arg)
     name = str(opts.pop("verifier", "exact"))
     size = _int_opt(spec, opts, "size", None)
     max_new = _int_opt(spec, opts, "max_new_tokens", 64)

@@ -23,6 +23,7 @@ from pydantic import Field
 from ..errors import StillhouseError
 from ..strict import Strict
 from .terms import lookup, rules_for
+from ..fsutil import expand_user
 
 
 class Override(Strict):
@@ -53,7 +54,7 @@ def license_of_spec(spec: str) -> str:
 
     if spec in model_catalog.BUILTINS:
         return model_catalog.BUILTINS[spec].license
-    p = Path(spec).expanduser()
+    p = expand_user(spec)
     if p.is_dir():
         return model_catalog._read_card_license(p)
     return "unknown"
@@ -75,8 +76,8 @@ def plan_sources(recipe) -> dict[str, list[PlannedSource]]:
                 return [PlannedSource(f"openai:{decl.model}", decl.terms, reach, via, ref)]
             ref = decl.model
         spec = recipe.models.get(ref, ref)
-        if (Path(spec).expanduser() / "manifest.json").is_file():  # a model another run made: what it owes
-            return _artifact_sources(Path(spec).expanduser(), ref, reach)
+        if (expand_user(spec) / "manifest.json").is_file():  # a model another run made: what it owes
+            return _artifact_sources(expand_user(spec), ref, reach)
         return [PlannedSource(spec, license_of_spec(spec), reach, via, ref)]
 
     def of_data(ref: str) -> list[PlannedSource]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import StillhouseError
 from .graph import UNKNOWN_ORIGIN, Lineage, Node, model_key, origin_node
+from ..fsutil import expand_user
 
 Path_ = tuple[str, ...]
 
@@ -146,7 +147,7 @@ def matches(share: Share, spec: str) -> bool:
     """Whether a teacher is the model `spec` names: its spec, a path ending, or its weights hash."""
     ident = share.node.identity
     s = spec.strip()
-    if Path(s).expanduser().exists():  # a path given relative to here
-        s = str(Path(s).expanduser().resolve())
+    if expand_user(s).exists():  # a path given relative to here
+        s = str(expand_user(s).resolve())
     cand = {str(ident.get("spec")), share.node.label, str(ident.get("weights_sha256"))}
     return s in cand or any(c.rstrip("/").endswith("/" + s) for c in cand) or (len(s) >= 8 and str(ident.get("weights_sha256", "")).startswith(s))

@@ -127,7 +127,7 @@ def create_app(engine: Engine, cfg: ServeConfig, faults: Faults | None = None, k
             if not getattr(response, "holds_slot", False):  # a stream frees its slot when it ends
                 stats["in_flight"] -= 1
         if isinstance(response, JSONResponse):
-            account(stats, fault, response.status_code, response.body)
+            account(stats, fault, response.status_code, response.body, log_answers=faults is not None)
             if fault in MALFORMED and response.status_code == 200:
                 return Response(malformed_body(fault, response.body), media_type="application/json")
         if fault == "cut" and isinstance(response, JSONResponse) and response.status_code == 200:

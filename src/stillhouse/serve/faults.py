@@ -7,7 +7,9 @@ mid-response. Optional `retry_after=<s>` and `slow_s=<s>` tune the first and thi
 Three more kinds are complete HTTP 200 answers that are not usable: `nonjson` (an HTML error
 page), `nochoices` (valid JSON, usage but no `choices`) and `wrongn` (one choice too many). The
 server's stats count the tokens it generated (`served_*`) and those it reported in a readable
-usage (`reported_*`: not cut, not `nonjson`), which a client's billed tokens must match.
+usage (`reported_*`: not cut, not `nonjson`), which a client's billed tokens must match, and
+those in well-formed answers (`usable_*`: no fault or `slow`), which its received tokens must
+match (less the slow answers it stopped waiting for).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from dataclasses import dataclass
 
 from ..errors import StillhouseError
@@ -82,19 +85,28 @@ def malformed_body(kind: str, body: bytes) -> bytes:
     return json.dumps(data).encode()
 
 
-def account(stats: dict, fault: str | None, status: int, body: bytes) -> None:
-    """Count a generated answer's tokens: served (all), reported (delivered in a readable usage)."""
+def account(stats: dict, fault: str | None, status: int, body: bytes, log_answers: bool = False) -> None:
+    """Count a generated answer's tokens: served (all), reported (delivered in a readable usage).
+    With `log_answers` (a fault-injecting server, a test tool) every reported answer is also
+    listed (id, fault, tokens, monotonic time), so a client's ledger can be reconciled answer by answer."""
     if status != 200:
         return
     try:
-        usage = json.loads(body).get("usage") or {}
+        data = json.loads(body)
+        usage = data.get("usage") or {}
     except (ValueError, AttributeError):
         return
+    if log_answers and fault not in ("cut", "nonjson"):
+        stats.setdefault("reported_answers", []).append(
+            {"id": data.get("id"), "fault": fault, "t": time.monotonic(),
+             "prompt": usage.get("prompt_tokens", 0), "completion": usage.get("completion_tokens", 0)})
     for side in ("prompt", "completion"):
         n = usage.get(f"{side}_tokens", 0)
         stats[f"served_{side}_tokens"] = stats.get(f"served_{side}_tokens", 0) + n
         if fault not in ("cut", "nonjson"):
             stats[f"reported_{side}_tokens"] = stats.get(f"reported_{side}_tokens", 0) + n
+        if fault in (None, "slow"):  # a complete, well-formed answer: what a client keeps (if it waited)
+            stats[f"usable_{side}_tokens"] = stats.get(f"usable_{side}_tokens", 0) + n
         if fault:  # e.g. a slow answer's tokens, which a client that timed out never saw
             by = stats.setdefault("fault_tokens", {}).setdefault(fault, {"prompt": 0, "completion": 0})
             by[side] += n

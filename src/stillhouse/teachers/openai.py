@@ -67,6 +67,8 @@ class Usage:
     def add(self, delta: dict) -> None:
         """Add a change (field -> amount; failures: kind -> count)."""
         for k, v in delta.items():
+            if k == "answer":  # the id of a billed answer, kept in the ledger only (reconciling with an invoice)
+                continue
             if k == "failures":
                 for kind, n in v.items():
                     self.failures[kind] = self.failures.get(kind, 0) + n
@@ -387,7 +389,7 @@ class OpenAITeacher:
             raise _Retryable("malformed", "truncated or non-JSON body") from None
         if not isinstance(data, dict):
             raise _Retryable("malformed", "a JSON body that is not an object")
-        self._bill(data.get("usage"))  # what the server says it served, whether or not the answer is usable
+        self._bill(data.get("usage"), data.get("id"))  # what the server says it served, whether or not the answer is usable
         choices = data.get("choices")
         if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
             raise _Retryable("malformed", "response without a list of choices")
@@ -398,12 +400,13 @@ class OpenAITeacher:
         self.limit.on_success(time.monotonic() - t0, tokens, budget=body.get("max_tokens"))
         return data
 
-    def _bill(self, usage) -> None:
+    def _bill(self, usage, answer_id=None) -> None:
         if not isinstance(usage, dict):
             return
         p, c = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         if isinstance(p, int) and isinstance(c, int):
-            self._count(billed_prompt_tokens=p, billed_completion_tokens=c, cost_usd=self.price.cost(p, c))
+            answer = {"answer": answer_id[:100]} if isinstance(answer_id, str) and (p or c) else {}
+            self._count(billed_prompt_tokens=p, billed_completion_tokens=c, cost_usd=self.price.cost(p, c), **answer)
 
     def _scrub(self, text: str) -> str:
         """Messages may quote a server's body, which may echo our headers: no key, no userinfo."""

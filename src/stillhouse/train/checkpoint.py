@@ -19,23 +19,29 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from ..errors import StillhouseError
 from ..fsutil import atomic_dir
+from . import fsdp
 
 PREFIX = "step-"
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history: list[dict], keep: int = 1) -> Path:
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, history: list[dict], keep: int = 1,
+                    full_state: tuple[dict, dict] | None = None) -> Path:
+    """`full_state`: (model, optimizer) state dicts gathered from FSDP shards (train/fsdp.py),
+    written instead of the model's and optimizer's own (which hold one shard)."""
     root = Path(root)
     final = root / f"{PREFIX}{step:08d}"
     with atomic_dir(final) as tmp:
         trained = _trained(model)
-        if trained is None:
+        if full_state is not None:
+            save_file(fsdp.unique(full_state[0]), str(tmp / "model.safetensors"))
+        elif trained is None:
             save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
         else:
             save_file({n: p.detach().contiguous() for n, p in trained.items()}, str(tmp / "model.safetensors"))
         torch.save(
             {
                 "step": step,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict() if full_state is None else full_state[1],
                 "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
@@ -83,17 +89,24 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[int, list[dict]]:
-    """Restore model, optimizer, scheduler and RNG states in place; returns (step, history)."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, fsdp_root=None) -> tuple[int, list[dict]]:
+    """Restore model, optimizer, scheduler and RNG states in place; returns (step, history).
+    `fsdp_root`: the FSDP-prepared module holding `model`; then every process loads the full
+    state dicts and keeps its shard (a collective)."""
     path = Path(path)
     try:
         state = torch.load(path / "state.pt", weights_only=True)
-        missing, unexpected = _restore(model, path / "model.safetensors")
+        if fsdp_root is not None:
+            fsdp.load_full_state(fsdp_root, model, optimizer, load_file(str(path / "model.safetensors")), state["optimizer"])
+            missing = unexpected = []
+        else:
+            missing, unexpected = _restore(model, path / "model.safetensors")
     except Exception as e:  # a checkpoint from another model or a damaged file
         raise StillhouseError(f"cannot resume from {path}: {e}") from None
     if missing or unexpected:
         raise StillhouseError(f"cannot resume from {path}: it was written for another model ({len(missing)} missing, {len(unexpected)} unexpected tensors)")
-    optimizer.load_state_dict(state["optimizer"])
+    if fsdp_root is None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])

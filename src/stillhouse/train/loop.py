@@ -35,7 +35,7 @@ from ..errors import StillhouseError
 from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
-from . import allocator, low_memory, tied_embedding
+from . import allocator, fsdp, low_memory, tied_embedding
 from .config import LoopSettings
 from .losses import LossTerm, SortedProbs, TopK, cross_entropy, mixture, needs_sorted, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
@@ -205,6 +205,10 @@ class Scorer(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, positions):
         return selected_logits(self.model, input_ids, attention_mask, positions)
+
+    @property
+    def _no_split_modules(self):  # FSDP's transformer-based wrapping reads the layer classes from the root
+        return getattr(self.model, "_no_split_modules", None)
 
 
 def _check_vocab(student, teacher, examples, vocab_size: int | None = None) -> None:
@@ -455,10 +459,11 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, total, cfg) / cfg.lr)
     scorer, opt = accelerator.prepare(Scorer(student), opt)
 
-    start_step, history = 0, []
+    start_step, history, sharded = 0, [], fsdp.active(scorer)
     if resume and checkpoint_dir and (last := ckpt.latest_checkpoint(checkpoint_dir)) is not None:
         with status(f"Resuming from {last}"):
-            start_step, history = ckpt.load_checkpoint(last, accelerator.unwrap_model(scorer).model, opt, sched)
+            start_step, history = ckpt.load_checkpoint(last, accelerator.unwrap_model(scorer).model, opt, sched,
+                                                       fsdp_root=scorer if sharded else None)
     if metrics_path and accelerator.is_main_process:
         Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_path).write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -497,6 +502,7 @@ def train(
                 "tokens": tokens_seen, "tokens_per_s": run_tokens / max(elapsed, 1e-9),
                 # this process's shapes (rows, padded width x rows, LM-head rows): for FLOP counts
                 **{k: counts[k] for k in ("rows", "padded", "positions")},
+                **({"fsdp": True} if sharded else {}),  # parameters sharded over the processes (train/fsdp.py)
             }
             history.append(rec)
             if metrics_path and accelerator.is_main_process:
@@ -506,13 +512,18 @@ def train(
             # the last step is checkpointed too, so a resumed multi-phase run skips finished phases
             if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == total):
                 accelerator.wait_for_everyone()
+                # FSDP: every process gathers its shards (a collective), the main one writes
+                full = (fsdp.full_model_state(student), fsdp.full_optimizer_state(scorer, opt)) if sharded else None
                 if accelerator.is_main_process:
-                    ckpt.save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(scorer).model, opt, sched, history)
+                    ckpt.save_checkpoint(checkpoint_dir, done, accelerator.unwrap_model(scorer).model, opt, sched, history,
+                                         full_state=full)
                 accelerator.wait_for_everyone()
             if on_step is not None:
                 on_step(rec)
             advance(1, info=f"loss {loss_value:.3f} {rec['tokens_per_s']:.0f} tok/s")
     student.eval()
+    if sharded:  # the whole student for saving (models.save), gathered on the main process
+        student.stillhouse_full_state = fsdp.without_tied(student, fsdp.full_model_state(student))
     return history
 
 
