@@ -119,7 +119,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, method):
         train_onpolicy(student, teacher, tok, prompts, cfg, checkpoint_dir=out, on_step=stop_after_step_4)
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000004"]
     _, _, student, _ = _setup()  # a fresh process would load the base weights again
-    got = train_onpolicy(student, teacher, tok, prompts, cfg, checkpoint_dir=out, resume=True, metrics_path=tmp_path / "m.jsonl")
+    ran = []
+    got = train_onpolicy(student, teacher, tok, prompts, cfg, checkpoint_dir=out, resume=True,
+                         on_step=lambda rec: ran.append(rec["step"]))
+    assert ran == [5, 6]  # continued from the checkpoint, not from the start
     assert [h["step"] for h in got] == list(range(1, 7))
     assert [h["on_policy"] for h in got] == [h["on_policy"] for h in want]
     if method == "gkd":
