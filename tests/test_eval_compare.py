@@ -237,3 +237,27 @@ def test_cli_bad_inputs_one_line_no_partial_artifact(tiny_models, tmp_path):
     proc = run_cli(["report", "deadbeef", "-w", str(ws)], tmp_path, cache)
     assert_user_error(proc, "no artifact 'deadbeef'")
     assert _artifact_dirs(ws) == [] and _partials(ws) == []
+
+
+def test_cli_comparisons_and_reports_are_one_stage_recipes_with_lineage(tiny_models, tmp_path):
+    # a model artifact from another workspace (a manifest beside the weights)
+    student = tmp_path / "other-ws" / "model" / "0123456789abcdef0123"
+    shutil.copytree(tiny_models["student"], student)
+    (student / "manifest.json").write_text(json.dumps({"id": student.name, "kind": "model", "stage": "train",
+                                                       "name": "distilled", "config": {}, "parents": []}))
+    ws = tmp_path / "ws"
+    art, reused = run_comparison([tiny_models["teacher"], str(student)], [RG], ws, FAST)
+    m = art.manifest
+    assert not reused and (m["stage"], m["name"], m["recipe"]) == ("compare", "compare", "compare")
+    assert m["parents"] == [student.name]  # lineage reaches the outside model artifact
+    assert m["config"]["models"] == [str(Path(tiny_models["teacher"]).resolve()), str(student.resolve())]
+    assert list(json.loads(art.file("results.json").read_text())["models"]) == ["teacher", "distilled"]
+    again, reused = run_comparison([tiny_models["teacher"], str(student)], [RG], ws, FAST)
+    assert reused and again.path.stat().st_ino == art.path.stat().st_ino  # a cache hit, not a rebuild
+    rep = make_report([art.id], ws, title="t")
+    assert (rep.manifest["stage"], rep.manifest["recipe"]) == ("report_artifacts", "report")
+    assert set(rep.manifest["parents"]) == {art.id, student.name}  # the evaluation and the trained model it covered
+    assert make_report([art.id], ws, title="t").path.stat().st_ino == rep.path.stat().st_ino
+    # nothing half-written beside them
+    assert sorted(p.name for p in (ws / "eval").iterdir()) == [art.id]
+    assert sorted(p.name for p in (ws / "report").iterdir()) == [rep.id]

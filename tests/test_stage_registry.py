@@ -40,6 +40,8 @@ ALL_STAGES = {
     "cross": {"type": "cross_tokenizer", "student": "other", "teacher": "base", "data": "rej"},
     "ev": {"type": "eval", "tasks": "tasks", "teacher": "base", "models": {"a": "train", "b": "onp"}},
     "rep": {"type": "report", "evals": ["ev"], "training": ["train"]},
+    "cmp": {"type": "compare", "models": ["base", "train"], "suites": ["rg:basic_arithmetic,size=2"]},
+    "arts": {"type": "report_artifacts", "artifacts": ["/nowhere/eval/0123"]},
 }
 
 
@@ -67,7 +69,7 @@ def test_validate_does_not_import_torch(tmp_path, every_stage):
     )
     out = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert f"{path}: ok (18 stages" in out.stdout
+    assert f"{path}: ok (20 stages" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "False False"  # a loaded torch would print True
 
 
@@ -83,7 +85,7 @@ def test_what_each_reference_carries_reaches_the_policy(every_stage):
     plan = plan_sources(parse_recipe(every_stage))
     reach = {name: {(s.spec, s.reach, s.via) for s in srcs} for name, srcs in plan.items()}
     assert reach["scratch"] == set()  # only the teacher's tokenizer and shape
-    assert reach["ev"] == reach["rep"] == set()  # measuring carries nothing on
+    assert reach["ev"] == reach["rep"] == reach["cmp"] == reach["arts"] == set()  # measuring carries nothing on
     assert reach["prune"] == {("org/base", "weights", ())}  # calibration text only picks layers
     assert reach["imp"] == {("org/x", "outputs", ())}  # the declared origin
     assert reach["pref"] == {("org/base", "outputs", ()), ("org/other", "outputs", ()), ("org/base", "outputs", ("comp",))}

@@ -252,3 +252,27 @@ def test_one_token_prompts_sample_without_a_shared_prefill(teacher, tiny):
     one = tok.convert_ids_to_tokens([tok("x", add_special_tokens=False)["input_ids"][0]])[0]
     out = teacher.generate_text([tok.convert_tokens_to_string([one])], SamplingParams(max_new_tokens=3, n=2, temperature=1.0))
     assert len(out) == 1 and len(out[0]) == 2
+
+
+def test_every_backend_is_built_from_its_own_config_object(tiny_model_dir):
+    import importlib
+
+    from stillhouse.teachers.config import BACKENDS
+    from stillhouse.teachers.factory import BACKEND_CLASSES, make_teacher
+
+    assert set(BACKEND_CLASSES) == set(BACKENDS)
+    for backend, where in BACKEND_CLASSES.items():
+        module, cls = where.split(":")
+        assert "from_config" in vars(getattr(importlib.import_module(f"stillhouse.teachers.{module}"), cls)), backend
+    loaded = []
+
+    def loader(spec):
+        from stillhouse import models
+
+        loaded.append(spec)
+        return models.load(spec)
+
+    t = make_teacher({"backend": "hf", "model": str(tiny_model_dir), "batch_size": 3}, name="tiny", loader=loader)
+    assert isinstance(t, HFTeacher) and t.batch_size == 3 and t.name == "tiny" and loaded == [str(tiny_model_dir)]
+    # a stage's own batch size replaces the declaration's; an option the backend lacks does not apply
+    assert make_teacher(str(tiny_model_dir), batch_size=5, n_ctx=128).batch_size == 5

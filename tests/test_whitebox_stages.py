@@ -4,6 +4,7 @@ mixture, onpolicy (both methods) and cross_tokenizer; plus the errors for mismat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,57 @@ def test_student_with_another_tokenizer_is_refused_for_token_level_training(wb, 
 def test_cache_logits_needs_scored_records(wb, tmp_path):
     with pytest.raises(StillhouseError, match="stages.c2.data: stage 'problems' has no scored records"):
         _run_variant(wb, {"c2": {"type": "cache_logits", "teacher": "teacher", "data": "problems"}}, tmp_path)
+
+
+def test_onpolicy_stage_interrupted_then_resumed_equals_uninterrupted(wb, tmp_path):
+    from stillhouse.train import checkpoint as ckpt
+
+    stage = {"onp_resume": {"type": "onpolicy", "student": "pruned", "teacher": "teacher", "data": "traces",
+                            "method": "gkd", "lmbda": 0.5, "steps": 4, "batch_size": 4, "max_new_tokens": 4,
+                            "lr": 1e-3, "checkpoint_every": 1}}
+    recipe = {**wb["recipe"], "stages": {**wb["recipe"]["stages"], **stage}}
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    ws = tmp_path / "ws"
+    shutil.copytree(wb["ws"], ws)  # the finished upstream stages, reused
+    save = ckpt.save_checkpoint
+
+    def save_then_stop(directory, step, *a, **kw):
+        save(directory, step, *a, **kw)
+        if step == 2:
+            raise KeyboardInterrupt  # as Ctrl-C after the step-2 checkpoint
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STILLHOUSE_CACHE", str(wb["root"] / "cache"))
+        mp.setattr(ckpt, "save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(path, ws)
+    ckpts = list((ws / "checkpoints").glob("onp_resume-*/step-*"))
+    assert [p.name for p in ckpts] == ["step-00000002"]  # interrupted after step 2, before any artifact
+    from stillhouse.train.onpolicy import OnPolicy
+
+    batch, ran = OnPolicy.batch, []
+
+    def recording(self, planned, step, *a, **kw):
+        ran.append(step)
+        return batch(self, planned, step, *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STILLHOUSE_CACHE", str(wb["root"] / "cache"))
+        mp.setattr(OnPolicy, "batch", recording)
+        resumed = run_recipe(path, ws, resume=True)["onp_resume"]
+    assert ran == [2, 3]  # it continued from the checkpoint: steps 1-2 were not run again
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STILLHOUSE_CACHE", str(wb["root"] / "cache"))
+        reference = run_recipe(path, wb["ws"])["onp_resume"]  # uninterrupted, in the fixture's workspace
+    assert resumed.id == reference.id
+    got = [json.loads(x) for x in resumed.file("metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in reference.file("metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in got] == [1, 2, 3, 4]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6) and a["on_policy"] == b["on_policy"]
+    a = AutoModelForCausalLM.from_pretrained(resumed.path).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(reference.path).state_dict()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    assert not (ws / "checkpoints").exists() or not any((ws / "checkpoints").iterdir())  # spent, removed

@@ -170,7 +170,7 @@ SuiteOpt = typer.Option(..., "--suite", "-s", help="rg:TASK[,key=value..], human
 
 
 def _eval_settings(batch_size, speed_batch, samples, temperature, memory, perplexity):
-    from .eval.compare import EvalSettings
+    from .eval.config import EvalSettings
 
     return EvalSettings(batch_size=batch_size, speed_batches=tuple(sorted({1, speed_batch})), samples=samples,
                         temperature=temperature, ks=tuple(k for k in (1, 5, 10) if k <= samples), memory=memory,

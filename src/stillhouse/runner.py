@@ -176,6 +176,10 @@ class Runner:
             console.print(f"{name}: wrote {kind}/{aid} in {time.perf_counter() - start:.1f}s")
         return self.results
 
+    def existing(self, name: str) -> Artifact | None:
+        """The artifact stage `name` would reuse, if it is there (its parent stages must have run)."""
+        return self.store.get(STAGES[self.recipe.stages[name].type].kind, self._key(name)[0])
+
     def _reusable(self, kind: str, aid: str) -> bool:
         """Whether the artifact exists (a killed run's finished work is accepted first, see workspace.py)."""
         if self.force:

@@ -24,7 +24,7 @@ from .data.config import (
     CompleteStage, CritiqueReviseStage, FilterStage, ImportStage, MixStage, PreferenceStage, RejectionStage,
     SelfInstructStage, TasksStage, names_a_stage,
 )
-from .eval.config import EvalStage, ReportStage
+from .eval.config import CompareStage, EvalStage, ReportArtifactsStage, ReportStage
 from .train.config import (
     CacheLogitsStage, CrossTokenizerStage, OnPolicyStage, PruneStage, ScratchStage, TrainStage,
 )
@@ -140,3 +140,6 @@ register(StageType("eval", EvalStage, EVAL, "eval.stages:run_eval",
                          Ref("models", MODEL))))
 register(StageType("report", ReportStage, REPORT, "eval.report:run_report",
                    refs=(Ref("evals", EVAL), Ref("training", MODEL, types=("train",)))))
+# the CLI's `eval`/`compare` and `report` as one-stage recipes: they read outside models and artifacts
+register(StageType("compare", CompareStage, EVAL, "eval.compare:run_compare", refs=(Ref("models", MODEL),)))
+register(StageType("report_artifacts", ReportArtifactsStage, REPORT, "eval.report:run_report_artifacts"))

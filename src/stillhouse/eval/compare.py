@@ -1,50 +1,32 @@
 """Several models on the same suites, teacher first: the figures behind every comparison table.
 
-`evaluate_models` is shared by the recipe's `eval` stage and by `stillhouse eval/compare`;
-`run_comparison` wraps it as an `eval` artifact whose id hashes the models' weights, the
-suites and the settings, so rerunning the same comparison is free.
+`evaluate_models` is shared by the recipe's `eval` stage and the `compare` stage
+(`run_compare`). `run_comparison` (`stillhouse eval/compare`) runs a one-stage recipe of a
+`compare` stage through the runner, so the result is an `eval` artifact with the runner's
+caching, locking and lineage: its id hashes the models' weights, the suites' files and the
+settings, and rerunning the same comparison reuses it.
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from ..errors import StillhouseError
-from ..fsutil import dir_size, sha256_file, sha256_json, write_json_atomic
+from ..fsutil import dir_size, write_json_atomic
 from ..models import param_count
 from ..records import write_rows
 from ..teachers.base import SamplingParams
 from ..teachers.hf import render_chat
 from .measure import answer, decode_tokens_per_s, kl_to_teacher, messages_for, same_tokenizer, text_nll, time_to_first_token
+from .config import EvalSettings
 from .metrics import agreement, bootstrap_ci, fraction_of, mean, mean_pass_at_k, perplexity
 from .suites import Suite
 
 # Student figures also shown as a fraction of the teacher's.
 RELATIVE = ("pass_at_1", "decode_tok_per_s", "decode_tok_per_s_b1", "ttft_s", "params", "disk_bytes", "peak_rss_bytes")
-
-
-@dataclass
-class EvalSettings:
-    batch_size: int = 32
-    speed_batches: tuple[int, ...] = (1, 16)
-    speed_tokens: int = 32
-    samples: int = 1  # > 1: also sample this many completions per problem for pass@k
-    temperature: float = 0.8
-    ks: tuple[int, ...] = (1,)
-    bootstrap: int = 2000
-    seed: int = 0
-    memory: bool = True  # peak RSS in a fresh process per model
-    system_prompt: str | None = None
-    perplexity_file: str | None = None  # held-out text: .txt (blank-line separated) or .jsonl with "text"
-
-    def identity(self) -> dict:
-        d = asdict(self)
-        if self.perplexity_file:
-            d["perplexity_file"] = {"path": self.perplexity_file, "sha256": sha256_file(self.perplexity_file)}
-        return d
 
 
 @dataclass
@@ -184,7 +166,7 @@ def evaluate_models(candidates: list[Candidate], suites: list[Suite], s: EvalSet
                 m["speedup_vs_teacher"] = m["vs_teacher"]["decode_tok_per_s"]
                 m["params_vs_teacher"] = m["vs_teacher"]["params"]
     results = {"suites": [su.describe() for su in suites], "teacher": teacher_label, "models": models,
-               "settings": {k: v for k, v in asdict(s).items()}}
+               "settings": s.model_dump(mode="json")}
     return results, all_rows
 
 
@@ -220,46 +202,72 @@ def _label_for(spec: str, path, taken: set[str]) -> str:
     return label
 
 
+def run_compare(ctx) -> None:
+    """The `compare` stage: its models (the first the teacher when `first_is_teacher`) on its suites."""
+    from .. import models as model_specs
+    from ..artifacts import MANIFEST, Artifact
+    from .suites import parse_suite
+
+    c = ctx.config
+    suites = [parse_suite(su) for su in c.suites]  # bad suites fail before any model loads
+    names = [su.name for su in suites]
+    if len(set(names)) != len(names):
+        raise StillhouseError(f"two suites share a name: {', '.join(names)}")
+    if c.perplexity_file:
+        read_texts(c.perplexity_file)
+    cands, taken, outside = [], set(), []
+    for i, ref in enumerate(c.models):
+        spec = ctx.runner.spec_of(ref)
+        target, identity = model_specs.resolve(spec)
+        preflight(spec, target)
+        path = Path(target) if not isinstance(target, str) else None
+        art_id = Artifact.open(path).id if path is not None and (path / MANIFEST).is_file() else None
+        if art_id and ctx.runner.results.get(ref) is None:
+            outside.append(art_id)
+        role = "teacher" if c.first_is_teacher and i == 0 else ("student" if c.first_is_teacher else "model")
+        # loaded fresh, not through the runner's shared copies: each is freed after its turn
+        cands.append(Candidate(_label_for(spec, path, taken), spec, role, lambda spec=spec: model_specs.load(spec), art_id,
+                               path, {"license": identity.license, "source": identity.source}))
+    results, rows = evaluate_models(cands, suites, EvalSettings(**{f: getattr(c, f) for f in EvalSettings.model_fields}))
+    write_results(ctx.out, results, rows)
+    if outside:  # model artifacts from outside the recipe (a path given to the CLI): lineage follows them too
+        ctx.out.extra["parents"] = sorted({*(a.id for a in ctx.inputs.values()), *outside})
+
+
 def run_comparison(specs: list[str], suites: list[Suite | str], workspace: Path, settings: EvalSettings,
                    *, teacher: bool = True, force: bool = False):
-    """Evaluate `specs` (the first is the teacher when `teacher`) on `suites` (Suite objects or
-    specs) as one `eval` artifact; reused if it exists."""
-    from .. import models as model_specs
-    from ..artifacts import MANIFEST, Artifact, ArtifactStore, artifact_id
+    """Evaluate `specs` (the first is the teacher when `teacher`) on `suites` (suite specs, or
+    Suite objects parsed from one) as a one-stage recipe; returns (artifact, reused)."""
     from .suites import parse_suite
 
     if not specs:
         raise StillhouseError("no model to evaluate")
     if not suites:
         raise StillhouseError("no suite given (--suite rg:TASK, humaneval or jsonl:PATH)")
-    suites = [parse_suite(su) if isinstance(su, str) else su for su in suites]  # bad suites fail before any model loads
-    names = [su.name for su in suites]
-    if len(set(names)) != len(names):
-        raise StillhouseError(f"two suites share a name: {', '.join(names)}")
+    suites = [su if isinstance(su, str) else su.spec for su in suites]
+    for su in suites:
+        parse_suite(su)  # bad suites are named before any model loads
     if settings.perplexity_file:
         read_texts(settings.perplexity_file)
-    cands, taken, parents, ident = [], set(), [], []
-    for i, spec in enumerate(specs):
-        target, identity = model_specs.resolve(spec)
-        preflight(spec, target)
-        path = Path(target) if not isinstance(target, str) else None
-        art_id = Artifact.open(path).id if path is not None and (path / MANIFEST).is_file() else None
-        if art_id:
-            parents.append(art_id)
-        role = "teacher" if teacher and i == 0 else ("student" if teacher else "model")
-        label = _label_for(spec, path, taken)
-        cands.append(Candidate(label, spec, role, lambda spec=spec: model_specs.load(spec), art_id, path,
-                               {"license": identity.license, "source": identity.source}))
-        ident.append({"label": label, "role": role, "spec": identity.spec, "weights_sha256": identity.weights_sha256})
-    # the problems themselves, not only their specs: an edited JSONL file is a new evaluation
-    config = {"models": ident, "suites": [{"spec": su.spec, "records_sha256": sha256_json(su.records)} for su in suites],
-              "settings": settings.identity()}
-    store = ArtifactStore(workspace)
-    aid = artifact_id("eval", "compare", config, parents)
-    existing = store.get("eval", aid)
-    if existing is not None and not force:
-        return existing, True
-    with store.create("eval", aid, stage="compare", name="compare" if teacher else "eval", config=config, parents=parents) as out:
-        results, rows = evaluate_models(cands, suites, settings)
-        write_results(out, results, rows)
-    return store.get("eval", aid), False
+    name = "compare" if teacher else "eval"
+    stage = {"type": "compare", "models": [_absolute(s) for s in specs], "suites": suites, "first_is_teacher": teacher,
+             **settings.model_dump()}
+    art, reused = run_one_stage(name, stage, workspace, force)
+    return art, reused
+
+
+def _absolute(spec: str) -> str:
+    """A model path as an absolute path (a recipe takes any path; a bare name stays a built-in or hub id)."""
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.exists() else spec
+
+
+def run_one_stage(name: str, stage: dict, workspace: Path, force: bool = False):
+    """Run a recipe of one stage named `name` (also the recipe's name) through the runner;
+    returns (its artifact, whether it already existed)."""
+    from ..recipe import parse_recipe
+    from ..runner import Runner
+
+    runner = Runner(parse_recipe({"name": name, "stages": {name: stage}}, name), Path(workspace), force=force)
+    existed = not force and runner.existing(name) is not None
+    return runner.run()[name], existed

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts import MANIFEST, Artifact, ArtifactStore, artifact_id
+from ..artifacts import MANIFEST, Artifact, ArtifactStore
 from ..errors import StillhouseError
 from ..fsutil import write_text_atomic
 from . import charts
@@ -339,19 +339,25 @@ def run_report(ctx) -> None:
     ctx.out.counts.update(tables=len(src.evals), figures=len(doc.figures()))
 
 
+def run_report_artifacts(ctx) -> None:
+    """The `report_artifacts` stage: a report on artifacts named by directory (`stillhouse report`)."""
+    c = ctx.config
+    src = Sources()
+    for p in c.artifacts:
+        src.add(Artifact.open(p))
+    src.add_models_of_evals()
+    doc = build_document(src, c.title or "stillhouse report")
+    write_document(doc, ctx.out.path)
+    ctx.out.counts.update(tables=len(src.evals), figures=len(doc.figures()))
+    ctx.out.extra["parents"] = [a.id for a in src.evals + src.trainings]  # outside the recipe: lineage follows them
+
+
 def make_report(targets: list[str], workspace: Path, title: str | None = None, force: bool = False) -> Artifact:
-    """`stillhouse report`: a report artifact in `workspace` (reused when it already exists)."""
-    src = resolve_targets(targets, workspace)
-    title = title or "stillhouse report"
-    parents = [a.id for a in src.evals + src.trainings]
-    config = {"title": title, "targets": sorted(parents)}
-    store = ArtifactStore(workspace)
-    aid = artifact_id("report", "report", config, parents)
-    existing = store.get("report", aid)
-    if existing is not None and not force:
-        return existing
-    doc = build_document(src, title)  # built before the artifact opens: a failure leaves nothing behind
-    with store.create("report", aid, stage="report", name="report", config=config, parents=parents) as out:
-        write_document(doc, out.path)
-        out.counts.update(tables=len(src.evals), figures=len(doc.figures()))
-    return store.get("report", aid)
+    """`stillhouse report`: a one-stage recipe (`report_artifacts`) run in `workspace`, so an
+    existing report of the same artifacts and title is reused."""
+    from .compare import run_one_stage
+
+    src = resolve_targets(targets, workspace)  # bad targets are named before anything is written
+    stage = {"type": "report_artifacts", "artifacts": [str(a.path.resolve()) for a in src.evals + src.trainings],
+             "title": title or "stillhouse report"}
+    return run_one_stage("report", stage, workspace, force)[0]

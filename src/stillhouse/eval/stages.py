@@ -7,7 +7,8 @@ from pathlib import Path
 from ..errors import EmptyDatasetError, StillhouseError
 from ..records import read_rows
 from ..verify.choose import verifier_for
-from .compare import Candidate, EvalSettings, evaluate_models, write_results
+from .compare import Candidate, evaluate_models, write_results
+from .config import EvalSettings
 from .suites import Suite, parse_suite
 
 

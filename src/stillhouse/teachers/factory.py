@@ -3,6 +3,7 @@
 A plain model spec (or a `backend: hf` declaration) gives the in-process `HFTeacher`; a
 `backend: openai` declaration an `OpenAITeacher`; `backend: vllm` a `VLLMTeacher` and
 `backend: llamacpp` a `LlamaCppTeacher` (optional extras, imported only here and only when asked).
+Every backend class takes its own config object (teachers/config.py) through `from_config`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 from pydantic import TypeAdapter, ValidationError
 
 from ..errors import StillhouseError
-from ..models import ModelIdentity, load_tokenizer
+from ..models import ModelIdentity
 from .config import HFTeacherConfig, LlamaCppTeacherConfig, OpenAITeacherConfig, TeacherConfig, VLLMTeacherConfig
 from .endpoint import normalise
 
@@ -32,35 +33,29 @@ def api_identity(cfg: OpenAITeacherConfig) -> ModelIdentity:
     return ModelIdentity(spec=f"openai:{cfg.model}", weights_sha256=None, license=cfg.terms, source=normalise(cfg.base_url))
 
 
+# backend name -> "module:class" under teachers/; each class builds itself from its own config
+# object (`from_config`), and the optional extras are imported only when their backend is asked for
+BACKEND_CLASSES = {"hf": "hf:HFTeacher", "openai": "openai:OpenAITeacher", "vllm": "vllm:VLLMTeacher",
+                   "llamacpp": "llamacpp:LlamaCppTeacher"}
+
+
 def make_teacher(spec_or_config, *, name: str | None = None, loader: Callable | None = None, **overrides):
     """A teacher for a model spec string, a teacher config, or a config dict.
 
     `loader(spec) -> LoadedModel` lets the runner share its loaded models; `overrides` set
-    backend options a stage controls (for example `batch_size` of an HF teacher).
+    backend options a stage controls (for example `batch_size` of an HF teacher): those the
+    backend's config declares replace its values, the others do not apply to that backend.
     """
+    import importlib
+
     from .. import models
 
-    load = loader or models.load
     cfg = parse_teacher_config(spec_or_config)
     if isinstance(cfg, str):
         cfg = HFTeacherConfig(backend="hf", model=cfg)
-    if isinstance(cfg, HFTeacherConfig):
-        from .hf import HFTeacher
-
-        lm = load(cfg.model)
-        return HFTeacher(lm.model, lm.tokenizer, name=name or lm.identity.spec, batch_size=overrides.get("batch_size", cfg.batch_size))
-    if isinstance(cfg, OpenAITeacherConfig):
-        from .openai import OpenAITeacher
-
-        return OpenAITeacher.from_config(cfg, name=name, tokenizer=load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None)
-    if isinstance(cfg, VLLMTeacherConfig):
-        from .vllm import VLLMTeacher
-
-        return VLLMTeacher(cfg, name=name)
-    if isinstance(cfg, LlamaCppTeacherConfig):
-        from .llamacpp import LlamaCppTeacher
-
-        gguf, identity = models.gguf_source(cfg.model)
-        return LlamaCppTeacher(gguf, identity, name=name, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
-                               n_batch=cfg.n_batch, flash_attn=cfg.flash_attn)
-    raise StillhouseError(f"not a teacher: {spec_or_config!r}")
+    if not isinstance(cfg, (HFTeacherConfig, OpenAITeacherConfig, VLLMTeacherConfig, LlamaCppTeacherConfig)):
+        raise StillhouseError(f"not a teacher: {spec_or_config!r}")
+    cfg = cfg.model_copy(update={k: v for k, v in overrides.items() if k in type(cfg).model_fields})
+    module, cls = BACKEND_CLASSES[cfg.backend].split(":")
+    backend = getattr(importlib.import_module(f"stillhouse.teachers.{module}"), cls)
+    return backend.from_config(cfg, name=name, loader=loader or models.load)

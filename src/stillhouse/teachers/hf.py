@@ -56,6 +56,15 @@ class HFTeacher:
         # Applied to every decoding step's logits (decode.decode), e.g. the guard's watermark.
         self.logits_processor = None
 
+    @classmethod
+    def from_config(cls, cfg, name: str | None = None, loader=None) -> "HFTeacher":
+        """The teacher a `backend: hf` entry (config.HFTeacherConfig) declares, its model loaded by
+        `loader(spec) -> LoadedModel` (the runner shares its loaded models this way)."""
+        from ..models import load
+
+        lm = (loader or load)(cfg.model)
+        return cls(lm.model, lm.tokenizer, name=name or lm.identity.spec, batch_size=cfg.batch_size)
+
     def usage_metrics(self) -> dict:
         return {}  # a local model: nothing is billed or rate-limited
 

@@ -112,6 +112,16 @@ class LlamaCppTeacher:
         self._stops = end_of_turn_ids(self.tokenizer) | {self.llm.token_eos()}
         self.stats = {"generated_tokens": 0, "seconds": 0.0}
 
+    @classmethod
+    def from_config(cls, cfg, name: str | None = None, loader=None) -> "LlamaCppTeacher":
+        """The teacher a `backend: llamacpp` entry (config.LlamaCppTeacherConfig) declares; the GGUF
+        runs as it is (`loader`, which converts models for the hf backend, is unused)."""
+        from ..models import gguf_source
+
+        gguf, identity = gguf_source(cfg.model)
+        return cls(gguf, identity, name=name, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_batch=cfg.n_batch,
+                   flash_attn=cfg.flash_attn)
+
     def identity(self):
         return self._identity
 

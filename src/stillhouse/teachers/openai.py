@@ -154,8 +154,12 @@ class OpenAITeacher:
         self.stats = {"generated_tokens": 0, "seconds": 0.0}  # same keys as HFTeacher.stats
 
     @classmethod
-    def from_config(cls, cfg, name: str | None = None, tokenizer=None) -> "OpenAITeacher":
-        """The teacher a `teachers:` entry declares (config.OpenAITeacherConfig)."""
+    def from_config(cls, cfg, name: str | None = None, loader=None) -> "OpenAITeacher":
+        """The teacher a `teachers:` entry declares (config.OpenAITeacherConfig); `loader` is unused
+        (the served model's tokenizer, when declared, is read alone)."""
+        from ..models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
         return cls(
             cfg.base_url, cfg.model, name=name, api_key_env=cfg.api_key_env, terms=cfg.terms,
             max_concurrency=cfg.max_concurrency, requests_per_minute=cfg.requests_per_minute,

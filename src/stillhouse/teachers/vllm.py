@@ -56,6 +56,12 @@ def to_completion(output, prompt_tokens: int, stop_ids: set[int], top_k: int = 0
 class VLLMTeacher:
     backend = "vllm"
 
+    @classmethod
+    def from_config(cls, cfg, name: str | None = None, loader=None) -> "VLLMTeacher":
+        """The teacher a `backend: vllm` entry (config.VLLMTeacherConfig) declares (`loader` unused:
+        vLLM loads the weights itself)."""
+        return cls(cfg, name=name)
+
     def __init__(self, cfg, name: str | None = None):
         vllm = _import_vllm()
         from .. import models

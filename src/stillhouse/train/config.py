@@ -3,7 +3,8 @@ cross_tokenizer); stages.py registers them.
 
 `LoopSettings` is the training loop's settings, declared once: a train stage's config extends
 it, and so does the loop's own `TrainConfig` (train/loop.py), so a field is never copied by
-name from one to the other. Torch-free: validating a recipe imports this module.
+name from one to the other. `OnPolicySettings` extends it the same way for the onpolicy
+stage and train/onpolicy.OnPolicyConfig. Torch-free: validating a recipe imports this module.
 """
 
 from __future__ import annotations
@@ -183,23 +184,49 @@ class CacheLogitsStage(Strict):
     max_length: int = Field(1024, gt=1)
 
 
-class OnPolicyStage(Strict):
+class OnPolicySettings(LoopSettings):
+    """On-policy distillation's settings: the training loop's (checkpoints, resume, schedule,
+    accumulation) plus what it samples. Run by train/onpolicy.py through the shared loop."""
+
+    method: Literal["gkd", "reverse_kl"] = "gkd"
+    lmbda: float = Field(1.0, ge=0, le=1)  # gkd: share of steps sampled from the student
+    beta: float = Field(0.5, ge=0, le=1)  # gkd: generalised JSD beta
+    steps: int = Field(50, gt=0)  # optimizer steps (on-policy counts steps, not epochs)
+    sample_temperature: float = Field(1.0, ge=0)  # the student's sampling temperature
+    max_new_tokens: int = Field(32, gt=0)  # per sampled completion
+    # the loop's settings with on-policy's own defaults: a constant learning rate (no warm-up,
+    # no decay) as before the stage used the shared loop; set them for a schedule
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, gt=0)  # distinct prompts per step
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _loop_fields_that_do_not_apply(self):
+        unused = sorted(set(_NOT_ON_POLICY) & self.model_fields_set)
+        if unused:
+            raise ValueError(f"{', '.join(unused)} do not apply to on-policy training (it counts steps: and its "
+                             "loss is set by method:)")
+        if self.low_memory and (why := low_memory_problem(self.grad_clip, self.batch_size, self.micro_batch_size)):
+            raise ValueError(f"low_memory: {why}")
+        return self
+
+
+# LoopSettings fields an on-policy stage has no use for: set, they are refused rather than ignored.
+_NOT_ON_POLICY = ("epochs", "sft_weight", "kd_weight", "temperature", "objective", "dpo_beta")
+
+
+class OnPolicyStage(OnPolicySettings):
     """On-policy distillation: the student samples, the teacher scores its tokens (docs/onpolicy-and-cross-tokenizer.md)."""
 
     type: Literal["onpolicy"]
     student: str
     teacher: str
     data: str  # a dataset of prompts and teacher completions (a rejection stage)
-    method: Literal["gkd", "reverse_kl"] = "gkd"
-    lmbda: float = Field(1.0, ge=0, le=1)  # gkd: share of batches sampled from the student
-    beta: float = Field(0.5, ge=0, le=1)  # gkd: generalised JSD beta
-    steps: int = Field(50, gt=0)
-    batch_size: int = Field(8, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    sample_temperature: float = Field(1.0, ge=0)
-    max_new_tokens: int = Field(32, gt=0)
-    grad_clip: float = Field(1.0, ge=0)
-    seed: int = 0
+
+    def onpolicy_settings(self) -> dict:
+        """The fields on-policy training takes (train/onpolicy.OnPolicyConfig), by name."""
+        return {f: getattr(self, f) for f in OnPolicySettings.model_fields if f not in _NOT_ON_POLICY}
 
 
 class CrossTokenizerStage(Strict):

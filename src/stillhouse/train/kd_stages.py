@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from ..errors import EmptyDatasetError, StillhouseError
+from ..fsutil import write_text_atomic
 from ..progress import console, progress
 from ..records import read_rows
 from ..scoring import selected_logits, right_pad
@@ -80,13 +83,10 @@ def run_cache_logits(ctx) -> None:
 
 
 def run_onpolicy(ctx) -> None:
-    import json
-    from dataclasses import fields
-
     from .. import models as model_specs
     from ..lineage import merge_teachers
     from .onpolicy import OnPolicyConfig, Prompt, train_onpolicy
-    from .stages import _base_models_of, _save_model
+    from .stages import _base_models_of, _save_model, checkpoint_root
 
     c = ctx.config
     rows = [r for r in _dataset_rows(ctx) if r.get("passed", True)]
@@ -103,10 +103,15 @@ def run_onpolicy(ctx) -> None:
     if note:
         console.print(f"{ctx.name}: {note}")
         ctx.out.warnings.append(note)
-    cfg = OnPolicyConfig(**{f.name: getattr(c, f.name) for f in fields(OnPolicyConfig) if hasattr(c, f.name)}, vocab_size=vocab)
+    cfg = OnPolicyConfig(**c.onpolicy_settings(), vocab_size=vocab)
     # one prompt per problem (a dataset keeps several completions of each)
     by_prompt = {r["prompt"]: Prompt(r["prompt"], r["prompt_ids"], r["completion_ids"]) for r in rows}
-    history = train_onpolicy(student_lm.model, t.model, tok, list(by_prompt.values()), cfg)
+    ckpt_dir = checkpoint_root(ctx)
+    try:
+        history = train_onpolicy(student_lm.model, t.model, tok, list(by_prompt.values()), cfg, checkpoint_dir=ckpt_dir,
+                                 resume=getattr(ctx.runner, "resume", False), metrics_path=ckpt_dir / "metrics.jsonl")
+    except ValueError as e:
+        raise StillhouseError(f"stage '{ctx.name}': {e}") from None
     off_share = 0.0 if c.method == "reverse_kl" else 1.0 - c.lmbda
     entries = [({**t.identity.to_dict(), "role": "onpolicy-logits"}, 1.0)]
     entries += [({**d, "role": "off-policy-text"}, off_share * d.get("token_share", 1.0))
@@ -120,9 +125,7 @@ def run_onpolicy(ctx) -> None:
         on_policy_steps=sum(h["on_policy"] for h in history),
     )
     ctx.out.counts.update(prompts=len(by_prompt), tokens_seen=history[-1]["tokens"] if history else 0)
-    with open(ctx.out.path / "metrics.jsonl", "w") as f:
-        for h in history:
-            f.write(json.dumps(h) + "\n")
+    write_text_atomic(ctx.out.path / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     _save_model(ctx, student_lm.model, tok, _base_models_of(ctx, c.student))
 
 

@@ -1,4 +1,5 @@
-"""The training loop: SFT on teacher text, token-level KD on the teacher's logits, or DPO.
+"""The training loop: SFT on teacher text, token-level KD on the teacher's logits, DPO, or
+on-policy distillation (train/onpolicy.py).
 
 Read it top to bottom:
 1. `plan_batches` fixes every optimizer step's examples up front from the seed (batches of
@@ -14,9 +15,11 @@ Read it top to bottom:
    same gradient as one big batch. DPO sums per pair and divides by the step's pairs.
 5. Checkpoints (model, optimizer, scheduler, RNG, step) every `checkpoint_every` steps.
 
-What differs between SFT/KD and DPO is an objective object (`Distill`, `DPO`): which items it
-trains on, its loss terms, what a step is normalised by and what is logged. The loop itself
-does not branch on the objective.
+What differs between SFT/KD, DPO and on-policy distillation is an objective object
+(`Distill`, `DPO`, onpolicy.`OnPolicy`): which items it trains on, how the steps' batches are
+planned and materialised (on-policy samples each step's completions from the current student),
+its loss terms, what a step is normalised by and what is logged. The loop itself does not
+branch on the objective.
 """
 
 from __future__ import annotations
@@ -72,6 +75,10 @@ class Example:
     sorted_rows: list[int] | None = None
     sorted_top: torch.Tensor | None = None  # [len(sorted_rows), k]
     sorted_rest: torch.Tensor | None = None  # [len(sorted_rows)]
+    # On-policy signal (train/onpolicy.py): per target token, the policy-gradient advantage
+    # (baseline already subtracted) and the teacher's log-prob of the token.
+    advantages: list[float] | None = None
+    teacher_logprobs: list[float] | None = None
 
 
 @dataclass
@@ -324,6 +331,13 @@ class Distill:
     def prepare(self, student, items: list, pad_id: int, cfg: TrainConfig, device) -> dict:
         return {}
 
+    def plan(self, items: list, cfg: TrainConfig) -> list:
+        return plan_batches(items, cfg)
+
+    def batch(self, planned: list, step: int, student, teacher, pad_id: int, cfg: TrainConfig, device) -> list:
+        """A step's batch from its plan entry: here the planned examples themselves."""
+        return planned
+
     def units(self, batch: list) -> int:
         """What a step's loss is normalised by: its target tokens."""
         return sum(n_targets(e) for e in batch)
@@ -356,6 +370,9 @@ class DPO:
     def prepare(self, student, items: list, pad_id: int, cfg: TrainConfig, device) -> dict:
         return _reference_logprobs(student, items, pad_id, cfg.micro_batch_size or cfg.batch_size, device)
 
+    plan = Distill.plan
+    batch = Distill.batch
+
     def units(self, batch: list) -> int:
         """What a step's loss is normalised by: its pairs."""
         return len(batch)
@@ -378,7 +395,8 @@ def objective_of(cfg: TrainConfig):
     return OBJECTIVES[cfg.objective]
 
 
-def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, accelerator, teacher=None, state=None):
+def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, accelerator, teacher=None, state=None,
+                         objective=None):
     """Forward and backward over this process's micro-batches of one step's `batch`.
 
     Each micro-batch's loss is its *sum* over target tokens (pairs for DPO) divided by the
@@ -386,7 +404,7 @@ def accumulate_gradients(scorer, batch: list, cfg: TrainConfig, pad_id: int, acc
     whatever the split. Returns the summed log terms and the shapes processed here.
     """
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    objective = objective_of(cfg)
+    objective = objective or objective_of(cfg)
     # DDP averages gradients over processes; scaling by `world` turns that into a sum
     scale = world / max(objective.units(batch), 1)
     logs: dict[str, torch.Tensor] = {}
@@ -419,17 +437,19 @@ def train(
     metrics_path: str | Path | None = None,
     on_step=None,
     accelerator=None,
+    objective=None,
 ):
     """Train `student` in place. Returns the per-step history (loss, sft, kl, lr, tokens/s, ...).
 
     `examples` are `Example`s (distill) or `PreferencePair`s (dpo). With `checkpoint_dir` and
     `cfg.checkpoint_every`, checkpoints are written there; `resume=True` continues from the
     latest one. `metrics_path` gets one JSON line per step. `on_step(record)` is called after
-    every step (on every process).
+    every step (on every process). `objective` overrides `cfg.objective` with an objective
+    object (on-policy distillation passes its own, with the examples as `onpolicy.Prompt`s).
     """
     from ..processes import accelerator as default_accelerator
 
-    objective = objective_of(cfg)
+    objective = objective or objective_of(cfg)
     objective.check(examples, cfg, teacher)
     accelerator = accelerator or default_accelerator()
     device = accelerator.device
@@ -449,7 +469,7 @@ def train(
     student.eval()
     state = objective.prepare(student, items, pad_id, cfg, device)  # DPO: the frozen reference log-probs
 
-    plan = plan_batches(items, cfg)
+    plan = objective.plan(items, cfg)
     total = len(plan)
     decay = [p for p in student.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in student.parameters() if p.requires_grad and p.ndim < 2]
@@ -477,10 +497,11 @@ def train(
     with saving, sparse_rows, progress(description, total=total) as advance:
         advance(start_step)
         for step in range(start_step, total):
-            batch = plan[step]
+            # on-policy: the student samples this step's completions with the weights it has now
+            batch = objective.batch(plan[step], step, student, teacher, pad_id, cfg, device)
             units = objective.units(batch)
             lr = sched.get_last_lr()[0]
-            logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, state)
+            logs, counts = accumulate_gradients(scorer, batch, cfg, pad_id, accelerator, teacher, state, objective)
             grad_norm = _clip_gradients(accelerator, scorer, cfg.grad_clip) if cfg.grad_clip else None
             if not cfg.low_memory:  # otherwise every parameter was stepped in the backward pass
                 opt.step()

@@ -296,11 +296,13 @@ def mixture(
 
 
 # -- policy gradient (on-policy distillation and reward-based training share it) -----------
-def policy_gradient(token_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def policy_gradient(token_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None = None,
+                    reduction: str = "mean") -> torch.Tensor:
     """REINFORCE on sampled tokens: -mean(advantage * log p(token)), advantages held constant.
 
     On-policy samples make the importance ratio 1; with advantage -(log p_s - log p_t) the
-    expected gradient is that of the reverse KL to the teacher.
+    expected gradient is that of the reverse KL to the teacher. `reduction="sum"` returns the
+    sum over tokens, for the training loop, which normalises by the whole step's tokens.
     """
     adv = advantages.detach().float()
     lp = token_logprobs.float()
@@ -309,7 +311,8 @@ def policy_gradient(token_logprobs: torch.Tensor, advantages: torch.Tensor, mask
         lp, adv = lp[keep], adv[keep]
     if lp.numel() == 0:
         return token_logprobs.sum() * 0.0
-    return -(adv * lp).mean()
+    total = -(adv * lp).sum()
+    return total if reduction == "sum" else total / lp.numel()
 
 
 # -- cross-tokenizer: no shared vocabulary ---------------------------------------------------

@@ -1,11 +1,15 @@
 """On-policy distillation: the student samples, the teacher scores the student's own tokens.
 
-One loop serves every on-policy objective. Each step builds a batch of sequences (student
-samples, or with GKD's lambda the dataset's teacher completions), scores them with student
-and teacher at the completion positions only, and takes one of two kinds of step:
+It is an objective of the shared training loop (train/loop.py), so it has the loop's
+checkpoints, `--resume`, schedule, gradient accumulation and accelerate. Each step's plan
+entry (fixed up front from the seed, like the loop's other plans) is a set of prompts and
+whether the step is on-policy; when the step comes, the student samples those prompts'
+completions with the weights it has then (or, for GKD's off-policy share, the dataset's
+teacher completions are used), and both models score those exact tokens at the completion
+positions only. Then one of two kinds of step:
 
 - `gkd` (Agarwal et al. 2024): a generalised JSD(beta) between the two distributions at every
-  position, i.e. a distillation loss on the student's own text (lmbda = share of batches that
+  position, i.e. a distillation loss on the student's own text (lmbda = share of steps that
   are student samples; 0 is plain off-policy KD on the dataset).
 - `reverse_kl` (on-policy distillation as reinforcement learning, as in tinker-cookbook): a
   policy-gradient step where each sampled token's advantage is -(log p_student - log p_teacher).
@@ -16,33 +20,25 @@ and teacher at the completion positions only, and takes one of two kinds of step
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..progress import progress
-from ..scoring import right_pad, selected_logits
+from ..scoring import selected_logits
 from ..teachers.base import SamplingParams
 from ..teachers.hf import HFTeacher
+from . import loop
+from .config import OnPolicySettings
 from .losses import divergence, policy_gradient
 
 
-@dataclass
-class OnPolicyConfig:
-    method: str = "gkd"  # gkd | reverse_kl
-    lmbda: float = 1.0  # gkd: probability that a batch is sampled from the student
-    beta: float = 0.5  # gkd: JSD beta
-    steps: int = 50
-    batch_size: int = 8
-    lr: float = 1e-4
-    sample_temperature: float = 1.0
-    max_new_tokens: int = 32
-    grad_clip: float = 1.0
-    seed: int = 0
-    vocab_size: int | None = None
+class OnPolicyConfig(OnPolicySettings):
+    """On-policy training's settings (train/config.OnPolicySettings, shared with the stage) and
+    what the stage works out before training."""
+
+    vocab_size: int | None = None  # compare logits on the tokenizer's real vocabulary (padded heads)
 
 
 @dataclass
@@ -57,7 +53,7 @@ def reverse_kl_advantages(student_lp: torch.Tensor, teacher_lp: torch.Tensor) ->
     return -(student_lp - teacher_lp)
 
 
-def sample_completions(student, tokenizer, prompts: list[Prompt], cfg: OnPolicyConfig, seed: int) -> list[list[int]]:
+def sample_completions(student, tokenizer, prompts: list[Prompt], cfg: OnPolicySettings, seed: int) -> list[list[int]]:
     """The student's own completions (with the stop token that ended them), sampled at cfg's temperature."""
     sampler = HFTeacher(student, tokenizer, name="student", batch_size=len(prompts))
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature, seed=seed)
@@ -68,16 +64,104 @@ def sample_completions(student, tokenizer, prompts: list[Prompt], cfg: OnPolicyC
     return [c[0].token_ids + ([c[0].stop_token] if c[0].stop_token is not None else []) for c in outs]
 
 
-def _batch(prompts: list[Prompt], completions: list[list[int]], pad_id: int):
-    seqs = [p.ids + c for p, c in zip(prompts, completions)]
-    ids, attn = right_pad(seqs, pad_id)
-    predict = torch.zeros_like(ids, dtype=torch.bool)
-    targets = torch.full_like(ids, -100)
-    for r, (p, c) in enumerate(zip(prompts, completions)):
-        n, first = len(p.ids) + len(c), max(len(p.ids), 1)
-        predict[r, first - 1 : n - 1] = True
-        targets[r, first - 1 : n - 1] = ids[r, first:n]
-    return ids, attn, predict, targets[predict]
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+# The loss each method's step takes, as named in the log.
+_LOSS = {"gkd": "jsd", "reverse_kl": "policy_gradient"}
+
+
+class OnPolicy:
+    """The loop's objective for on-policy distillation, over `Prompt`s; normalised by the step's
+    completion tokens, as every objective of the loop."""
+
+    name = "onpolicy"
+    uses_teacher = True
+
+    def __init__(self, tokenizer, advantages: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = reverse_kl_advantages):
+        self.tokenizer = tokenizer
+        self.advantages = advantages
+        # what the step being run sampled, for its log record (the loop logs after the step)
+        self._step = {"on_policy": False, "completion_tokens": 0}
+
+    def check(self, prompts: list, cfg: OnPolicyConfig, teacher) -> None:
+        if teacher is None:
+            raise ValueError("on-policy distillation needs a teacher model to score the student's tokens")
+        if cfg.method == "gkd" and cfg.lmbda < 1 and any(p.completion_ids is None for p in prompts):
+            raise ValueError("gkd with lmbda < 1 needs a teacher completion for every prompt")
+
+    def items(self, prompts: list, cfg: OnPolicyConfig) -> list:
+        return list(prompts)
+
+    def prepare(self, student, items: list, pad_id: int, cfg: OnPolicyConfig, device) -> dict:
+        return {}
+
+    def plan(self, prompts: list, cfg: OnPolicyConfig) -> list[tuple[list[Prompt], bool]]:
+        """Every step's distinct prompts and whether the student samples them, from the seed alone
+        (so a resumed run takes the same steps)."""
+        rng = random.Random(cfg.seed)
+        plan = []
+        for _ in range(cfg.steps):
+            batch = rng.sample(prompts, min(cfg.batch_size, len(prompts)))
+            plan.append((batch, cfg.method == "reverse_kl" or rng.random() < cfg.lmbda))
+        return plan
+
+    def batch(self, planned, step: int, student, teacher, pad_id: int, cfg: OnPolicyConfig, device) -> list:
+        """The step's examples: its prompts with the student's fresh samples (or the teacher's text)."""
+        prompts, on_policy = planned
+        if on_policy:
+            completions = sample_completions(student, self.tokenizer, prompts, cfg, seed=cfg.seed * 1_000_003 + step)
+        else:
+            completions = [p.completion_ids for p in prompts]
+        examples = [loop.Example((p.ids + c)[: cfg.max_length], len(p.ids)) for p, c in zip(prompts, completions)]
+        if cfg.method == "reverse_kl":
+            self._score(examples, student, teacher, pad_id, cfg, device)
+        self._step = {"on_policy": on_policy, "completion_tokens": self.units(examples)}
+        return examples
+
+    @torch.no_grad()
+    def _score(self, examples: list, student, teacher, pad_id: int, cfg: OnPolicyConfig, device) -> None:
+        """Each sampled token's advantage, fixed before the step, minus the whole step's mean (a
+        constant baseline keeps the step unbiased and cuts its variance; taken over the step, not
+        a micro-batch, so accumulation gives one big batch's step)."""
+        ids, attn, predict, tokens, _ = loop.collate(examples, pad_id)
+        ids, attn, predict, tokens = ids.to(device), attn.to(device), predict.to(device), tokens.to(device)
+        s_lp = _token_logprobs(selected_logits(student, ids, attn, predict)[:, : cfg.vocab_size], tokens)
+        t_lp = _token_logprobs(selected_logits(teacher, ids, attn, predict)[:, : cfg.vocab_size], tokens)
+        adv = self.advantages(s_lp, t_lp).float()
+        adv = adv - adv.mean()
+        offset = 0
+        for e in examples:  # collate's targets are row-major: each example's in turn
+            n = loop.n_targets(e)
+            e.advantages, e.teacher_logprobs = adv[offset : offset + n].tolist(), t_lp[offset : offset + n].tolist()
+            offset += n
+
+    def units(self, batch: list) -> int:
+        """What a step's loss is normalised by: its completion tokens."""
+        return sum(loop.n_targets(e) for e in batch)
+
+    def terms(self, scorer, mb: list, state: dict, pad_id: int, cfg: OnPolicyConfig, device, teacher):
+        ids, attn, predict, tokens, _ = loop.collate(mb, pad_id)
+        ids, attn, predict, tokens = ids.to(device), attn.to(device), predict.to(device), tokens.to(device)
+        s_logits = scorer(ids, attn, predict)[:, : cfg.vocab_size]
+        s_lp = _token_logprobs(s_logits, tokens)
+        if cfg.method == "gkd":
+            with torch.no_grad():
+                t_logits = selected_logits(teacher, ids, attn, predict)[:, : cfg.vocab_size]
+            t_lp = _token_logprobs(t_logits, tokens)
+            loss = divergence("jsd", s_logits, t_logits, beta=cfg.beta, reduction="sum")
+        else:
+            adv = torch.tensor([a for e in mb for a in e.advantages], device=device)
+            t_lp = torch.tensor([t for e in mb for t in e.teacher_logprobs], device=device)
+            loss = policy_gradient(s_lp, adv, reduction="sum")
+        # reverse_kl: the Monte-Carlo estimate of KL(student || teacher) on the step's tokens
+        parts = {_LOSS[cfg.method]: loss.detach(), "reverse_kl": (s_lp.detach() - t_lp).sum()}
+        counts = {"rows": len(mb), "padded": ids.numel(), "positions": tokens.numel(), "tokens": int(attn.sum())}
+        return loss, parts, counts
+
+    def logged(self, totals: dict, cfg: OnPolicyConfig) -> tuple[float, dict]:
+        return totals.get(_LOSS[cfg.method], 0.0), {"reverse_kl": totals.get("reverse_kl", 0.0), **self._step}
 
 
 def train_onpolicy(
@@ -88,55 +172,13 @@ def train_onpolicy(
     cfg: OnPolicyConfig,
     advantages: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = reverse_kl_advantages,
     description: str = "On-policy distillation",
+    **loop_options,
 ) -> list[dict]:
-    """Train `student` in place against `teacher`; returns the per-step history.
+    """Train `student` in place against `teacher` through the shared loop; returns the per-step
+    history. `loop_options` are loop.train's (checkpoint_dir, resume, metrics_path, accelerator).
 
     `reverse_kl` in the history is the per-token Monte-Carlo estimate mean(log p_s - log p_t)
-    on the batch's tokens (exact in expectation on student samples).
+    on the step's tokens (exact in expectation on student samples).
     """
-    if cfg.method == "gkd" and cfg.lmbda < 1 and any(p.completion_ids is None for p in prompts):
-        raise ValueError("gkd with lmbda < 1 needs a teacher completion for every prompt")
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    teacher.eval()
-    student.train()
-    history, tokens_seen, start = [], 0, time.perf_counter()
-    pad = tokenizer.pad_token_id
-    with progress(description, total=cfg.steps) as advance:
-        for step in range(cfg.steps):
-            batch = rng.sample(prompts, min(cfg.batch_size, len(prompts)))
-            on_policy = cfg.method == "reverse_kl" or rng.random() < cfg.lmbda
-            if on_policy:
-                completions = sample_completions(student, tokenizer, batch, cfg, seed=cfg.seed * 1_000_003 + step)
-            else:
-                completions = [p.completion_ids for p in batch]
-            ids, attn, predict, tokens = _batch(batch, completions, pad)
-            if tokens.numel() == 0:
-                continue
-            s_logits = selected_logits(student, ids, attn, predict)[:, : cfg.vocab_size]
-            with torch.no_grad():
-                t_logits = selected_logits(teacher, ids, attn, predict)[:, : cfg.vocab_size]
-                t_lp = F.log_softmax(t_logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
-            s_lp = F.log_softmax(s_logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
-            if cfg.method == "gkd":
-                loss = divergence("jsd", s_logits, t_logits, beta=cfg.beta)
-            else:
-                adv = advantages(s_lp.detach(), t_lp)
-                # a constant baseline (the batch mean) keeps the step unbiased and cuts its variance
-                loss = policy_gradient(s_lp, adv - adv.mean())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
-            tokens_seen += int(attn.sum())
-            rec = {
-                "step": step + 1, "loss": loss.item(), "on_policy": on_policy,
-                "reverse_kl": (s_lp.detach() - t_lp).mean().item(), "completion_tokens": tokens.numel(),
-                "tokens": tokens_seen, "tokens_per_s": tokens_seen / max(time.perf_counter() - start, 1e-9),
-            }
-            history.append(rec)
-            advance(1, info=f"loss {rec['loss']:.3f} rkl {rec['reverse_kl']:.3f}")
-    student.eval()
-    return history
+    return loop.train(student, prompts, cfg, tokenizer.pad_token_id, teacher=teacher, description=description,
+                      objective=OnPolicy(tokenizer, advantages), **loop_options)
