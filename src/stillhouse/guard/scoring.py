@@ -45,6 +45,9 @@ FOLDS = 5         # out-of-fold calibration: benign accounts in 5 folds, each sc
 GROUP_SCALE = 0.99  # a group's distances are divided by this benign quantile of them ...
 GROUP_FLOOR = 1.0   # ... or by one benign spread, if larger: a group in which 99% of benign accounts sit
                     # exactly on a benign neighbour (actor clusters) would otherwise call any step a verdict
+LOCAL_FLOOR = 1.0  # distances are in units of the benign neighbour's own spacing, or of one benign spread
+                   # if that is smaller: a rare benign persona (30 researchers) is sparse, and being as far
+                   # from one of them as they are from each other is not unusual (a local outlier factor, k = 1)
 REFERENCE = 4000  # benign windows kept as neighbours (a fixed sample): cost grows with it, not with the tuning split
 
 # Evidence groups, each measured on its own; an account is as suspicious as its strongest
@@ -104,19 +107,28 @@ class Envelope:
             from sklearn.neighbors import NearestNeighbors
 
             for name, idx in _group_index().items():
-                self.nn[name] = (idx, NearestNeighbors(n_neighbors=1, algorithm="brute").fit(np.unique(ref[:, idx], axis=0)))
+                pts = np.unique(ref[:, idx], axis=0)
+                nn = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(pts)
+                # each benign window's own spacing: distance to its nearest other benign window
+                spacing = nn.kneighbors(pts, n_neighbors=min(2, len(pts)))[0][:, -1]
+                self.nn[name] = (idx, nn, np.maximum(spacing, LOCAL_FLOOR))
 
     def z(self, X: np.ndarray) -> np.ndarray:
         X = np.where(self.one_sided, np.maximum(X, self.median), X)
         return (X - self.median) / self.scale
 
     def distances(self, X: np.ndarray) -> np.ndarray:
-        """(rows, groups): distance of each row to the nearest benign window, per group."""
+        """(rows, groups): distance of each row to the nearest benign window, per group, in units
+        of that window's own spacing from its benign neighbours (at least LOCAL_FLOOR)."""
         if len(X) == 0:
             return np.zeros((0, len(self.nn)))
         Z = self.z(X)
+        out = []
         with _one_thread():
-            return np.column_stack([nn.kneighbors(Z[:, idx], return_distance=True)[0][:, 0] for idx, nn in self.nn.values()])
+            for idx, nn, spacing in self.nn.values():
+                d, j = nn.kneighbors(Z[:, idx])
+                out.append(d[:, 0] / spacing[j[:, 0]])
+        return np.column_stack(out)
 
 
 class Detector:
