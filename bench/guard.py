@@ -138,8 +138,10 @@ def evaluate(work: Path, baseline: bool, picture: Path | None) -> None:
     rows = truth.to_pylist()
     results = {"detector": report("detector", rows, best, det.thresholds)}
     if baseline:
-        base, base_th = mmd_scores(work, truth)
-        results["mmd"] = report("MMD baseline (arXiv 2606.05725)", rows, base, base_th)
+        sample = mmd_sample(rows, MMD_SAMPLE["chat"], MMD_SAMPLE["per_campaign"])
+        base, base_th = mmd_scores(work, sample)
+        results["mmd"] = report("MMD baseline (arXiv 2606.05725), on a sample of the test accounts", sample, base, base_th)
+        results["detector-on-mmd-sample"] = report("detector, on the same sample", sample, best, det.thresholds)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     if picture:
         plot(rows, best, det.thresholds, picture, results.get("mmd") and base)
@@ -189,34 +191,57 @@ def report(name: str, rows: list[dict], score: dict[str, float], th: dict[str, f
     return out
 
 
-def mmd_scores(work: Path, test_truth: pa.Table) -> tuple[dict[str, float], dict[str, float]]:
-    """Baseline: per account, MMD^2 of up to PER embedded queries against a benign reference from
-    the tuning split; thresholds from benign tuning accounts against the same reference."""
+MMD_SAMPLE = dict(per=8, ref=200, cal=500, chat=400, per_campaign=10)
+
+
+def mmd_sample(rows: list[dict], n_chat: int, per_campaign: int) -> list[dict]:
+    """The test accounts the baseline scores (embedding every query is hours on this machine):
+    every non-chat benign account, `n_chat` chat users, and up to `per_campaign` accounts of each
+    campaign, drawn with a fixed seed."""
+    rng = np.random.default_rng(1)
+    chat = [r for r in rows if r["kind"] == "chat"]
+    keep = [r for r in rows if not r["attack"] and r["kind"] != "chat"]
+    keep += [chat[i] for i in sorted(rng.choice(len(chat), min(n_chat, len(chat)), replace=False))]
+    camps: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["attack"]:
+            camps.setdefault(r["campaign"], []).append(r)
+    for m in camps.values():
+        keep += [m[i] for i in sorted(rng.choice(len(m), min(per_campaign, len(m)), replace=False))]
+    return keep
+
+
+def mmd_scores(work: Path, test_rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+    """Baseline: per account, MMD^2 of up to `per` embedded queries against a benign reference
+    (`ref` benign tuning accounts); thresholds from `cal` other benign tuning accounts against the
+    same reference. Embeddings are cached on disk by prompt hash (work/mmd-embeddings.safetensors)."""
     from stillhouse.guard import mmd
 
-    per, n_ref, n_cal = 8, 300, 1500
-    rng = np.random.default_rng(0)
+    cfg = MMD_SAMPLE
     t = time.perf_counter()
     tune_truth = simulate(TUNE, work / "tune-text", log_text=True)  # the tuning traffic again, now with text
 
-    def texts(log: Path) -> dict[str, list[str]]:
+    def texts(log: Path, accounts: set[str]) -> dict[str, list[str]]:
         con = open_log(log)
         rows = con.sql(f"""SELECT account, prompt_text FROM requests WHERE account IS NOT NULL
-                          QUALIFY row_number() OVER (PARTITION BY account ORDER BY hash(prompt_sha256)) <= {per}""").fetchall()
+                          QUALIFY row_number() OVER (PARTITION BY account ORDER BY hash(prompt_sha256)) <= {cfg['per']}""").fetchall()
         by: dict[str, list[str]] = {}
         for a, x in rows:
-            by.setdefault(a, []).append(x)
+            if a in accounts:
+                by.setdefault(a, []).append(x)
         return by
 
-    tune_txt, test_txt = texts(work / "tune-text"), texts(work / "test")
-    tune_att = dict(zip(tune_truth["account"].to_pylist(), tune_truth["attack"].to_pylist()))
-    benign_accts = [a for a in tune_txt if not tune_att[a]]
-    rng.shuffle(benign_accts)
-    ref_accts, cal_accts = benign_accts[: n_ref], benign_accts[n_ref : n_ref + n_cal]
+    rng = np.random.default_rng(0)
+    benign_tune = [r["account"] for r in tune_truth.to_pylist() if not r["attack"]]
+    rng.shuffle(benign_tune)
+    ref_accts, cal_accts = benign_tune[: cfg["ref"]], benign_tune[cfg["ref"] : cfg["ref"] + cfg["cal"]]
+    tune_txt = texts(work / "tune-text", set(ref_accts + cal_accts))
+    test_txt = texts(work / "test", {r["account"] for r in test_rows})
     enc = mmd.load_encoder()
-    need = [x for a in ref_accts + cal_accts for x in tune_txt[a]] + [x for v in test_txt.values() for x in v]
-    vec = mmd.embed(enc, need)
-    print(f"MMD baseline: {len(vec):,} distinct queries embedded in {time.perf_counter() - t:.0f}s", flush=True)
+    need = [x for v in tune_txt.values() for x in v] + [x for v in test_txt.values() for x in v]
+    vec = mmd.embed(enc, need, cache=work / "mmd-embeddings.safetensors")
+    print(f"MMD baseline: {len(vec):,} distinct queries of {len(test_txt):,} test and {len(tune_txt):,} tuning accounts "
+          f"embedded in {time.perf_counter() - t:.0f}s (cached)", flush=True)
     ref = np.stack([vec[x] for a in ref_accts for x in tune_txt[a]])
     sigma = mmd.bandwidth(ref)
     cal = np.array([mmd.mmd2(np.stack([vec[x] for x in tune_txt[a]]), ref, sigma) for a in cal_accts])

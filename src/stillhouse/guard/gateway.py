@@ -32,6 +32,9 @@ from .reqlog import RequestLog
 from .responses import ResponseFilter
 
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+# uvicorn's C HTTP parser and event loop (uvicorn[standard]): with the pure-Python h11 parser and
+# asyncio's loop the gateway spent about twice the CPU per request (bench/guard_overhead.py; docs/guard.md)
+HTTP, LOOP = "httptools", "auto"  # auto: uvloop where it is installed (not on Windows)
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
@@ -408,6 +411,6 @@ def serve(upstream: str, config: str | Path, *, host: str = "127.0.0.1", port: i
             check_upstream(upstream, cfg)
         app = create_app(cfg, upstream)
         print(f"stillhouse guard: http://{host}:{sock.getsockname()[1]}/v1 -> {normalise(upstream)}", file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, http=HTTP, loop=LOOP)).run(sockets=[sock])
     finally:
         sock.close()
