@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from stillhouse.guard import simulate as S  # noqa: E402
+from stillhouse.guard import log_schema as L, simulate as S  # noqa: E402
 from stillhouse.guard.analyze import feature_table  # noqa: E402
 from stillhouse.guard.logsource import open_log  # noqa: E402
 from stillhouse.guard.scoring import FEATURES, TUNING_DIR, calibrate, thresholds_at  # noqa: E402
@@ -277,13 +277,11 @@ def plot(rows: list[dict], best: dict[str, float], th: dict[str, float], path: P
 def synth_log(n: int, out: Path, seed: int = 0) -> None:
     """n requests in the schema, fast: ~n/60 accounts, 5% of them in a few template campaigns;
     signatures drawn from a pool of real ones (the analysis cost does not depend on their text)."""
-    from stillhouse.guard import log_schema as L
-
     rng = np.random.default_rng(seed)
     pool_txt = S.public_prompts()
     camp_txt = [S.COVERAGE_TEMPLATES[i % 3].format(a=a, f=f, l=l) for i, (a, f, l) in enumerate(
         (a, f, l) for f in S.FIELDS for a in S.ASPECTS for l in S.LEVELS)]
-    pool = S.signatures(pool_txt) + S.signatures(camp_txt)
+    pool = L.prompt_signatures(pool_txt) + L.prompt_signatures(camp_txt)
     n_pool = len(pool_txt)
     n_acc = max(10, n // 60)
     days = 7

@@ -268,7 +268,7 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
 
         if not stream:
             try:
-                async with app.state.client.post(url, data=json.dumps(body), headers=headers) as r:
+                async with app.state.client.post(url, data=raw, headers=headers) as r:  # the body as received: checked, unchanged
                     status, content = r.status, await r.read()
             except UPSTREAM_ERRORS as e:
                 finish(row, t0, 502, "upstream_error")
@@ -362,13 +362,15 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
         finish(row, t0, status, "bad_request" if status < 500 else "upstream_error")
         return JSONResponse(err, status_code=status)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await proxy(request, True)
 
-    @app.post("/v1/completions")
     async def completions(request: Request):
         return await proxy(request, False)
+
+    # plain Starlette routes: FastAPI's per-request dependency solving has nothing to do here
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
 
     return app
 

@@ -59,13 +59,14 @@ def connect(path: Path) -> sqlite3.Connection:
     return con
 
 
-def derive(row: dict, log_text: bool) -> tuple:
-    """The row's values in column order; the prompt-derived columns are computed here."""
+def derive(row: dict, log_text: bool, sig: bytes | None = None) -> tuple:
+    """The row's values in column order; the prompt-derived columns are computed here (`sig`:
+    the prompt's signature if already computed with its batch)."""
     text = row.pop("_prompt", None)
     system = row.pop("_system", None)
     if text is not None:
         row["prompt_sha256"] = L.prompt_sha256(text)
-        row["prompt_sig"] = L.prompt_signature(text)
+        row["prompt_sig"] = sig if sig is not None else L.prompt_signature(text)
         row["prompt_chars"] = len(text)
         row["probe"] = ",".join(intent.probes(text))
         if log_text:
@@ -122,7 +123,9 @@ class RequestLog:
                     break
             if batch:
                 try:
-                    rows = [derive(r, self.log_text) for r in batch]
+                    # one vectorised MinHash pass per batch: it holds the GIL far less than a MinHash per row
+                    sigs = iter(L.prompt_signatures([r["_prompt"] for r in batch if r.get("_prompt") is not None]))
+                    rows = [derive(r, self.log_text, next(sigs) if r.get("_prompt") is not None else None) for r in batch]
                     con.execute("BEGIN")
                     con.executemany(_INSERT, rows)
                     con.execute("COMMIT")
