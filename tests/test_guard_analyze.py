@@ -218,4 +218,4 @@ def test_detector_flags_what_lies_outside_the_benign_envelope_and_holds_its_fpr(
     low = np.full((1, len(FEATURES)), 0.0)  # less of everything than benign users is no evidence
     scores = det.score(_tuning_table(0, np.vstack([odd, low])))
     assert (scores[:3] >= det.threshold).all() and scores[3] < meta["thresholds"]["1%"]
-    assert det.strongest(_tuning_table(0, odd))[0] in ("prompt content", "all evidence")
+    assert det.score_and_evidence(_tuning_table(0, odd))[1][0] in ("prompt content", "all evidence")

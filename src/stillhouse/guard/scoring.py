@@ -11,8 +11,9 @@ false-positive rates bench/guard.py reports (calibrate(); bench/guard.py --tune 
 the tuning features to guard/tuning/). Because nothing is learned from attackers, every family
 of the tuning split is as unseen to the detector as the test split's adaptive one.
 
-The score shown is stat / (1 + stat): 0.5 is "at the benign 99th percentile of its strongest
-evidence", and it only grows from there.
+The score shown is stat / (1 + stat): 0.5 is one unit out on its strongest evidence (the unit is
+that group's benign 99th percentile or GROUP_FLOOR benign spreads, whichever is larger), and it
+only grows from there.
 
 Reasons are model-free: the features where an account lies beyond the 99th percentile of the
 benign tuning accounts, most extreme first, each said in words.
@@ -153,14 +154,15 @@ class Detector:
         return self.envelope.distances(matrix(table)) / self.group_scale
 
     def score(self, table: pa.Table) -> np.ndarray:
-        if table.num_rows == 0:
-            return np.zeros(0)
-        return to_score(self.ratios(table).max(axis=1))
+        return self.score_and_evidence(table)[0]
 
-    def strongest(self, table: pa.Table) -> list[str]:
-        """The evidence group whose distance gave each row its score."""
+    def score_and_evidence(self, table: pa.Table) -> tuple[np.ndarray, list[str]]:
+        """Each row's score, and the evidence group whose distance gave it."""
+        if table.num_rows == 0:
+            return np.zeros(0), []
+        r = self.ratios(table)
         names = list(GROUPS)
-        return [names[i] for i in self.ratios(table).argmax(axis=1)]
+        return to_score(r.max(axis=1)), [names[i] for i in r.argmax(axis=1)]
 
     def reasons(self, row: dict, limit: int = 4) -> list[str]:
         x = np.array([row[f] for f in FEATURES], dtype=float)
@@ -173,7 +175,7 @@ class Detector:
 
 
 def to_score(stat: np.ndarray) -> np.ndarray:
-    """Largest group ratio -> [0, 1): 0.5 at the benign 99th percentile of the strongest group."""
+    """Largest group ratio -> [0, 1): 0.5 at one unit out on the strongest group."""
     return stat / (1.0 + stat)
 
 
