@@ -44,11 +44,12 @@ FLOOR = {f: 0.5 if f.startswith("log_") or f in ("signup_burst", "skeleton_reach
          for f in FEATURES}
 FOLDS = 5         # out-of-fold calibration: benign accounts in 5 folds, each scored against the other 4
 GROUP_SCALE = 0.99  # a group's distances are divided by this benign quantile of them ...
-GROUP_FLOOR = 1.0   # ... or by one benign spread, if larger: a group in which 99% of benign accounts sit
+GROUP_FLOOR = 1.0   # ... or by this many units, if larger: a group in which 99% of benign accounts sit
                     # exactly on a benign neighbour (actor clusters) would otherwise call any step a verdict
-LOCAL_FLOOR = 1.0  # distances are in units of the benign neighbour's own spacing, or of one benign spread
-                   # if that is smaller: a rare benign persona (30 researchers) is sparse, and being as far
-                   # from one of them as they are from each other is not unusual (a local outlier factor, k = 1)
+LOCAL_FLOOR = 1.0  # distances are in units of the benign neighbour's own spacing (its distance to its nearest
+                   # benign neighbour), or of one benign spread where the spacing is smaller (dense chat
+                   # traffic): a rare benign persona (30 researchers) is sparse, and being as far from one of
+                   # them as they are from each other is not unusual (a local outlier factor with k = 1)
 REFERENCE = 4000  # benign windows kept as neighbours (a fixed sample): cost grows with it, not with the tuning split
 
 # Evidence groups, each measured on its own; an account is as suspicious as its strongest
