@@ -244,9 +244,10 @@ def mmd_scores(work: Path, test_rows: list[dict]) -> tuple[dict[str, float], dic
           f"embedded in {time.perf_counter() - t:.0f}s (cached)", flush=True)
     ref = np.stack([vec[x] for a in ref_accts for x in tune_txt[a]])
     sigma = mmd.bandwidth(ref)
-    cal = np.array([mmd.mmd2(np.stack([vec[x] for x in tune_txt[a]]), ref, sigma) for a in cal_accts])
+    yy = mmd.self_term(ref, sigma)
+    cal = np.array([mmd.mmd2(np.stack([vec[x] for x in tune_txt[a]]), ref, sigma, yy) for a in cal_accts])
     th = thresholds_from(cal)
-    score = {a: mmd.mmd2(np.stack([vec[x] for x in v]), ref, sigma) for a, v in test_txt.items()}
+    score = {a: mmd.mmd2(np.stack([vec[x] for x in v]), ref, sigma, yy) for a, v in test_txt.items()}
     return score, th
 
 

@@ -40,3 +40,10 @@ def test_embeddings_are_cached_on_disk_by_prompt_hash(tmp_path):
     again = mmd.embed(enc, ["bb", "ccc"], cache=cache)
     assert enc.seen == ["a", "bb", "ccc"]  # only the new text was encoded
     assert (again["bb"] == first["bb"]).all() and again["ccc"][0] == 3
+
+
+def test_precomputed_reference_term_gives_the_same_statistic():
+    rng = np.random.default_rng(1)
+    ref, x = rng.normal(size=(50, 4)), rng.normal(loc=0.5, size=(8, 4))
+    sigma = mmd.bandwidth(ref)
+    assert mmd.mmd2(x, ref, sigma, mmd.self_term(ref, sigma)) == mmd.mmd2(x, ref, sigma)

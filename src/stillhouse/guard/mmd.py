@@ -93,14 +93,23 @@ def bandwidth(ref: np.ndarray) -> float:
     return float(np.median(d[np.triu_indices(len(ref), 1)]))
 
 
-def mmd2(x: np.ndarray, y: np.ndarray, sigma: float) -> float:
-    """Unbiased MMD^2 between samples x (m, d) and y (n, d) under k(a, b) = exp(-|a-b|^2 / 2 sigma^2)."""
+def mmd2(x: np.ndarray, y: np.ndarray, sigma: float, yy: float | None = None) -> float:
+    """Unbiased MMD^2 between samples x (m, d) and y (n, d) under k(a, b) = exp(-|a-b|^2 / 2 sigma^2).
+    `yy` is y's own term (`self_term(y, sigma)`): pass it when testing many samples against one
+    reference, whose n x n kernel would otherwise be recomputed each time."""
     m, n = len(x), len(y)
     if m < 2 or n < 2:
         return 0.0
     g = 1.0 / (2 * sigma**2)
-    kxx, kyy, kxy = (np.exp(-g * _sqdist(a, b)) for a, b in ((x, x), (y, y), (x, y)))
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean())
+    kxy = np.exp(-g * _sqdist(x, y))
+    return self_term(x, sigma) + (self_term(y, sigma) if yy is None else yy) - 2 * float(kxy.mean())
+
+
+def self_term(x: np.ndarray, sigma: float) -> float:
+    """Mean kernel value over distinct pairs of x: the within-sample term of the unbiased MMD^2."""
+    m = len(x)
+    k = np.exp(-_sqdist(x, x) / (2 * sigma**2))
+    return float((k.sum() - np.trace(k)) / (m * (m - 1)))
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
