@@ -1,12 +1,15 @@
 """Benchmark of the guard's detection half (`stillhouse guard analyze`).
 
-  python bench/guard.py --tune     simulate the tuning split (4 attack families), fit thresholds
-                                   from out-of-fold scores, write src/stillhouse/guard/tuning/
+  python bench/guard.py --tune     simulate the tuning split (4 attack families), calibrate on its
+                                   benign accounts only (out-of-fold thresholds; no attacker is
+                                   fitted), write src/stillhouse/guard/tuning/, print the tuning
+                                   split's out-of-fold table (every family unseen by construction)
   python bench/guard.py --eval     simulate the test split (adds the unseen `adaptive` family and
                                    campaigns over 100 and 1,000 accounts); TPR of campaigns and
                                    attacker accounts at benign-account FPR 1%, 0.3%, 0.1%, 0, with
                                    Wilson 95% intervals, per persona and family; the MMD baseline
-                                   (arXiv 2606.05725) on the same traffic; docs/guard-scores.png
+                                   (arXiv 2606.05725) on a fixed sample of the same traffic
+                                   (MMD_SAMPLE; embeddings cached in WORK); docs/guard-scores.png
   python bench/guard.py --scale 100000 1000000 10000000
                                    time and peak memory of `stillhouse guard analyze` on synthetic
                                    logs written directly in the schema (day-partitioned Parquet)
