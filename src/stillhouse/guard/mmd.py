@@ -10,11 +10,11 @@ prompt text (the gateway's `log_text`), which the detector itself never reads.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..fsutil import write_bytes_atomic
 
@@ -46,7 +46,7 @@ def embed(encoder, texts: list[str], batch_size: int = 64, cache: str | Path | N
     todo = [t for t in distinct if digest[t] not in known]
     for lo in range(0, len(todo), CHUNK):
         part = todo[lo : lo + CHUNK]
-        with _one_thread():
+        with threadpool_limits(1):  # two shared cores: more threads contend and run slower
             vecs = encoder.encode(part, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
         known.update({digest[t]: v.astype(np.float32) for t, v in zip(part, vecs)})
         if cache:
@@ -55,20 +55,6 @@ def embed(encoder, texts: list[str], batch_size: int = 64, cache: str | Path | N
 
 
 CHUNK = 512  # texts encoded between two saves of the cache
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Encode on one torch thread (two shared cores: more threads contend and run slower), and
-    give the process its thread count back afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _read_cache(path: str | Path) -> dict[bytes, np.ndarray]:
