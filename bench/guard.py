@@ -1,12 +1,15 @@
 """Benchmark of the guard's detection half (`stillhouse guard analyze`).
 
-  python bench/guard.py --tune     simulate the tuning split (4 attack families), fit thresholds
-                                   from out-of-fold scores, write src/stillhouse/guard/tuning/
+  python bench/guard.py --tune     simulate the tuning split (4 attack families), calibrate on its
+                                   benign accounts only (out-of-fold thresholds; no attacker is
+                                   fitted), write src/stillhouse/guard/tuning/, print the tuning
+                                   split's out-of-fold table (every family unseen by construction)
   python bench/guard.py --eval     simulate the test split (adds the unseen `adaptive` family and
                                    campaigns over 100 and 1,000 accounts); TPR of campaigns and
                                    attacker accounts at benign-account FPR 1%, 0.3%, 0.1%, 0, with
                                    Wilson 95% intervals, per persona and family; the MMD baseline
-                                   (arXiv 2606.05725) on the same traffic; docs/guard-scores.png
+                                   (arXiv 2606.05725) on a fixed sample of the same traffic
+                                   (MMD_SAMPLE; embeddings cached in WORK); docs/guard-scores.png
   python bench/guard.py --scale 100000 1000000 10000000
                                    time and peak memory of `stillhouse guard analyze` on synthetic
                                    logs written directly in the schema (day-partitioned Parquet)
@@ -33,10 +36,10 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from stillhouse.guard import simulate as S  # noqa: E402
+from stillhouse.guard import log_schema as L, simulate as S  # noqa: E402
 from stillhouse.guard.analyze import feature_table  # noqa: E402
 from stillhouse.guard.logsource import open_log  # noqa: E402
-from stillhouse.guard.scoring import TUNING_DIR, Detector, make_model, matrix  # noqa: E402
+from stillhouse.guard.scoring import FEATURES, TUNING_DIR, calibrate, thresholds_at  # noqa: E402
 
 FPRS = {"1%": 0.01, "0.3%": 0.003, "0.1%": 0.001, "0": 0.0}
 TUNE = dict(seed=11, chat=3000, app=20, eval_teams=10, researcher=30, power=100,
@@ -83,12 +86,7 @@ def account_max(accounts: list[str], scores: np.ndarray) -> dict[str, float]:
 
 def thresholds_from(benign_scores: np.ndarray) -> dict[str, float]:
     """Lowest threshold flagging at most floor(fpr * n) benign accounts (flag = score >= t)."""
-    s = np.sort(benign_scores)[::-1]
-    out = {}
-    for name, f in FPRS.items():
-        k = int(math.floor(f * len(s)))
-        out[name] = float(np.nextafter(s[k], 2.0)) if k < len(s) else 0.0
-    return out
+    return thresholds_at(benign_scores, FPRS)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -108,36 +106,23 @@ def rate(k: int, n: int) -> str:
 
 # ------------------------------------------------------------------ tune
 def tune(work: Path) -> None:
-    from sklearn.model_selection import GroupKFold
-
+    """Benign-only calibration (scoring.calibrate): no attacker row is fitted, so the tuning
+    split's attack families are a held-out check of what the detector catches unseen."""
     truth = simulate(TUNE, work / "tune", log_text=False)
     feats = labelled_features(work / "tune", truth)
-    X = matrix(feats)
-    y = np.asarray(feats["attack"].to_pylist(), dtype=int)
-    groups = np.asarray(feats["campaign"].to_pylist())
-    oof = np.zeros(len(y))
-    for tr, te in GroupKFold(n_splits=5).split(X, y, groups):
-        m = make_model().fit(X[tr], y[tr])
-        oof[te] = m.predict_proba(X[te])[:, 1]
-    acc = feats["account"].to_pylist()
-    best = account_max(acc, oof)
-    att = dict(zip(truth["account"].to_pylist(), truth["attack"].to_pylist()))
-    benign = np.array([s for a, s in best.items() if not att[a]])
-    th = thresholds_from(benign)
+    meta, oof = calibrate(feats, FPRS)
     TUNING_DIR.mkdir(parents=True, exist_ok=True)
-    keep = ["account", "window_start", "attack", "kind", "campaign"] + [c for c in feats.column_names if c in set(matrix_columns())]
+    keep = ["account", "window_start", "attack", "kind", "campaign"] + FEATURES
     pq.write_table(feats.select(keep), TUNING_DIR / "features.parquet", compression="zstd")
-    meta = {"thresholds": th, "default_fpr": "0.3%", "benign_accounts": int(len(benign)),
-            "attacker_accounts": int(sum(att.values())), "note": "written by bench/guard.py --tune; out-of-fold scores grouped by actor"}
+    att = dict(zip(truth["account"].to_pylist(), truth["attack"].to_pylist()))
+    best = account_max(feats["account"].to_pylist(), oof)
+    meta |= {"default_fpr": "0.3%", "benign_accounts": int(sum(not v for v in att.values())),
+             "attacker_accounts": int(sum(att.values())),
+             "note": "written by bench/guard.py --tune; benign-only, out-of-fold by account; attackers never fitted"}
     (TUNING_DIR / "thresholds.json").write_text(json.dumps(meta, indent=2) + "\n")
-    oof_tpr = {k: float(np.mean([s >= t for a, s in best.items() if att[a]])) for k, t in th.items()}
-    print("tuning thresholds", json.dumps(th), "out-of-fold attacker-account TPR", json.dumps(oof_tpr), flush=True)
-
-
-def matrix_columns() -> list[str]:
-    from stillhouse.guard.scoring import FEATURES
-
-    return FEATURES
+    print("tuning thresholds", json.dumps(meta["thresholds"]), flush=True)
+    report("tuning split, out-of-fold (no family was fitted: each is unseen)", truth.to_pylist(), best, meta["thresholds"],
+           families=TUNE["families"])
 
 
 # ------------------------------------------------------------------ evaluate
@@ -156,14 +141,16 @@ def evaluate(work: Path, baseline: bool, picture: Path | None) -> None:
     rows = truth.to_pylist()
     results = {"detector": report("detector", rows, best, det.thresholds)}
     if baseline:
-        base, base_th = mmd_scores(work, truth)
-        results["mmd"] = report("MMD baseline (arXiv 2606.05725)", rows, base, base_th)
+        sample = mmd_sample(rows, MMD_SAMPLE["chat"], MMD_SAMPLE["per_campaign"])
+        base, base_th = mmd_scores(work, sample)
+        results["mmd"] = report("MMD baseline (arXiv 2606.05725), on a sample of the test accounts", sample, base, base_th)
+        results["detector-on-mmd-sample"] = report("detector, on the same sample", sample, best, det.thresholds)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     if picture:
         plot(rows, best, det.thresholds, picture, results.get("mmd") and base)
 
 
-def report(name: str, rows: list[dict], score: dict[str, float], th: dict[str, float]) -> dict:
+def report(name: str, rows: list[dict], score: dict[str, float], th: dict[str, float], families=S.FAMILIES) -> dict:
     """Markdown tables: benign FPR per persona, attacker TPR per family, campaign TPR per family
     and per campaign size; a campaign counts as flagged when at least half its accounts are."""
     out: dict = {"thresholds": th}
@@ -186,7 +173,7 @@ def report(name: str, rows: list[dict], score: dict[str, float], th: dict[str, f
     for p in S.BENIGN:
         line(f"  benign: {p}", benign, lambda r, p=p: r["kind"] == p)
     line("attacker accounts flagged (TPR), all", attack)
-    for fam in S.FAMILIES:
+    for fam in families:
         line(f"  attackers: {fam}", attack, lambda r, fam=fam: r["kind"] == fam)
     camps: dict[str, list[dict]] = {}
     for r in attack:
@@ -195,7 +182,7 @@ def report(name: str, rows: list[dict], score: dict[str, float], th: dict[str, f
     cscore = {}
     for c, m in camps.items():
         cscore[c] = float(np.median([score[r["account"]] for r in m]))  # half flagged <=> median >= t
-    for label, sel in [("campaigns flagged, all", lambda r: True)] + [(f"  campaigns: {fam}", lambda r, fam=fam: r["kind"] == fam) for fam in S.FAMILIES] \
+    for label, sel in [("campaigns flagged, all", lambda r: True)] + [(f"  campaigns: {fam}", lambda r, fam=fam: r["kind"] == fam) for fam in families] \
             + [(f"  campaigns over {s} accounts", lambda r, s=s: r["size"] == s) for s in sorted({c['size'] for c in cam_rows})]:
         cells = []
         for f, t in th.items():
@@ -207,39 +194,63 @@ def report(name: str, rows: list[dict], score: dict[str, float], th: dict[str, f
     return out
 
 
-def mmd_scores(work: Path, test_truth: pa.Table) -> tuple[dict[str, float], dict[str, float]]:
-    """Baseline: per account, MMD^2 of up to PER embedded queries against a benign reference from
-    the tuning split; thresholds from benign tuning accounts against the same reference."""
+MMD_SAMPLE = dict(per=8, ref=200, cal=500, chat=400, per_campaign=10)
+
+
+def mmd_sample(rows: list[dict], n_chat: int, per_campaign: int) -> list[dict]:
+    """The test accounts the baseline scores (embedding every query is hours on this machine):
+    every non-chat benign account, `n_chat` chat users, and up to `per_campaign` accounts of each
+    campaign, drawn with a fixed seed."""
+    rng = np.random.default_rng(1)
+    chat = [r for r in rows if r["kind"] == "chat"]
+    keep = [r for r in rows if not r["attack"] and r["kind"] != "chat"]
+    keep += [chat[i] for i in sorted(rng.choice(len(chat), min(n_chat, len(chat)), replace=False))]
+    camps: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["attack"]:
+            camps.setdefault(r["campaign"], []).append(r)
+    for m in camps.values():
+        keep += [m[i] for i in sorted(rng.choice(len(m), min(per_campaign, len(m)), replace=False))]
+    return keep
+
+
+def mmd_scores(work: Path, test_rows: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+    """Baseline: per account, MMD^2 of up to `per` embedded queries against a benign reference
+    (`ref` benign tuning accounts); thresholds from `cal` other benign tuning accounts against the
+    same reference. Embeddings are cached on disk by prompt hash (work/mmd-embeddings.safetensors)."""
     from stillhouse.guard import mmd
 
-    per, n_ref, n_cal = 8, 300, 1500
-    rng = np.random.default_rng(0)
+    cfg = MMD_SAMPLE
     t = time.perf_counter()
     tune_truth = simulate(TUNE, work / "tune-text", log_text=True)  # the tuning traffic again, now with text
 
-    def texts(log: Path) -> dict[str, list[str]]:
+    def texts(log: Path, accounts: set[str]) -> dict[str, list[str]]:
         con = open_log(log)
         rows = con.sql(f"""SELECT account, prompt_text FROM requests WHERE account IS NOT NULL
-                          QUALIFY row_number() OVER (PARTITION BY account ORDER BY hash(prompt_sha256)) <= {per}""").fetchall()
+                          QUALIFY row_number() OVER (PARTITION BY account ORDER BY hash(prompt_sha256)) <= {cfg['per']}""").fetchall()
         by: dict[str, list[str]] = {}
         for a, x in rows:
-            by.setdefault(a, []).append(x)
+            if a in accounts:
+                by.setdefault(a, []).append(x)
         return by
 
-    tune_txt, test_txt = texts(work / "tune-text"), texts(work / "test")
-    tune_att = dict(zip(tune_truth["account"].to_pylist(), tune_truth["attack"].to_pylist()))
-    benign_accts = [a for a in tune_txt if not tune_att[a]]
-    rng.shuffle(benign_accts)
-    ref_accts, cal_accts = benign_accts[: n_ref], benign_accts[n_ref : n_ref + n_cal]
+    rng = np.random.default_rng(0)
+    benign_tune = [r["account"] for r in tune_truth.to_pylist() if not r["attack"]]
+    rng.shuffle(benign_tune)
+    ref_accts, cal_accts = benign_tune[: cfg["ref"]], benign_tune[cfg["ref"] : cfg["ref"] + cfg["cal"]]
+    tune_txt = texts(work / "tune-text", set(ref_accts + cal_accts))
+    test_txt = texts(work / "test", {r["account"] for r in test_rows})
     enc = mmd.load_encoder()
-    need = [x for a in ref_accts + cal_accts for x in tune_txt[a]] + [x for v in test_txt.values() for x in v]
-    vec = mmd.embed(enc, need)
-    print(f"MMD baseline: {len(vec):,} distinct queries embedded in {time.perf_counter() - t:.0f}s", flush=True)
+    need = [x for v in tune_txt.values() for x in v] + [x for v in test_txt.values() for x in v]
+    vec = mmd.embed(enc, need, cache=work / "mmd-embeddings.safetensors")
+    print(f"MMD baseline: {len(vec):,} distinct queries of {len(test_txt):,} test and {len(tune_txt):,} tuning accounts "
+          f"embedded in {time.perf_counter() - t:.0f}s (cached)", flush=True)
     ref = np.stack([vec[x] for a in ref_accts for x in tune_txt[a]])
     sigma = mmd.bandwidth(ref)
-    cal = np.array([mmd.mmd2(np.stack([vec[x] for x in tune_txt[a]]), ref, sigma) for a in cal_accts])
+    yy = mmd.self_term(ref, sigma)
+    cal = np.array([mmd.mmd2(np.stack([vec[x] for x in tune_txt[a]]), ref, sigma, yy) for a in cal_accts])
     th = thresholds_from(cal)
-    score = {a: mmd.mmd2(np.stack([vec[x] for x in v]), ref, sigma) for a, v in test_txt.items()}
+    score = {a: mmd.mmd2(np.stack([vec[x] for x in v]), ref, sigma, yy) for a, v in test_txt.items()}
     return score, th
 
 
@@ -270,13 +281,11 @@ def plot(rows: list[dict], best: dict[str, float], th: dict[str, float], path: P
 def synth_log(n: int, out: Path, seed: int = 0) -> None:
     """n requests in the schema, fast: ~n/60 accounts, 5% of them in a few template campaigns;
     signatures drawn from a pool of real ones (the analysis cost does not depend on their text)."""
-    from stillhouse.guard import log_schema as L
-
     rng = np.random.default_rng(seed)
     pool_txt = S.public_prompts()
     camp_txt = [S.COVERAGE_TEMPLATES[i % 3].format(a=a, f=f, l=l) for i, (a, f, l) in enumerate(
         (a, f, l) for f in S.FIELDS for a in S.ASPECTS for l in S.LEVELS)]
-    pool = S.signatures(pool_txt) + S.signatures(camp_txt)
+    pool = L.prompt_signatures(pool_txt) + L.prompt_signatures(camp_txt)
     n_pool = len(pool_txt)
     n_acc = max(10, n // 60)
     days = 7

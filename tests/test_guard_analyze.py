@@ -38,7 +38,7 @@ def traffic(tmp_path_factory):
 
 def test_batch_signatures_are_the_gateway_signatures():
     texts = S.public_prompts()[:40] + ["", "one", "two words", "Which model are you?"]
-    assert S.signatures(texts) == [L.prompt_signature(t) for t in texts]
+    assert L.prompt_signatures(texts) == [L.prompt_signature(t) for t in texts]
 
 
 def test_banding_finds_the_candidates_datasketch_lsh_finds():
@@ -46,7 +46,7 @@ def test_banding_finds_the_candidates_datasketch_lsh_finds():
 
     base = "Explain {} of {} to a beginner, with a detailed worked answer."
     texts = [base.format(a, f) for a in S.ASPECTS[:6] for f in S.FIELDS[:6]] + S.public_prompts()[:40]
-    sigs = np.stack([L.signature_array(s) for s in S.signatures(texts)])
+    sigs = np.stack([L.signature_array(s) for s in L.prompt_signatures(texts)])
     keys = clusters.band_keys(sigs)
     ours = {(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts)) if (keys[i] == keys[j]).any()}
     lsh = MinHashLSH(num_perm=L.SIGNATURE_PERM, params=(clusters.BANDS, clusters.ROWS))
@@ -170,7 +170,52 @@ def test_window_parsing():
 
 
 def test_every_feature_has_words_and_a_group():
-    from stillhouse.guard.scoring import FEATURES, GROUPS, MONOTONE, REASONS
+    from stillhouse.guard.scoring import FEATURES, FLOOR, GROUPS, ONE_SIDED, REASONS
 
-    assert set(REASONS) == set(FEATURES) == set(MONOTONE)
+    assert set(REASONS) == set(FEATURES) == set(FLOOR) and set(ONE_SIDED) <= set(FEATURES)
     assert set(FEATURES) == {f for cols in GROUPS.values() if cols for f in cols}
+
+
+def _tuning_table(n_benign: int, attackers: np.ndarray, seed: int = 0):
+    """A feature table: benign windows around typical values, plus the given attacker rows."""
+    import pyarrow as pa
+
+    from stillhouse.guard.scoring import FEATURES
+
+    rng = np.random.default_rng(seed)
+    ben = np.abs(rng.normal(0.2, 0.1, size=(n_benign, len(FEATURES))))
+    X = np.vstack([ben, attackers])
+    n = len(X)
+    cols = {f: X[:, i] for i, f in enumerate(FEATURES)}
+    return pa.table({"account": [f"a{i}" for i in range(n)], "window_start": np.zeros(n), "attack": [i >= n_benign for i in range(n)],
+                     "kind": ["chat"] * n_benign + ["x"] * len(attackers), "campaign": [f"c{i}" for i in range(n)], **cols})
+
+
+def test_calibration_reads_benign_traffic_only():
+    """No attacker row is fitted: the thresholds are the same whatever attackers the tuning split holds."""
+    from stillhouse.guard.scoring import FEATURES, calibrate
+
+    fprs = {"1%": 0.01, "0": 0.0}
+    far = np.full((30, len(FEATURES)), 5.0)
+    near = np.full((30, len(FEATURES)), 0.2)
+    a, _ = calibrate(_tuning_table(600, far), fprs)
+    b, _ = calibrate(_tuning_table(600, near), fprs)
+    assert a == b
+
+
+def test_detector_flags_what_lies_outside_the_benign_envelope_and_holds_its_fpr():
+    from stillhouse.guard.scoring import FEATURES, Detector, calibrate
+
+    fprs = {"1%": 0.01, "0.3%": 0.003, "0": 0.0}
+    tune = _tuning_table(2000, np.zeros((0, len(FEATURES))), seed=1)
+    meta, _ = calibrate(tune, fprs)
+    det = Detector(tune, meta | {"default_fpr": "0.3%"})
+    fresh = _tuning_table(2000, np.zeros((0, len(FEATURES))), seed=2)  # new benign traffic, same population
+    assert np.mean(det.score(fresh) >= meta["thresholds"]["1%"]) < 0.03
+    i = FEATURES.index("probe_reasoning")
+    odd = np.full((3, len(FEATURES)), 0.2)
+    odd[:, i] = [2.0, 3.0, 4.0]  # one kind of evidence far outside benign traffic is enough
+    low = np.full((1, len(FEATURES)), 0.0)  # less of everything than benign users is no evidence
+    scores = det.score(_tuning_table(0, np.vstack([odd, low])))
+    assert (scores[:3] >= det.threshold).all() and scores[3] < meta["thresholds"]["1%"]
+    assert det.score_and_evidence(_tuning_table(0, odd))[1][0] in ("prompt content", "all evidence")

@@ -4,8 +4,8 @@ traffic looks like an extraction campaign, with the reasons in words. It flags; 
 Pipeline: the log (SQLite or day-partitioned Parquet, logsource.py) -> per (account, window)
 behaviour in DuckDB (features.py) + sign-up bursts per client fingerprint (features.py) +
 shared prompt skeletons and the actor clusters they imply (clusters.py) -> a score per
-(account, window) (scoring.py); an account's score is its worst window, a cluster's the mean
-of its accounts'.
+(account, window): how far it lies outside the benign traffic of the tuning split (scoring.py);
+an account's score is its worst window, a cluster's the mean of its accounts'.
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ def analyze(log: str | Path, window: str | None = "1d", detector: Detector | Non
     cut = detector.threshold if threshold is None else threshold
     con = open_log(log)
     feats = feature_table(con, parse_window(window))
-    scores = detector.score(feats)
+    scores, evidence = detector.score_and_evidence(feats)
     rows = feats.to_pylist()
-    for r, g in zip(rows, detector.strongest(feats) if rows else []):
+    for r, g in zip(rows, evidence):
         r["evidence"] = g
     best: dict[str, tuple[float, dict]] = {}
     for s, r in zip(scores, rows):

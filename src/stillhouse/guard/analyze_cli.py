@@ -21,8 +21,8 @@ def analyze(
     """Rank accounts and clusters of accounts by signs of an extraction campaign, with reasons. Flags only; never bans."""
     import os
 
-    # before OpenMP loads: sklearn's boosting contends badly for threads on a shared machine
-    # (minutes instead of seconds to fit the detector); DuckDB keeps its own threads
+    # before OpenMP/BLAS load: the nearest-neighbour search contends badly for threads on a shared machine
+    # (scoring.py also limits itself to one thread); DuckDB keeps its own threads
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from ..fsutil import write_text_atomic
     from .analyze import analyze as run

@@ -31,6 +31,7 @@ MIN_PROMPTS = 8      # distinct prompts that make a bucket a skeleton, not one p
 NOVEL = 0.8          # ... of which at least this share are sent by one account only: a template filled
                      # afresh each time, not a popular prompt (or benchmark item) many accounts send
 SHARED = 3           # accounts that make a prompt or skeleton "shared"
+OWN = 0.5            # an account joins clusters only if its shared-skeleton share is at least this times its own-template share
 
 TEMPLATE_FEATURES = [
     "template_self",    # share of the account's prompts that share a skeleton with another of its own prompts
@@ -124,7 +125,11 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
         v = per_prompt[col].to_numpy().astype(float)
         feats[f] = np.divide(np.bincount(pa_acc, weights=v, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
 
-    cluster = _components(n_acc, edges["acc"].to_numpy(), edges["bucket"].to_numpy())
+    # an account most of whose templated prompts fill its own skeletons (a researcher's script) is
+    # its own actor: skeletons it shares by topic words alone must not chain it into a campaign
+    e_acc = edges["acc"].to_numpy()
+    keep = feats["template_shared"][e_acc] >= OWN * feats["template_self"][e_acc]
+    cluster = _components(n_acc, e_acc[keep], edges["bucket"].to_numpy()[keep])
     feats.update(_cluster_features(cluster, acc, h, profile))
     return pa.table({"account": accounts, **feats, "cluster": cluster})
 

@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..apikeys import KeyRecord, KeyStore, bearer_token
 from ..errors import StillhouseError
@@ -32,6 +33,9 @@ from .reqlog import RequestLog
 from .responses import ResponseFilter
 
 ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+# uvicorn's C HTTP parser and event loop (uvicorn[standard]): with the pure-Python h11 parser and
+# asyncio's loop the gateway spent about twice the CPU per request (bench/guard_overhead.py; docs/guard.md)
+HTTP, LOOP = "httptools", "auto"  # auto: uvloop where it is installed (not on Windows)
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
@@ -141,7 +145,7 @@ async def _sse_lines(r: aiohttp.ClientResponse):
         yield [buf.decode("utf-8", "replace")]
 
 
-def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
+def create_app(cfg: GuardConfig, upstream: str) -> Starlette:
     upstream = upstream.rstrip("/")
     shown = normalise(upstream)
     keys = Keys(cfg.keys, cfg)
@@ -171,16 +175,17 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
             await app.state.client.close()
             app.state.log.close()
 
-    app = FastAPI(title="stillhouse guard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # Starlette alone: routing is all the gateway needs, and FastAPI's extra middleware layers and
+    # per-request dependency solving cost CPU on every request (bench/guard_overhead.py)
+    app = Starlette(lifespan=lifespan)
 
     def finish(row: dict, t0: float, status: int, outcome: str) -> None:
         row["status"], row["outcome"] = status, outcome
         row["latency_ms"] = (time.perf_counter() - t0) * 1000
         app.state.log.append(row)
 
-    @app.get("/healthz")
-    async def healthz():
-        return {"ok": True}
+    async def healthz(request: Request):
+        return JSONResponse({"ok": True})
 
     def authenticate(request: Request, route: str, **fields):
         """(start time, the log row begun, the key's (record, limits) or None); an unknown key is logged as 401."""
@@ -195,7 +200,6 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
             row.update(account=rec.account, org=rec.org, key_id=rec.id)
         return t0, row, found
 
-    @app.get("/v1/models")
     async def models(request: Request):
         t0, row, found = authenticate(request, "/v1/models", param_shape="")
         if found is None:
@@ -265,7 +269,7 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
 
         if not stream:
             try:
-                async with app.state.client.post(url, data=json.dumps(body), headers=headers) as r:
+                async with app.state.client.post(url, data=raw, headers=headers) as r:  # the body as received: checked, unchanged
                     status, content = r.status, await r.read()
             except UPSTREAM_ERRORS as e:
                 finish(row, t0, 502, "upstream_error")
@@ -359,13 +363,16 @@ def create_app(cfg: GuardConfig, upstream: str) -> FastAPI:
         finish(row, t0, status, "bad_request" if status < 500 else "upstream_error")
         return JSONResponse(err, status_code=status)
 
-    @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await proxy(request, True)
 
-    @app.post("/v1/completions")
     async def completions(request: Request):
         return await proxy(request, False)
+
+    app.add_route("/healthz", healthz, methods=["GET"])
+    app.add_route("/v1/models", models, methods=["GET"])
+    app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
 
     return app
 
@@ -408,6 +415,6 @@ def serve(upstream: str, config: str | Path, *, host: str = "127.0.0.1", port: i
             check_upstream(upstream, cfg)
         app = create_app(cfg, upstream)
         print(f"stillhouse guard: http://{host}:{sock.getsockname()[1]}/v1 -> {normalise(upstream)}", file=sys.stderr, flush=True)
-        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, http=HTTP, loop=LOOP)).run(sockets=[sock])
     finally:
         sock.close()

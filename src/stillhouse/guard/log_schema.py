@@ -78,16 +78,55 @@ def shingles(text: str, k: int = 3) -> set[bytes]:
 _PERMUTATIONS = None  # the seeded MinHash permutations, made once: making them is 9/10 of a fresh MinHash's cost
 
 
-def prompt_signature(text: str) -> bytes:
-    """MinHash of the prompt's word 3-shingles (datasketch), as 256 bytes."""
+def _reference():
+    """A MinHash holding the seeded permutations, made once."""
     global _PERMUTATIONS
     from datasketch import MinHash
 
     if _PERMUTATIONS is None:
         _PERMUTATIONS = MinHash(num_perm=SIGNATURE_PERM, seed=SIGNATURE_SEED)
+    return _PERMUTATIONS
+
+
+def prompt_signature(text: str) -> bytes:
+    """MinHash of the prompt's word 3-shingles (datasketch), as 256 bytes."""
+    from datasketch import MinHash
+
+    _reference()
     m = MinHash(num_perm=SIGNATURE_PERM, seed=SIGNATURE_SEED, permutations=_PERMUTATIONS.permutations, scheme=_PERMUTATIONS.scheme)
     m.update_batch(list(shingles(text)))
     return np.asarray(m.hashvalues, dtype="<u4").tobytes()
+
+
+def prompt_signatures(texts: list[str]) -> list[bytes]:
+    """prompt_signature for many prompts at once, byte for byte (a test checks it):
+    datasketch's permutations, shingle hash and pre-mix (its default affine32 scheme), the
+    min-hash done for many prompts in one numpy pass instead of one MinHash object each."""
+    from datasketch.hashfunc import sha1_hash32
+    from datasketch.minhash import _fmix
+
+    distinct = list(dict.fromkeys(texts))  # prompts repeat (public sets, benchmarks): hash each once
+    ref = _reference()
+    if ref.scheme != "affine32":
+        raise RuntimeError(f"datasketch's default MinHash scheme is now {ref.scheme!r}; update log_schema.prompt_signatures")
+    a, b = ref.permutations
+    top = np.iinfo(np.uint32).max
+    sig = {}
+    for lo in range(0, len(distinct), 20_000):
+        chunk = distinct[lo : lo + 20_000]
+        sh = [list(shingles(t)) for t in chunk]
+        hv = _fmix(np.array([sha1_hash32(x) for s in sh for x in s], dtype=np.uint32), 32)
+        sizes = np.array([len(s) for s in sh])
+        with np.errstate(over="ignore"):
+            phv = hv[:, None] * a + b
+        out = np.full((len(chunk), SIGNATURE_PERM), top, dtype=np.uint32)
+        nz = sizes > 0
+        if nz.any():
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[nz]
+            out[nz] = np.minimum.reduceat(phv, starts, axis=0)
+        for t, row in zip(chunk, out):
+            sig[t] = row.astype("<u4").tobytes()
+    return [sig[t] for t in texts]
 
 
 def signature_array(blob: bytes) -> np.ndarray:

@@ -8,6 +8,7 @@ below it). Anything else, or a log missing columns, is refused in one line namin
 from __future__ import annotations
 
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import duckdb
@@ -21,7 +22,9 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 def open_log(path: str | Path, threads: int = 2, memory_limit: str = "2GB") -> duckdb.DuckDBPyConnection:
     """A DuckDB connection whose view `requests` is the log at `path` (checked against the schema)."""
     path = Path(path)
-    con = duckdb.connect(config={"threads": threads, "memory_limit": memory_limit})
+    # spills go to the system's temp directory, not to `.tmp/` in whatever directory the command runs in
+    spill = Path(tempfile.gettempdir()) / "stillhouse-duckdb"
+    con = duckdb.connect(config={"threads": threads, "memory_limit": memory_limit, "temp_directory": str(spill)})
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:

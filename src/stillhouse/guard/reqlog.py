@@ -20,7 +20,6 @@ import queue
 import sqlite3
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -59,13 +58,14 @@ def connect(path: Path) -> sqlite3.Connection:
     return con
 
 
-def derive(row: dict, log_text: bool) -> tuple:
-    """The row's values in column order; the prompt-derived columns are computed here."""
+def derive(row: dict, log_text: bool, sig: bytes | None = None) -> tuple:
+    """The row's values in column order; the prompt-derived columns are computed here (`sig`:
+    the prompt's signature if already computed with its batch)."""
     text = row.pop("_prompt", None)
     system = row.pop("_system", None)
     if text is not None:
         row["prompt_sha256"] = L.prompt_sha256(text)
-        row["prompt_sig"] = L.prompt_signature(text)
+        row["prompt_sig"] = sig if sig is not None else L.prompt_signature(text)
         row["prompt_chars"] = len(text)
         row["probe"] = ",".join(intent.probes(text))
         if log_text:
@@ -86,6 +86,7 @@ class RequestLog:
         except sqlite3.Error as e:
             raise StillhouseError(f"{self.path}: cannot open the request log: {e}") from None
         self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()  # set by close(): stop sleeping and drain
         self.committed = 0  # rows committed so far by this process
         self._thread = threading.Thread(target=self._run, name="guard-request-log", daemon=True)
         self._thread.start()
@@ -97,32 +98,33 @@ class RequestLog:
     def close(self) -> None:
         """Commit everything queued, then stop the writer."""
         self._q.put(_STOP)
+        self._wake.set()
         self._thread.join()
 
     def _run(self) -> None:
         con = connect(self.path)
-        stop = False
+        stop = full = False
         while not stop:
+            # sleep, then take everything queued: one wake-up per flush, not one per request (a
+            # blocking get per row handed the GIL to this thread and back on every request)
+            if not full:
+                self._wake.wait(self.flush_s)
             batch = []
-            try:
-                item = self._q.get(timeout=self.flush_s)
-            except queue.Empty:
-                continue
-            deadline = time.monotonic() + self.flush_s
-            while True:
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
                 if item is _STOP:
                     stop = True
                     break
                 batch.append(item)
-                if len(batch) >= self.max_batch:
-                    break
-                try:  # gather what arrives within flush_ms into the same transaction
-                    item = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
+            full = len(batch) >= self.max_batch
             if batch:
                 try:
-                    rows = [derive(r, self.log_text) for r in batch]
+                    # one vectorised MinHash pass per batch: it holds the GIL far less than a MinHash per row
+                    sigs = iter(L.prompt_signatures([r["_prompt"] for r in batch if r.get("_prompt") is not None]))
+                    rows = [derive(r, self.log_text, next(sigs) if r.get("_prompt") is not None else None) for r in batch]
                     con.execute("BEGIN")
                     con.executemany(_INSERT, rows)
                     con.execute("COMMIT")

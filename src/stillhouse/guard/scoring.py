@@ -1,11 +1,19 @@
-"""From features to a score in [0, 1] and reasons in words.
+"""From features to a score and reasons in words, calibrated on benign traffic only.
 
-The score is the largest of several scikit-learn HistGradientBoostingClassifiers, one per
-group of evidence (GROUPS), fitted on the *tuning split* of the simulated traffic (bench/guard.py --tune writes its feature table to guard/tuning/), with
-monotone constraints: more probing, more shared skeletons, a bigger or burstier cluster can
-only raise a score, so the model cannot learn that a signal of abuse is a sign of innocence
-from the quirks of one simulation. Thresholds were fixed there too, from out-of-fold scores
-(grouped by actor), at the benign false-positive rates bench/guard.py reports.
+No attack family is ever fitted. For each group of evidence (GROUPS) the detector measures how
+far an account's window lies from the nearest benign window of the *tuning split*, in a space
+where every feature is scaled by its benign spread and a value below the benign median counts
+as the median (ONE_SIDED: fewer probes, less sharing, lower volume are never evidence). Each
+group's distance is divided by its own benign 99th percentile (out-of-fold: a benign account is
+never its own neighbour), and the account's statistic is its largest such ratio over groups and
+windows. Thresholds are benign-account quantiles of that statistic, also out-of-fold, at the
+false-positive rates bench/guard.py reports (calibrate(); bench/guard.py --tune writes them and
+the tuning features to guard/tuning/). Because nothing is learned from attackers, every family
+of the tuning split is as unseen to the detector as the test split's adaptive one.
+
+The score shown is stat / (1 + stat): 0.5 is one unit out on its strongest evidence (the unit is
+that group's benign 99th percentile or GROUP_FLOOR benign spreads, whichever is larger), and it
+only grows from there.
 
 Reasons are model-free: the features where an account lies beyond the 99th percentile of the
 benign tuning accounts, most extreme first, each said in words.
@@ -19,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import StillhouseError
 from .clusters import CLUSTER_FEATURES, TEMPLATE_FEATURES
@@ -26,14 +35,28 @@ from .features import WINDOW_FEATURES
 
 ACCOUNT_FEATURES = ["signup_burst"]  # log1p(peers first seen with its fingerprint within 30 min) - log1p(expected)
 FEATURES = WINDOW_FEATURES + ACCOUNT_FEATURES + TEMPLATE_FEATURES + CLUSTER_FEATURES
-# +1: higher can only mean more suspicious; 0: either way (volume, timing, prompt length, distinctness)
-MONOTONE = {f: 1 for f in FEATURES} | {f: 0 for f in ("log_requests", "hours_active", "gap_regularity", "distinct_prompts", "log_prompt_chars", "long_output")}
+# Features where only "more than usual" is evidence: below the benign median they count as the
+# median. The two others (how distinct an account's prompts are, how long) are odd either way.
+ONE_SIDED = [f for f in FEATURES if f not in ("distinct_prompts", "log_prompt_chars")]
+# Smallest spread a feature is scaled by: shares move in steps of 0.1, logs in steps of 0.5, so
+# a feature that never moves in benign traffic (reasoning probes) does not make 1% a verdict.
+FLOOR = {f: 0.5 if f.startswith("log_") or f in ("signup_burst", "skeleton_reach", "cluster_size", "cluster_signups") else 0.1
+         for f in FEATURES}
+FOLDS = 5         # out-of-fold calibration: benign accounts in 5 folds, each scored against the other 4
+GROUP_SCALE = 0.99  # a group's distances are divided by this benign quantile of them ...
+GROUP_FLOOR = 1.0   # ... or by this many units, if larger: a group in which 99% of benign accounts sit
+                    # exactly on a benign neighbour (actor clusters) would otherwise call any step a verdict
+LOCAL_FLOOR = 1.0  # distances are in units of the benign neighbour's own spacing (its distance to its nearest
+                   # benign neighbour), or of one benign spread where the spacing is smaller (dense chat
+                   # traffic): a rare benign persona (30 researchers) is sparse, and being as far from one of
+                   # them as they are from each other is not unusual (a local outlier factor with k = 1)
+REFERENCE = 4000  # benign windows kept as neighbours (a fixed sample): cost grows with it, not with the tuning split
 
-_HIGH_IS_ODD = ("log_requests", "hours_active", "gap_regularity")
-# Evidence groups, each scored by its own model; an account is as suspicious as its strongest
-# evidence. A single model over everything learns the easiest tell of each family seen in tuning
-# (e.g. max_tokens) and ignores the rest; per-group models keep every kind of evidence in play,
-# which is what carries over to a family tuning never saw.
+# Evidence groups, each measured on its own; an account is as suspicious as its strongest
+# evidence. One distance over everything lets twenty ordinary features drown one extreme one;
+# per-group distances keep every kind of evidence in play, and "all evidence" adds the
+# combinations no single group shows (harvesting parameters of an eval harness, without its
+# shared benchmark prompts).
 GROUPS = {
     "volume and timing": ["log_requests", "hours_active", "gap_regularity", "limited_share"],
     "prompt content": ["probe_reasoning", "probe_system", "probe_identity", "log_prompt_chars", "distinct_prompts"],
@@ -70,86 +93,137 @@ REASONS = {
 }
 
 
+class Envelope:
+    """The benign envelope: scaling, and per group the benign windows to measure distance to."""
+
+    def __init__(self, benign: np.ndarray):
+        self.median = np.median(benign, axis=0)
+        spread = np.quantile(benign, 0.99, axis=0) - self.median
+        self.scale = np.maximum(spread, np.array([FLOOR[f] for f in FEATURES]))
+        self.one_sided = np.array([f in ONE_SIDED for f in FEATURES])
+        ref = self.z(benign)
+        if len(ref) > REFERENCE:  # a fixed sample, not the first rows: the tuning split is sorted by account
+            ref = ref[np.random.default_rng(0).choice(len(ref), REFERENCE, replace=False)]
+        self.nn = {}
+        with _one_thread():
+            from sklearn.neighbors import NearestNeighbors
+
+            for name, idx in _group_index().items():
+                pts = np.unique(ref[:, idx], axis=0)
+                nn = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(pts)
+                # each benign window's own spacing: distance to its nearest other benign window
+                spacing = nn.kneighbors(pts, n_neighbors=min(2, len(pts)))[0][:, -1]
+                self.nn[name] = (idx, nn, np.maximum(spacing, LOCAL_FLOOR))
+
+    def z(self, X: np.ndarray) -> np.ndarray:
+        X = np.where(self.one_sided, np.maximum(X, self.median), X)
+        return (X - self.median) / self.scale
+
+    def distances(self, X: np.ndarray) -> np.ndarray:
+        """(rows, groups): distance of each row to the nearest benign window, per group, in units
+        of that window's own spacing from its benign neighbours (at least LOCAL_FLOOR)."""
+        if len(X) == 0:
+            return np.zeros((0, len(self.nn)))
+        Z = self.z(X)
+        out = []
+        with _one_thread():
+            for idx, nn, spacing in self.nn.values():
+                d, j = nn.kneighbors(Z[:, idx])
+                out.append(d[:, 0] / spacing[j[:, 0]])
+        return np.column_stack(out)
+
+
 class Detector:
-    """The fitted model, its thresholds and the benign percentiles that phrase reasons."""
+    """The benign envelope of the tuning split, its per-group scales and thresholds, and the
+    benign percentiles that phrase reasons."""
 
     def __init__(self, table: pa.Table, meta: dict):
-        X = matrix(table)
-        y = np.asarray(table["attack"].to_pylist(), dtype=int)
-        self.model = make_model().fit(X, y)
+        benign = matrix(table.filter(pc.invert(table["attack"])))
+        self.envelope = Envelope(benign)
+        self.group_scale = np.array([meta["group_scale"][g] for g in GROUPS])
         self.thresholds: dict[str, float] = meta["thresholds"]
         self.default_fpr: str = meta["default_fpr"]
-        benign = X[y == 0]
         self.p99 = np.quantile(benign, 0.99, axis=0)
-        self.spread = np.maximum(np.quantile(benign, 0.99, axis=0) - np.quantile(benign, 0.5, axis=0), 1e-6)
+        self.spread = np.maximum(self.p99 - np.quantile(benign, 0.5, axis=0), 1e-6)
 
     @property
     def threshold(self) -> float:
         return self.thresholds[self.default_fpr]
 
-    def score(self, table: pa.Table) -> np.ndarray:
-        if table.num_rows == 0:
-            return np.zeros(0)
-        return self.model.predict_proba(matrix(table))[:, 1]
+    def ratios(self, table: pa.Table) -> np.ndarray:
+        """(rows, groups): distance from the benign envelope over that group's benign 99th percentile."""
+        return self.envelope.distances(matrix(table)) / self.group_scale
 
-    def strongest(self, table: pa.Table) -> list[str]:
-        """The evidence group whose model gave each row its score."""
-        return self.model.strongest(matrix(table))
+    def score(self, table: pa.Table) -> np.ndarray:
+        return self.score_and_evidence(table)[0]
+
+    def score_and_evidence(self, table: pa.Table) -> tuple[np.ndarray, list[str]]:
+        """Each row's score, and the evidence group whose distance gave it."""
+        if table.num_rows == 0:
+            return np.zeros(0), []
+        r = self.ratios(table)
+        names = list(GROUPS)
+        return to_score(r.max(axis=1)), [names[i] for i in r.argmax(axis=1)]
 
     def reasons(self, row: dict, limit: int = 4) -> list[str]:
         x = np.array([row[f] for f in FEATURES], dtype=float)
         over = (x - self.p99) / self.spread
         # only the directions that mean abuse: more probing, sharing, volume, regularity (never "too few prompts")
-        said = [i for i in np.argsort(-over) if over[i] > 0 and (MONOTONE[FEATURES[i]] == 1 or FEATURES[i] in _HIGH_IS_ODD)]
+        said = [i for i in np.argsort(-over) if over[i] > 0 and FEATURES[i] in ONE_SIDED]
         words = {**row, "cluster_others": int(round(np.expm1(row["cluster_size"]))),
                  "reach_others": int(round(np.expm1(row["skeleton_reach"])))}
         return [REASONS[FEATURES[i]].format(**words) for i in said[:limit]]
 
 
-class GroupMax:
-    """One monotone gradient-boosted model per evidence group; the score is the largest."""
+def to_score(stat: np.ndarray) -> np.ndarray:
+    """Largest group ratio -> [0, 1): 0.5 at one unit out on the strongest group."""
+    return stat / (1.0 + stat)
 
-    def __init__(self):
-        self.models: dict[str, object] = {}
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "GroupMax":
-        with _one_thread():
-            return self._fit(X, y)
+def calibrate(table: pa.Table, fprs: dict[str, float]) -> tuple[dict, np.ndarray]:
+    """Out-of-fold benign calibration from a tuning table (rows: account windows; `attack` is
+    read only to pick the benign rows). Returns the meta (per-group scales, thresholds at each
+    benign-account FPR in `fprs`) and every row's out-of-fold score, for reporting."""
+    acc = np.asarray(table["account"].to_pylist())
+    attack = np.asarray(table["attack"].to_pylist(), dtype=bool)
+    X = matrix(table)
+    ben_accounts = np.unique(acc[~attack])
+    fold_of = dict(zip(ben_accounts, np.random.default_rng(0).permutation(len(ben_accounts)) % FOLDS))
+    fold = np.array([fold_of.get(a, -1) for a in acc])
+    dist = np.zeros((len(X), len(GROUPS)))
+    for k in range(FOLDS):
+        env = Envelope(X[~attack & (fold != k)])
+        rows = (fold == k) | (attack & (np.arange(len(X)) % FOLDS == k))  # attackers: each once, for the report
+        dist[rows] = env.distances(X[rows])
+    scale = np.maximum(np.quantile(dist[~attack], GROUP_SCALE, axis=0), GROUP_FLOOR)
+    score = to_score((dist / scale).max(axis=1))
+    best: dict[str, float] = {}
+    for a, s in zip(acc, score):
+        best[a] = max(best.get(a, -1.0), float(s))
+    benign = np.array([best[a] for a in ben_accounts])
+    return {"group_scale": dict(zip(GROUPS, scale.tolist())), "thresholds": thresholds_at(benign, fprs)}, score
 
-    def _fit(self, X: np.ndarray, y: np.ndarray) -> "GroupMax":
-        from sklearn.ensemble import HistGradientBoostingClassifier
 
-        for name, cols in GROUPS.items():
-            idx = [FEATURES.index(c) for c in (cols or FEATURES)]
-            m = HistGradientBoostingClassifier(
-                max_iter=150, learning_rate=0.1, max_leaf_nodes=15, min_samples_leaf=20, l2_regularization=1.0,
-                monotonic_cst=[MONOTONE[FEATURES[i]] for i in idx], class_weight="balanced", random_state=0)
-            self.models[name] = (idx, m.fit(X[:, idx], y))
-        return self
+def thresholds_at(benign_scores: np.ndarray, fprs: dict[str, float]) -> dict[str, float]:
+    """Lowest threshold flagging at most floor(fpr * n) benign accounts (flag = score >= t)."""
+    s = np.sort(benign_scores)[::-1]
+    out = {}
+    for name, f in fprs.items():
+        k = int(np.floor(f * len(s)))
+        out[name] = float(np.nextafter(s[k], 2.0)) if k < len(s) else 0.0
+    return out
 
-    def _all(self, X: np.ndarray) -> np.ndarray:
-        with _one_thread():
-            return np.column_stack([m.predict_proba(X[:, idx])[:, 1] for idx, m in self.models.values()])
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        p = self._all(X).max(axis=1)
-        return np.column_stack([1 - p, p])
-
-    def strongest(self, X: np.ndarray) -> list[str]:
-        names = list(self.models)
-        return [names[i] for i in self._all(X).argmax(axis=1)]
+def _group_index() -> dict[str, list[int]]:
+    return {name: [FEATURES.index(c) for c in (cols or FEATURES)] for name, cols in GROUPS.items()}
 
 
 def _one_thread():
-    """sklearn's boosting runs OpenMP per tree; on a shared 2-core machine the threads contend and a
-    predict takes 10x longer than on one thread (measured: 107 s vs 12 s to fit the tuning split)."""
+    """One BLAS/OpenMP thread: on a shared 2-core machine threads contend and a query takes many
+    times longer than on one thread."""
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(1, user_api="openmp")
-
-
-def make_model() -> GroupMax:
-    return GroupMax()
+    return threadpool_limits(1)
 
 
 def matrix(table: pa.Table) -> np.ndarray:
@@ -167,7 +241,7 @@ def load_detector(directory: str | None = None) -> Detector:
         meta = json.loads((d / "thresholds.json").read_text())
     except (OSError, ValueError) as e:
         raise StillhouseError(f"{d}: no tuned detector ({e}); run bench/guard.py --tune") from None
-    missing = [f for f in FEATURES if f not in table.column_names]
-    if missing:
-        raise StillhouseError(f"{d}: tuning table lacks {', '.join(missing)}; rerun bench/guard.py --tune")
+    missing = [f for f in FEATURES + ["attack"] if f not in table.column_names]
+    if missing or "group_scale" not in meta:
+        raise StillhouseError(f"{d}: tuning table lacks {', '.join(missing) or 'group scales'}; rerun bench/guard.py --tune")
     return Detector(table, meta)

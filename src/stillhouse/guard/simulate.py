@@ -324,7 +324,7 @@ class Simulator:
         """All rows in the log schema, sorted by time."""
         rows = sorted((r for a in self.actors for r in a.rows), key=lambda r: r["ts"])
         texts = [r["text"] for r in rows]
-        sigs = signatures(texts)
+        sigs = L.prompt_signatures(texts)
         probe = {t: ",".join(intent.probes(t)) for t in set(texts)}
         n = len(rows)
         out_tokens = self.np.integers(20, 800, size=n)
@@ -364,38 +364,6 @@ class Simulator:
         rec = [(acct, a.kind, a.campaign, a.attack, len(a.accounts)) for a in self.actors for acct in a.accounts]
         acct, kind, camp, att, size = zip(*rec) if rec else ([],) * 5
         return pa.table({"account": list(acct), "kind": list(kind), "campaign": list(camp), "attack": list(att), "campaign_size": list(size)})
-
-
-def signatures(texts: list[str]) -> list[bytes]:
-    """log_schema.prompt_signature for many prompts at once, byte for byte (a test checks it):
-    datasketch's permutations, shingle hash and pre-mix (its default affine32 scheme), the
-    min-hash done for many prompts in one numpy pass instead of one MinHash object each."""
-    from datasketch import MinHash
-    from datasketch.hashfunc import sha1_hash32
-    from datasketch.minhash import _fmix
-
-    distinct = list(dict.fromkeys(texts))  # prompts repeat (public sets, benchmarks): hash each once
-    ref = MinHash(num_perm=L.SIGNATURE_PERM, seed=L.SIGNATURE_SEED)
-    if ref.scheme != "affine32":
-        raise RuntimeError(f"datasketch's default MinHash scheme is now {ref.scheme!r}; update simulate.signatures")
-    a, b = ref.permutations
-    top = np.iinfo(np.uint32).max
-    sig = {}
-    for lo in range(0, len(distinct), 20_000):
-        chunk = distinct[lo : lo + 20_000]
-        sh = [list(L.shingles(t)) for t in chunk]
-        hv = _fmix(np.array([sha1_hash32(x) for s in sh for x in s], dtype=np.uint32), 32)
-        sizes = np.array([len(s) for s in sh])
-        with np.errstate(over="ignore"):
-            phv = hv[:, None] * a + b
-        out = np.full((len(chunk), L.SIGNATURE_PERM), top, dtype=np.uint32)
-        nz = sizes > 0
-        if nz.any():
-            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[nz]
-            out[nz] = np.minimum.reduceat(phv, starts, axis=0)
-        for t, row in zip(chunk, out):
-            sig[t] = row.astype("<u4").tobytes()
-    return [sig[t] for t in texts]
 
 
 # ---------------------------------------------------------------- writers
