@@ -35,7 +35,7 @@ from ..errors import StillhouseError
 from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
-from . import allocator, low_memory, tied_embedding
+from . import allocator, compact_weights, low_memory, tied_embedding
 from .config import LoopSettings
 from .losses import LossTerm, SortedProbs, TopK, cross_entropy, mixture, needs_sorted, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
@@ -436,6 +436,8 @@ def train(
     _check_vocab(student, teacher if objective.uses_teacher else None, items, cfg.vocab_size)
     if cfg.low_memory:
         low_memory.check(cfg.grad_clip, cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
+        if teacher is not None and objective.uses_teacher:  # in place; its outputs stay bit-identical
+            compact_weights.compact(teacher)
     elif cfg.allocator == "reuse":
         allocator.keep_freed_memory()
     elif cfg.allocator != "system":
