@@ -17,6 +17,10 @@ Each system trains in its own subprocess, so its peak RSS is its own:
                   sparse tied-embedding gradient, allocator returning freed memory; no
                   gradient clipping, which that mode rules out)
   sh-kd-online    stillhouse, KD with the teacher in the loop (full-vocabulary forward KL)
+  sh-kd-online-lowmem  the same with `low_memory: true`: optimizer step in the backward pass
+                  (so no gradient clipping, where GKD clips at 1.0), the allocator returning
+                  freed memory, and the teacher's GGUF weights held as their block codes
+                  (train/compact_weights.py; its logits stay bit-identical)
   sh-sft          stillhouse, SFT on the completions
 
 Tokens/s counts real (non-padding) tokens over the wall time of the training call. The
@@ -52,7 +56,8 @@ TEACHER = "smollm2-135m-instruct"
 STUDENT_LAYERS = 15
 TOP_K = 64
 DATA_VERSION = 2  # bump when chat_examples changes
-SYSTEMS = ["trl-gkd", "trl-gkd-gc", "trl-sft", "trl-sft-gc", "sh-kd-cached", "sh-kd-lowmem", "sh-kd-online", "sh-sft"]
+SYSTEMS = ["trl-gkd", "trl-gkd-gc", "trl-sft", "trl-sft-gc", "sh-kd-cached", "sh-kd-lowmem", "sh-kd-online",
+           "sh-kd-online-lowmem", "sh-sft"]
 # also: "sh-kd-lora" and "sh-kd-qlora" (cached KD into LoRA adapters, r=16 on every linear
 # layer; QLoRA with the student's linear weights in NF4)
 ADAPTERS = {"sh-kd-lora": None, "sh-kd-qlora": "nf4"}
@@ -198,9 +203,9 @@ def worker(system: str, work: Path, batch: int, lr: float, steps: int) -> dict:
 
         student = models.load(str(work / "student"), quantize=ADAPTERS.get(system))
         model = lora.add_lora(student.model, 16, 32) if system in ADAPTERS else student.model
-        teacher = models.load(TEACHER).model if system == "sh-kd-online" else None
+        teacher = models.load(TEACHER).model if system.startswith("sh-kd-online") else None
         cached = system in ("sh-kd-cached", "sh-kd-lowmem", *ADAPTERS)
-        low = system == "sh-kd-lowmem"
+        low = system.endswith("-lowmem")
         examples = [
             Example(ids, p, c["ids"] if cached else None, c["lp"] if cached else None)
             for (ids, p), c in zip(data["encoded"], data["cache"])
@@ -283,6 +288,8 @@ def ratios(best: dict, info: dict, chats: int) -> list[str]:
         out.append(line)
 
     pair("online KD vs GKD", "sh-kd-online", "trl-gkd", note="; teacher in the loop, full-vocabulary KL on both sides")
+    pair("online KD, low_memory, vs GKD", "sh-kd-online-lowmem", "trl-gkd",
+         note="; as above, no gradient clipping (GKD clips at 1.0), teacher weights as block codes")
     build = info["cache_build_s"] * chats / info["n"]  # the share of the one-off build for the chats trained on
     pair("cached KD vs GKD, cache build included", "sh-kd-cached", "trl-gkd", build,
          f"; top-{TOP_K} cache, + {build:.1f} s of cache build")

@@ -198,3 +198,24 @@ def test_low_precision_inputs_are_computed_in_fp32(logits):
     assert got.dtype == torch.float32
     ref = forward_kl(s.detach().bfloat16().float(), t.bfloat16().float())
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd", "reverse_kl"])
+def test_vocabulary_sized_chunks_keep_the_loss_and_its_gradient(name):
+    """At a real vocabulary the default chunk is a few rows (losses.rows_per_chunk), not the
+    whole batch: the loss and the student's gradient match one chunk over every row."""
+    from stillhouse.train.losses import CHUNK_ELEMENTS, rows_per_chunk
+
+    vocab, rows = 49152, 70
+    assert rows_per_chunk(vocab) * vocab <= CHUNK_ELEMENTS and rows_per_chunk(vocab) < rows
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(rows, vocab, generator=g) * 2
+    values, grads = [], []
+    for chunk in (None, rows):
+        s = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(8)) * 2).requires_grad_(True)
+        loss = divergence(name, s, t, chunk=chunk, reduction="sum")
+        loss.backward()
+        values.append(loss.item())
+        grads.append(s.grad)
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -45,3 +45,14 @@ def keep_freed_memory() -> bool:
 
 def return_freed_memory() -> bool:
     return _mallopt({_M_MMAP_THRESHOLD: MiB // 4, _M_TRIM_THRESHOLD: MiB})
+
+
+def trim() -> bool:
+    """Give the heap's free pages back to the system now (glibc's malloc_trim also releases
+    free chunks in the middle of the heap, which its automatic trimming never does)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -46,7 +46,8 @@ class LoopSettings(Strict):
     objective: Literal["distill", "dpo"] = "distill"  # distill: SFT + KD; dpo: preference pairs
     dpo_beta: float = Field(0.1, gt=0)
     checkpoint_every: int = Field(0, ge=0)  # steps (0: none); resume with `stillhouse run --resume`
-    # optimizer step in the backward pass and an allocator that returns freed memory
+    # optimizer step in the backward pass, an allocator that returns freed memory, and an
+    # online teacher's GGUF-style weights held as their block codes, decoded exactly on use
     # (docs/training.md, "Low memory"); needs grad_clip: 0
     low_memory: bool = False
     # reuse: glibc keeps a step's freed large blocks for the next step (faster, same peak);

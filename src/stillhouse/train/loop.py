@@ -38,7 +38,7 @@ from ..errors import StillhouseError
 from ..progress import progress, status
 from ..scoring import selected_logits
 from . import checkpoint as ckpt
-from . import allocator, fsdp, low_memory, tied_embedding
+from . import allocator, compact_weights, fsdp, low_memory, tied_embedding
 from .config import LoopSettings
 from .losses import LossTerm, SortedProbs, TopK, cross_entropy, mixture, needs_sorted, needs_teacher, terms_from_weights
 from .preference import dpo_losses, sequence_logprobs
@@ -206,12 +206,13 @@ class Scorer(torch.nn.Module):
     """The student as one module whose forward returns logits at selected positions only, so
     a data-parallel wrapper (DDP) sees the whole computation go through its forward."""
 
-    def __init__(self, model):
+    def __init__(self, model, late_head_grad: bool = False):
         super().__init__()
         self.model = model
+        self.score = low_memory.selected_logits_late_head_grad if late_head_grad else selected_logits
 
     def forward(self, input_ids, attention_mask, positions):
-        return selected_logits(self.model, input_ids, attention_mask, positions)
+        return self.score(self.model, input_ids, attention_mask, positions)
 
     @property
     def _no_split_modules(self):  # FSDP's transformer-based wrapping reads the layer classes from the root
@@ -460,6 +461,10 @@ def train(
     _check_vocab(student, teacher if objective.uses_teacher else None, items, cfg.vocab_size)
     if cfg.low_memory:
         low_memory.check(cfg.grad_clip, cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
+        if teacher is not None and objective.uses_teacher:  # in place; its outputs stay bit-identical
+            allocator.return_freed_memory()  # (also set by low_memory.applied) so the encoding's
+            compact_weights.compact(teacher)  # temporaries do not stay behind in the heap
+            allocator.trim()
     elif cfg.allocator == "reuse":
         allocator.keep_freed_memory()
     elif cfg.allocator != "system":
@@ -477,7 +482,7 @@ def train(
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, total, cfg) / cfg.lr)
-    scorer, opt = accelerator.prepare(Scorer(student), opt)
+    scorer, opt = accelerator.prepare(Scorer(student, late_head_grad=cfg.low_memory), opt)
 
     start_step, history, sharded = 0, [], fsdp.active(scorer)
     if resume and checkpoint_dir and (last := ckpt.latest_checkpoint(checkpoint_dir)) is not None:

@@ -6,9 +6,10 @@ top-k signal (the teacher's k tokens plus one bucket for the rest of the vocabul
 student's rest bucket is exact (a logsumexp over the tokens outside the teacher's top-k), so
 no sparse signal is ever expanded to a vocabulary-wide array.
 
-Rows are processed in chunks; under autograd each chunk is checkpointed, so the fp32
-log-softmax buffers of one chunk exist at a time in the forward pass and are recomputed in
-the backward pass instead of being kept for the whole batch. Callers that select positions
+Rows are processed in chunks of about `CHUNK_ELEMENTS` logits (`rows_per_chunk`: 21 rows at
+SmolLM2's 49k vocabulary); under autograd each chunk is checkpointed, so the fp32
+log-softmax buffers of one chunk exist at a time, in the forward pass and again in the
+backward pass, instead of [positions, vocab] buffers for the whole batch. Callers that select positions
 before the LM head (the training loop does) pass [N, vocab]; [B, L, vocab] plus a [B, L]
 mask works too. Divergences are scaled by T^2 (Hinton et al.) so gradient magnitudes stay
 comparable across temperatures.
@@ -26,6 +27,14 @@ from torch.utils.checkpoint import checkpoint
 
 # Log-probabilities are clamped here so that 0 * log 0 terms stay 0 in value and gradient.
 _LOG_FLOOR = -1e4
+# Logits per chunk of rows (4 MB per fp32 buffer): small next to a model's weights at any
+# vocabulary, large enough that the per-chunk overhead does not show in a step's time.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def rows_per_chunk(vocab: int, chunk: int | None = None) -> int:
+    """Rows processed at once: `chunk` if given, else as many as fit in CHUNK_ELEMENTS."""
+    return chunk if chunk else max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 @dataclass
@@ -159,7 +168,7 @@ def divergence(
     mask: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
-    chunk: int = 1024,
+    chunk: int | None = None,
     reduction: str = "mean",
     **params,
 ) -> torch.Tensor:
@@ -190,6 +199,7 @@ def divergence(
     keep = None if mask is None else mask.reshape(-1).bool()
     total = s.new_zeros((), dtype=torch.float32)
     count = 0
+    chunk = rows_per_chunk(s.size(-1), chunk)
     for start in range(0, s.size(0), chunk):
         sl = slice(start, min(s.size(0), start + chunk))
         rows = None if keep is None else keep[sl].nonzero().squeeze(-1)
@@ -215,10 +225,11 @@ def divergence(
 
 
 def cross_entropy(
-    student_logits: torch.Tensor, targets: torch.Tensor, chunk: int = 1024, reduction: str = "mean"
+    student_logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None, reduction: str = "mean"
 ) -> torch.Tensor:
     """Token cross-entropy (SFT on teacher text); targets equal to -100 are ignored."""
     s = student_logits.reshape(-1, student_logits.size(-1))
+    chunk = rows_per_chunk(s.size(-1), chunk)
     y = targets.reshape(-1)
     n = int((y != -100).sum())
     if n == 0:
@@ -335,7 +346,7 @@ def sorted_probs(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tupl
 
 def sorted_wasserstein(
     student_logits: torch.Tensor, teacher_top: torch.Tensor, teacher_rest: torch.Tensor,
-    temperature: float = 1.0, chunk: int = 1024, reduction: str = "mean",
+    temperature: float = 1.0, chunk: int | None = None, reduction: str = "mean",
 ) -> torch.Tensor:
     """Universal Logit Distillation (Boizard et al. 2024): the L1 distance between the two
     distributions' sorted probability vectors, which needs no shared vocabulary.
@@ -348,6 +359,7 @@ def sorted_wasserstein(
         return student_logits.sum() * 0.0
     total = student_logits.new_zeros((), dtype=torch.float32)
     k = teacher_top.size(-1)
+    chunk = rows_per_chunk(student_logits.size(-1), chunk)
     for start in range(0, n, chunk):
         sl = slice(start, start + chunk)
         s_top, s_rest = sorted_probs(student_logits[sl], k, temperature)

@@ -1,4 +1,4 @@
-"""Low-memory training (`low_memory: true`): two measures that lower peak memory on one machine,
+"""Low-memory training (`low_memory: true`): four measures that lower peak memory on one machine,
 on top of the sparse tied-embedding gradient every single-process run gets (tied_embedding.py).
 
 1. The optimizer steps each parameter inside the backward pass, the moment its gradient is
@@ -9,6 +9,11 @@ on top of the sparse tied-embedding gradient every single-process run gets (tied
    return freed memory promptly (`allocator.return_freed_memory`), instead of keeping a
    step's large blocks for the next one as the default loop does. The cost is page faults
    on fresh blocks: bench/train.py measures both sides.
+3. The LM head's weight gradient ([vocab, hidden], 113 MB on SmolLM2) is computed at the end
+   of the backward pass instead of at its start (`selected_logits_late_head_grad`), so it no
+   longer coexists with every layer's saved activations; the gradient is the same product.
+4. An online teacher converted from a GGUF keeps its weights as block codes
+   (compact_weights.py); its logits do not change.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import torch
 
 from ..errors import StillhouseError
+from ..scoring import decoder, selected_logits
 from .allocator import return_freed_memory
 from .config import low_memory_problem as problem
 
@@ -55,3 +61,49 @@ def step_in_backward(model: torch.nn.Module, optimizer) -> list:
         p.grad = None
 
     return [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
+
+
+class _HeadInputGrad(torch.autograd.Function):
+    """logits = h W^T whose backward returns h's gradient only and leaves (grad_logits, h) in
+    `holder` for `_HeadWeightGrad`."""
+
+    @staticmethod
+    def forward(ctx, h, weight, holder):
+        ctx.save_for_backward(h, weight)
+        ctx.holder = holder
+        return h @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        h, weight = ctx.saved_tensors
+        ctx.holder["grad_logits"], ctx.holder["h"] = grad_logits, h
+        return grad_logits @ weight, None, None
+
+
+class _HeadWeightGrad(torch.autograd.Function):
+    """The identity on the decoder's input embeddings; its backward, which autograd reaches
+    after every decoder layer's, adds the LM head's weight gradient grad_logits^T h."""
+
+    @staticmethod
+    def forward(ctx, x, weight, holder):
+        ctx.holder = holder
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        grad_logits, h = ctx.holder.pop("grad_logits", None), ctx.holder.pop("h", None)
+        grad_w = None if grad_logits is None else grad_logits.t() @ h
+        return grad_x, grad_w, None
+
+
+def selected_logits_late_head_grad(model, input_ids, attention_mask, positions):
+    """scoring.selected_logits with the LM head's weight gradient computed last (measure 3);
+    plain selected_logits where that does not apply (a frozen or biased head, a soft cap)."""
+    head = model.get_output_embeddings()
+    if (type(head) is not torch.nn.Linear or head.bias is not None or not head.weight.requires_grad
+            or not torch.is_grad_enabled() or getattr(model.config, "final_logit_softcapping", None)):
+        return selected_logits(model, input_ids, attention_mask, positions)
+    holder: dict = {}
+    x = _HeadWeightGrad.apply(model.get_input_embeddings()(input_ids), head.weight, holder)
+    hidden = decoder(model)(inputs_embeds=x, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return _HeadInputGrad.apply(hidden[positions], head.weight, holder)
