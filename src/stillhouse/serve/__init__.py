@@ -28,7 +28,8 @@ def context_length(model) -> int:
 
 def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None,
               api_keys: str | None = None, max_context: int | None = None, max_concurrent: int = 64,
-              default_max_tokens: int = 256, watermark_key_env: str | None = None):
+              default_max_tokens: int = 256, watermark_key_env: str | None = None,
+              watermark_scheme: str = "greenlist", antidistill: str | None = None):
     from .. import models
     from ..teachers.hf import HFTeacher
     from .app import ServeConfig, create_app
@@ -48,7 +49,7 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
     if watermark_key_env:  # the key comes from the environment, never the command line
         from ..guard.watermark import processor_from_env
 
-        watermark = processor_from_env(watermark_key_env)
+        watermark = processor_from_env(watermark_key_env, scheme=watermark_scheme)
     lm = models.load(model)
     context = context_length(lm.model)
     if max_context is not None:
