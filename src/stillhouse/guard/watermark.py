@@ -233,13 +233,29 @@ def context_hash(ctx: np.ndarray) -> np.ndarray:
     return h
 
 
+def _keyed_unit(seed: int, ctx: np.ndarray, tok_mixed: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = _mix((np.uint64(seed) ^ _GUMBEL_DOMAIN) ^ (ctx * _C_PREV) ^ tok_mixed)
+    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
 def uniforms(seed: int, ctx: np.ndarray, tok: np.ndarray) -> np.ndarray:
     """The keyed u in (0, 1) of each `tok` after each context hash `ctx` (arrays broadcast)."""
-    ctx = np.asarray(ctx, dtype=np.uint64)
-    tok = np.asarray(tok, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        h = _mix((np.uint64(seed) ^ _GUMBEL_DOMAIN) ^ (ctx * _C_PREV) ^ _mix(tok * _C_TOK))
-    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+        tok_mixed = _mix(np.asarray(tok, dtype=np.uint64) * _C_TOK)
+    return _keyed_unit(seed, np.asarray(ctx, dtype=np.uint64), tok_mixed)
+
+
+@lru_cache(maxsize=4)
+def _vocab_mixed(n: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return _mix(_vocab(n) * _C_TOK)
+
+
+def vocab_uniforms(seed: int, ctx: np.ndarray, vocab_size: int) -> np.ndarray:
+    """[len(ctx), vocab_size]: `uniforms` of every token after each context hash (the token half
+    of the hash is computed once per vocabulary: this runs at every sampled step)."""
+    return _keyed_unit(seed, np.asarray(ctx, dtype=np.uint64)[:, None], _vocab_mixed(vocab_size)[None, :])
 
 
 class GumbelWatermark:
@@ -275,7 +291,7 @@ class GumbelWatermark:
             seen = (ids.unfold(1, h, 1)[:, :-1] == ctx[:, None, :]).all(-1).any(-1)
         else:
             seen = torch.zeros(rows, dtype=torch.bool)
-        u = uniforms(self.seed, context_hash(ctx.numpy())[:, None], _vocab(vocab_size)[None, :])
+        u = vocab_uniforms(self.seed, context_hash(ctx.numpy()), vocab_size)
         g = -np.log(-np.log(u))
         return torch.from_numpy(g.astype(np.float32)), ~seen
 

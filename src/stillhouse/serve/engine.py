@@ -276,7 +276,7 @@ class Engine:
         scores = self._processed(logits, rows)
         keyed = None
         if self.logits_processor is not None:  # e.g. the guard's watermark; served log-probs stay the model's own
-            hist = _histories(rows)
+            hist = _histories(rows, self.pad_id)
             scores = self.logits_processor(hist, scores)
             if any(s.sampling.temperature > 0 for s in rows):
                 keyed = keyed_noise(self.logits_processor, hist, scores.shape[-1])
@@ -382,12 +382,12 @@ def _gumbel(scores: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(gumbel_sample(scores[None], temperature, top_p, generator, keyed)[0])
 
 
-def _histories(rows: list[Seq]) -> torch.Tensor:
-    """[rows, longest] prompt + generated ids of each row, left-padded with 0 (a logits
-    processor's input_ids; processors read the last tokens)."""
+def _histories(rows: list[Seq], pad: int) -> torch.Tensor:
+    """[rows, longest] prompt + generated ids of each row, left-padded with `pad` (a logits
+    processor's input_ids, as the decode loop gives them)."""
     hist = [s.prompt_ids + s.ids for s in rows]
     width = max(len(h) for h in hist)
-    return torch.tensor([[0] * (width - len(h)) + h for h in hist])
+    return torch.tensor([[pad] * (width - len(h)) + h for h in hist])
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
