@@ -10,7 +10,7 @@ On the packaged SmolLM2-135M-Instruct (the quickstart teacher):
    watermark (`--arms`). Each watermarked arm is compared with the plain arm of the same decoding
    (paired difference per problem and its 95% interval).
 2. Detection: answers of up to 200 tokens to real public prompts (guard/simulate.public_prompts:
-   MMLU, HumanEval, reasoning-gym task texts), sampled at the same temperature, each answer
+   MMLU, HumanEval, reasoning-gym task texts; "Explain your answer in detail." appended), sampled at the same temperature, each answer
    tested alone; the same prompts' plain answers give the null.
 3. Perplexity of held-out text (paragraphs of docs/) under each arm's distribution, and the
    plain model's per-token NLL of each arm's long answers (distortion shows up as a higher NLL).
@@ -134,7 +134,7 @@ def main() -> None:
     verify = ReasoningGymVerifier("chain_sum", TASK_CFG)
     task_msgs = [messages_for(r) for r in recs]
     prompts = [p for p in public_prompts() if 40 < len(p) < 600][:: 7][: args.long]
-    long_msgs = [[{"role": "user", "content": p}] for p in prompts]
+    long_msgs = [[{"role": "user", "content": p + "\n\nExplain your answer in detail."}] for p in prompts]
     texts = held_out_text(args.ppl_texts)
     T = args.temperature
     out = {"model": "smollm2-135m-instruct", "problems": len(recs), "temperature": T, "key_id": wm.key_id(KEY),
