@@ -117,3 +117,23 @@ def test_serve_with_antidistill(tiny_model_dir, tmp_path):
             "model": str(tiny_model_dir), "messages": [{"role": "user", "content": "say 1"}],
             "max_tokens": 12, "temperature": 1.0, "seed": 1})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--antidistill", "{cfg}"], "lamda"),
+    (["--watermark-key-env", "WMK", "--watermark-scheme", "kgw"], "unknown watermark scheme 'kgw'"),
+    (["--watermark-key-env", "WMK", "--antidistill", "{good}"], "cannot be combined"),
+])
+def test_serve_cli_bad_settings_exit_2(tiny_model_dir, tmp_path, capsys, monkeypatch, args, message):
+    from stillhouse.cli import main
+
+    cfg, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    cfg.write_text("proxy: x\nlamda: 2\n")
+    good.write_text("proxy: x\n")
+    monkeypatch.setenv("WMK", "ab" * 32)
+    args = [a.format(cfg=cfg, good=good) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tiny_model_dir), "--port", "0", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "ab" * 32 not in err
