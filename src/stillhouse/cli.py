@@ -270,13 +270,16 @@ def serve(
     max_concurrent: int = typer.Option(64, "--max-concurrent", help="Requests in flight at once; more are answered 429 with Retry-After."),
     max_tokens: int = typer.Option(256, "--default-max-tokens", help="Completion budget of a request that names no max_tokens."),
     watermark_key_env: Optional[str] = typer.Option(None, "--watermark-key-env", help="Watermark every answer with the key in this environment variable (docs/provenance.md)."),
+    watermark_scheme: str = typer.Option("greenlist", "--watermark-scheme", help="greenlist (biases logits) or gumbel (distortion-free; marks sampled answers only). docs/watermark.md."),
+    antidistill: Optional[Path] = typer.Option(None, "--antidistill", help="Antidistillation sampling settings (YAML; docs/watermark.md)."),
 ):
     """Serve a model over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from .serve import serve as run_server
 
     run_server(model, host=host, port=port, max_batch=max_batch, faults=faults, seed=seed, served_name=served_name,
                api_keys=str(api_keys) if api_keys else None, max_context=max_context, max_concurrent=max_concurrent,
-               default_max_tokens=max_tokens, watermark_key_env=watermark_key_env)
+               default_max_tokens=max_tokens, watermark_key_env=watermark_key_env, watermark_scheme=watermark_scheme,
+               antidistill=str(antidistill) if antidistill else None)
 
 
 # SIGTERM is handled like Ctrl-C (temporary directories removed, committed shards kept); click

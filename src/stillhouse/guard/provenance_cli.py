@@ -91,18 +91,21 @@ def detect(
     key_env: Optional[str] = KeyEnvOpt,
     tokenizer: str = typer.Option(DEFAULT_TEACHER, help="The watermarking model (its tokenizer splits the text)."),
     gamma: float = GammaOpt,
+    scheme: str = typer.Option("greenlist", help="The scheme the text was watermarked with: greenlist or gumbel (docs/watermark.md)."),
     as_json: bool = JsonOpt,
 ):
     """Is this text watermarked with my key? z-score and p-value over distinct (previous, token) pairs."""
-    from .watermark import detect as run_detect
+    from .watermark import check_scheme, detect_text
 
+    check_scheme(scheme)
     k = _key(key, key_env)
     if (text is None) == (file is None):
         raise StillhouseError("give exactly one of TEXT or --file")
     texts = [text] if text is not None else _read_texts(file)
     tok = _load(tokenizer, "watermarking model").tokenizer
-    s = run_detect(k, texts, tok, gamma)
-    _print(s.to_dict(), as_json, f"z = {s.z:.2f}, p = {s.p_value:.3g} ({s.green} green of {s.scored} distinct pairs, {s.tokens} tokens)")
+    s = detect_text(k, texts, tok, scheme, gamma)
+    what = f"{s.green} green" if scheme == "greenlist" else f"score {s.score:.1f}"
+    _print(s.to_dict(), as_json, f"z = {s.z:.2f}, p = {s.p_value:.3g} ({what} of {s.scored} distinct pairs, {s.tokens} tokens)")
 
 
 def radioactivity(

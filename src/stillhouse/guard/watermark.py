@@ -1,4 +1,5 @@
-"""A keyed green-list watermark (Kirchenbauer et al., 2023) and its detector.
+"""Two keyed watermarks and their detectors: the green list (Kirchenbauer et al., 2023) and the
+distortion-free Gumbel-max scheme (Aaronson, 2022; docs/watermark.md compares them).
 
 At each decoding step the vocabulary is split, by a keyed hash of the previous token, into a
 "green" share `gamma` and the rest; `delta` is added to the green logits, so a watermarked text
@@ -186,11 +187,164 @@ def detect(key: str, texts: list[str], tokenizer, gamma: float = GAMMA) -> Score
     return score_ids(key, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], gamma)
 
 
-def processor_from_env(var: str, gamma: float = GAMMA, delta: float = DELTA) -> WatermarkProcessor:
-    """The serving-side processor, its key read from environment variable `var`."""
+SCHEMES = ("greenlist", "gumbel")
+
+
+def check_scheme(scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise StillhouseError(f"unknown watermark scheme {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+    return scheme
+
+
+def processor_from_env(var: str, gamma: float = GAMMA, delta: float = DELTA, scheme: str = "greenlist"):
+    """The serving-side watermark (`scheme`: greenlist | gumbel), its key read from environment variable `var`."""
     import os
 
+    check_scheme(scheme)
     key = os.environ.get(var)
     if not key:
         raise StillhouseError(f"watermark key variable {var} is not set (or empty)")
-    return WatermarkProcessor(key, gamma, delta)
+    return GumbelWatermark(key) if scheme == "gumbel" else WatermarkProcessor(key, gamma, delta)
+
+
+# -- the distortion-free scheme --------------------------------------------------------------
+# Gumbel-max sampling picks argmax(logits / T + g) with g_i = -log(-log u_i), u_i ~ U(0, 1): an
+# exact sample from softmax(logits / T) (the decode loop already samples this way). Aaronson's
+# watermark takes u_i from a keyed hash of (the last CONTEXT tokens, i) instead of a random
+# generator. Each answer is still an exact sample of the model's distribution over the key's
+# randomness, so sampled accuracy is unchanged in expectation and nothing is biased; but the
+# chosen token tends to have a large u, which the key holder can test: under the null (text not
+# made with this key) -log(1 - u) of each distinct (context, token) is Exp(1), so their sum over
+# n distinct pairs is Gamma(n, 1) exactly. Greedy decoding (T = 0) has no randomness to replace
+# and is left unmarked. A context seen before in the same sequence would reuse the same u (and
+# push the text into a loop), so such steps draw ordinary noise (SynthID's repeated-context
+# masking); the detector still scores them, which can only make its p-value larger.
+CONTEXT = 4  # tokens hashed into the context (Kirchenbauer's h); more: fewer repeats, less robust to edits
+_GUMBEL_DOMAIN = np.uint64(0x6A09E667F3BCC909)  # keeps one key's two schemes independent
+
+
+def context_hash(ctx: np.ndarray) -> np.ndarray:
+    """uint64 [rows]: a hash of each row of `ctx` [rows, CONTEXT] (the token ids before a step)."""
+    ctx = np.asarray(ctx, dtype=np.uint64)
+    h = np.zeros(ctx.shape[0], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(ctx.shape[1]):
+            h = _mix(h ^ (ctx[:, j] * _C_TOK) ^ np.uint64(j + 1))
+    return h
+
+
+def _keyed_unit(seed: int, ctx: np.ndarray, tok_mixed: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        h = _mix((np.uint64(seed) ^ _GUMBEL_DOMAIN) ^ (ctx * _C_PREV) ^ tok_mixed)
+    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def uniforms(seed: int, ctx: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    """The keyed u in (0, 1) of each `tok` after each context hash `ctx` (arrays broadcast)."""
+    with np.errstate(over="ignore"):
+        tok_mixed = _mix(np.asarray(tok, dtype=np.uint64) * _C_TOK)
+    return _keyed_unit(seed, np.asarray(ctx, dtype=np.uint64), tok_mixed)
+
+
+@lru_cache(maxsize=4)
+def _vocab_mixed(n: int) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return _mix(_vocab(n) * _C_TOK)
+
+
+def vocab_uniforms(seed: int, ctx: np.ndarray, vocab_size: int) -> np.ndarray:
+    """[len(ctx), vocab_size]: `uniforms` of every token after each context hash (the token half
+    of the hash is computed once per vocabulary: this runs at every sampled step)."""
+    return _keyed_unit(seed, np.asarray(ctx, dtype=np.uint64)[:, None], _vocab_mixed(vocab_size)[None, :])
+
+
+class GumbelWatermark:
+    """The distortion-free watermark as a keyed noise source for the Gumbel-max sampler.
+
+    As a logits processor it changes nothing (`__call__` returns the scores), so it can sit
+    wherever a processor goes; samplers that know it (teachers/decode.py, serve/engine.py) ask
+    `gumbels(ids, vocab)` for the noise to add to logits / T instead of drawing their own."""
+
+    def __init__(self, key: str, context: int = CONTEXT):
+        if context < 1:
+            raise StillhouseError(f"watermark context must be at least 1 token, got {context}")
+        self.seed = key_seed(key)
+        self.key_id = key_id(key)
+        self.context = context
+
+    def __call__(self, input_ids, scores):
+        return scores
+
+    def gumbels(self, input_ids, vocab_size: int):
+        """(noise [rows, vocab] float32, keyed [rows] bool) for the next step after `input_ids`
+        [rows, seq] (left-padded histories); rows not keyed (a repeated or too short context) get
+        ordinary noise from the sampler."""
+        import torch
+
+        ids = input_ids.cpu()
+        h = self.context
+        rows, seq = ids.shape
+        if seq < h:
+            return None, torch.zeros(rows, dtype=torch.bool)
+        ctx = ids[:, -h:]
+        if seq > h:  # has this context occurred earlier in the row?
+            seen = (ids.unfold(1, h, 1)[:, :-1] == ctx[:, None, :]).all(-1).any(-1)
+        else:
+            seen = torch.zeros(rows, dtype=torch.bool)
+        u = vocab_uniforms(self.seed, context_hash(ctx.numpy()), vocab_size)
+        g = -np.log(-np.log(u))
+        return torch.from_numpy(g.astype(np.float32)), ~seen
+
+    def __repr__(self) -> str:  # never the key
+        return f"GumbelWatermark(key_id={self.key_id}, context={self.context})"
+
+
+@dataclass(frozen=True)
+class GumbelScore:
+    """A detection: the summed -log(1 - u) of `scored` distinct (context, token) pairs."""
+
+    tokens: int
+    scored: int
+    score: float
+    z: float
+    p_value: float
+
+    def to_dict(self) -> dict:
+        return {"scheme": "gumbel", "tokens": self.tokens, "scored": self.scored, "score": self.score,
+                "z": self.z, "p_value": self.p_value}
+
+
+def gumbel_test(score: float, n: int) -> tuple[float, float]:
+    """(z, p): P[Gamma(n, 1) >= score], exact (the sum of n independent Exp(1) under the null)."""
+    from scipy.stats import gamma
+
+    if n == 0:
+        return 0.0, 1.0
+    return (score - n) / math.sqrt(n), float(gamma.sf(score, n))
+
+
+def gumbel_score_ids(key: str, sequences: list[list[int]], context: int = CONTEXT) -> GumbelScore:
+    """Detection of the Gumbel scheme on token-id sequences; each sequence's first `context`
+    tokens have no known context and are skipped; (context, token) pairs count once overall."""
+    seen, ctxs, toks, total = set(), [], [], 0
+    for seq in sequences:
+        for i in range(context, len(seq)):
+            total += 1
+            key_ = (tuple(seq[i - context:i]), seq[i])
+            if key_ not in seen:
+                seen.add(key_)
+                ctxs.append(seq[i - context:i])
+                toks.append(seq[i])
+    if not toks:
+        return GumbelScore(total, 0, 0.0, 0.0, 1.0)
+    u = uniforms(key_seed(key), context_hash(np.asarray(ctxs)), np.asarray(toks))
+    s = float(-np.log1p(-u).sum())
+    z, p = gumbel_test(s, len(toks))
+    return GumbelScore(total, len(toks), s, z, p)
+
+
+def detect_text(key: str, texts: list[str], tokenizer, scheme: str = "greenlist", gamma: float = GAMMA):
+    """Detection on texts under either scheme (tokenised as the watermarking model does)."""
+    if check_scheme(scheme) == "greenlist":
+        return detect(key, texts, tokenizer, gamma)
+    return gumbel_score_ids(key, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])

@@ -28,7 +28,8 @@ def context_length(model) -> int:
 
 def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, seed: int = 0, served_name: str | None = None,
               api_keys: str | None = None, max_context: int | None = None, max_concurrent: int = 64,
-              default_max_tokens: int = 256, watermark_key_env: str | None = None):
+              default_max_tokens: int = 256, watermark_key_env: str | None = None,
+              watermark_scheme: str = "greenlist", antidistill: str | None = None):
     from .. import models
     from ..teachers.hf import HFTeacher
     from .app import ServeConfig, create_app
@@ -48,13 +49,24 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
     if watermark_key_env:  # the key comes from the environment, never the command line
         from ..guard.watermark import processor_from_env
 
-        watermark = processor_from_env(watermark_key_env)
+        watermark = processor_from_env(watermark_key_env, scheme=watermark_scheme)
+    if antidistill and watermark is not None:
+        raise StillhouseError("--antidistill and --watermark-key-env cannot be combined yet: choose one")
+    ad_cfg = None
+    if antidistill:
+        from ..guard.antidistill import load_config
+
+        ad_cfg = load_config(antidistill)  # checked before the model loads
     lm = models.load(model)
+    if ad_cfg is not None:
+        from ..guard.antidistill import build
+
+        watermark = build(ad_cfg, lm.tokenizer)
     context = context_length(lm.model)
     if max_context is not None:
         context = min(context, max_context)
     engine = Engine(lm.model, lm.tokenizer, HFTeacher(lm.model, lm.tokenizer)._stop_ids(), max_batch=max_batch)
-    engine.logits_processor = watermark
+    engine.logits_processor = watermark  # the watermark or the antidistillation processor
     cfg = ServeConfig(served_name or model, context, default_max_tokens=default_max_tokens, max_concurrent=max_concurrent)
     app = create_app(engine, cfg, fault_cfg, keys)
     app.state.faults = fault_cfg  # tests and bench/chaos.py change the rates of a running server

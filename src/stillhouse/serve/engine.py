@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..scoring import decoder, lm_logits
+from ..teachers.decode import keyed_noise
 from .text import IncrementalText, find_stop, tokens_for_text
 
 
@@ -121,7 +122,7 @@ class Engine:
         self.tok = tokenizer
         self.stop_ids = sorted(set(stop_ids))
         self.max_batch = max_batch
-        self.logits_processor = None  # (prev token ids [rows, 1], scores) -> scores, after the sampling settings
+        self.logits_processor = None  # (ids so far [rows, seq], scores) -> scores, after the sampling settings
         self.pad_id = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
         self.stats = {"batches": 0, "prompts": 0, "largest_batch": 0, "steps": 0, "generated_tokens": 0,
                       "cancelled": 0, "running": 0, "waiting": 0}
@@ -273,13 +274,17 @@ class Engine:
         want_lp = any(s.sampling.top_logprobs >= 0 for s in rows)
         logp = torch.log_softmax(logits, -1) if want_lp else None
         scores = self._processed(logits, rows)
+        keyed = None
         if self.logits_processor is not None:  # e.g. the guard's watermark; served log-probs stay the model's own
-            prev = torch.tensor([[s.ids[-1] if s.ids else s.prompt_ids[-1]] for s in rows])
-            scores = self.logits_processor(prev, scores)
+            hist = _histories(rows, self.pad_id)
+            scores = self.logits_processor(hist, scores)
+            if any(s.sampling.temperature > 0 for s in rows):
+                keyed = keyed_noise(self.logits_processor, hist, scores.shape[-1])
         nxt = scores.argmax(-1)
         for r, s in enumerate(rows):
             if s.sampling.temperature > 0:
-                nxt[r] = _gumbel(scores[r], s.sampling.temperature, s.sampling.top_p, s.generator)
+                row_keyed = None if keyed is None or keyed[0] is None else (keyed[0][r:r + 1], keyed[1][r:r + 1])
+                nxt[r] = _gumbel(scores[r], s.sampling.temperature, s.sampling.top_p, s.generator, row_keyed)
         k = max((s.sampling.top_logprobs for s in rows), default=0)
         top_lp = top_ids = None
         if k > 0:
@@ -371,10 +376,18 @@ class Engine:
                     layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
 
-def _gumbel(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+def _gumbel(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator, keyed=None) -> int:
     from ..teachers.decode import gumbel_sample
 
-    return int(gumbel_sample(scores[None], temperature, top_p, generator)[0])
+    return int(gumbel_sample(scores[None], temperature, top_p, generator, keyed)[0])
+
+
+def _histories(rows: list[Seq], pad: int) -> torch.Tensor:
+    """[rows, longest] prompt + generated ids of each row, left-padded with `pad` (a logits
+    processor's input_ids, as the decode loop gives them)."""
+    hist = [s.prompt_ids + s.ids for s in rows]
+    width = max(len(h) for h in hist)
+    return torch.tensor([[pad] * (width - len(h)) + h for h in hist])
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -26,13 +26,27 @@ class Decoded:
     topk_logprobs: list[list[float]] | None = None
 
 
-def gumbel_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """Token ids [rows]: argmax(logits / T + Gumbel noise), after an optional top-p filter."""
+def gumbel_sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
+                  keyed=None) -> torch.Tensor:
+    """Token ids [rows]: argmax(logits / T + Gumbel noise), after an optional top-p filter.
+
+    `keyed` = (noise [rows, vocab], use [rows]) replaces the noise of the rows in `use` (the
+    guard's distortion-free watermark); the generator is drawn from all the same, so the other
+    rows' samples do not depend on it."""
     scores = logits.float() / temperature
     if top_p < 1.0:
         scores = top_p_filter(scores, top_p)
     u = torch.rand(scores.shape, generator=generator).clamp_(1e-20, 1.0)
-    return (scores - torch.log(-torch.log(u))).argmax(-1)
+    noise = -torch.log(-torch.log(u))
+    if keyed is not None and keyed[0] is not None:
+        noise = torch.where(keyed[1][:, None], keyed[0], noise)
+    return (scores + noise).argmax(-1)
+
+
+def keyed_noise(processor, ids: torch.Tensor, vocab: int):
+    """The processor's own sampling noise, if it is a keyed sampler (guard.watermark.GumbelWatermark)."""
+    gumbels = getattr(processor, "gumbels", None)
+    return gumbels(ids, vocab) if gumbels is not None else None
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -106,7 +120,8 @@ def decode(
         if seq is not None:
             logits = logits_processor(seq, logits)
         if temperature > 0:
-            nxt = gumbel_sample(logits, temperature, top_p, generator)
+            keyed = keyed_noise(logits_processor, seq, logits.shape[-1]) if seq is not None else None
+            nxt = gumbel_sample(logits, temperature, top_p, generator, keyed)
         else:
             nxt = logits.argmax(-1)
         if top_k_logprobs:
