@@ -52,8 +52,8 @@ SETTINGS = {
     # keys: random keys for calibration; tiny_prompts/seeds/doses: radioactivity; prov_seeds: provenance pairs
     "small": dict(problems=300, ppl_texts=30, long=10, keys=200, tiny_prompts=192, tiny_probes=256, seeds=2,
                   doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_provenance=True,
-                  real_radio=dict(train=200, probes=64, tokens=64, doses=[0.1, 0.25, 1.0], seeds=1, epochs=3, lr=3e-4,
-                                  keys=200, paraphrase=True, other_teacher=True)),
+                  real_radio=dict(train=96, probes=48, tokens=48, doses=[0.25, 1.0], seeds=1, epochs=3, lr=3e-4,
+                                  keys=200, paraphrase=True, other_teacher=False)),
     # a seconds-long run of every code path (not a measurement)
     "smoke": dict(problems=10, ppl_texts=2, long=2, keys=100, tiny_prompts=48, seeds=1, doses=[1.0],
                   prov_tune=[1], prov_report=[2], real_provenance=True,
