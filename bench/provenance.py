@@ -12,7 +12,13 @@ Sections (each prints a Markdown table; all of them go to --out as JSON, plus th
    (Kolmogorov-Smirnov against uniform, false-positive rate at alpha = 0.01).
 3. Radioactivity end to end at tiny scale: students trained with stillhouse's training loop on
    a tiny teacher's outputs, a share (the dose) of them watermarked; controls on plain outputs,
-   on another teacher's outputs, and the untrained base; open-weights and API-only p-values.
+   on another teacher's outputs, and the untrained base; open-weights (top-1 pairs and the
+   green probability mass of the whole distribution) and API-only p-values.
+3b. Radioactivity on real models (`realradio`): SmolLM2-135M-Instruct watermarks its answers;
+   quickstart-style students (the teacher pruned to 14 of 30 blocks) train on them at several
+   doses, on its plain answers, and on the watermarked answers paraphrased by the teacher
+   without the watermark (the known attack); both modes, with and without the context filter,
+   under the true key and many random keys (TPR at FPR 0).
 4. Provenance without a watermark: pairs derived / not derived from a parent, tuning pairs
    (choose alpha and the similarity window) kept apart from reported pairs; confusion table and
    precision/recall; plus the real SmolLM2 / Gemma-3 pairs.
@@ -548,26 +554,35 @@ def real_provenance(out: dict) -> None:
               f"{r['parent_similarity']:.2f} / {list(r['reference_similarity'].values())[0]:.2f} |")
 
 
+def _arm_panel(ax, rows: list[dict], modes: list[tuple[str, str]], title: str) -> None:
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    width = 0.6 / max(1, len(modes))
+    for j, (key, label) in enumerate(modes):
+        for i, arm in enumerate(arms):
+            ps = [max(r[key], 1e-30) for r in rows if r["arm"] == arm and key in r]
+            ax.scatter([i + (j - (len(modes) - 1) / 2) * width] * len(ps), ps, marker="osD^"[j], color=f"C{j}", s=18,
+                       label=label if i == 0 else None)
+    ax.set_yscale("log")
+    ax.axhline(0.01, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("p-value (true key)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def picture(out: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = out.get("radioactivity", [])
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    for j, (mode, mk) in enumerate([("open", "o"), ("api", "s")]):
-        for i, arm in enumerate(arms):
-            ps = [max(r[f"{mode}_p"], 1e-30) for r in rows if r["arm"] == arm]
-            a.scatter([i + (j - 0.5) * 0.25] * len(ps), ps, marker=mk, color="C0" if mode == "open" else "C1",
-                      label={"open": "open weights", "api": "API only"}[mode] if i == 0 else None)
-    a.set_yscale("log")
-    a.axhline(0.01, color="grey", ls="--", lw=0.8)
-    a.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-    a.set_ylabel("p-value (true key)")
-    a.set_title("Radioactivity per arm and dose (tiny scale)")
-    a.legend(fontsize=8)
+    fig, (a, m, b) = plt.subplots(1, 3, figsize=(15, 4.6))
+    if out.get("radioactivity"):
+        _arm_panel(a, out["radioactivity"], [("open_p", "open weights, top-1"), ("dist_p", "open weights, distribution"),
+                                             ("api_p", "API only")], "Radioactivity, tiny scale (per arm and dose)")
+    if out.get("real_radioactivity"):
+        _arm_panel(m, out["real_radioactivity"], [("open_p", "open weights"), ("open_filtered_p", "open weights, filtered"),
+                                                  ("api_p", "API only")], "Radioactivity, SmolLM2 teacher / pruned students")
     prov = out.get("provenance", {}).get("pairs", [])
     rep = [p for p in prov if p["split"] == "report"]
     if rep:
@@ -586,7 +601,7 @@ def picture(out: dict, path: Path) -> None:
         b.set_ylim(0, 1.05)
         b.set_xlim(0, 1.05)
         b.legend(fontsize=8)
-        b.set_title("Provenance test: reported pairs, threshold on p")
+        b.set_title("Provenance test (tiny scale): reported pairs, threshold on p", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -601,7 +616,15 @@ def main() -> None:
     ap.add_argument("--confident", type=float, default=1.0, help="cost section: leave steps whose top token is above this probability unmarked")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "provenance-results.json")
     ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "provenance.png")
+    ap.add_argument("--picture-from", nargs="+", type=Path, metavar="JSON",
+                    help="run nothing: draw the picture from saved results (later files override earlier ones)")
     args = ap.parse_args()
+    if args.picture_from:
+        merged: dict = {}
+        for f in args.picture_from:
+            merged.update(json.loads(f.read_text()))
+        picture(merged, args.picture)
+        return
     setting = "smoke" if args.smoke else "small" if args.small else "full"
     cfg = dict(SETTINGS[setting])
     cfg["delta"], cfg["confident"] = args.delta, args.confident
