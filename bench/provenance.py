@@ -58,16 +58,16 @@ SETTINGS = {
     # keys: random keys for calibration; tiny_prompts/seeds/doses: radioactivity; prov_seeds: provenance pairs
     "small": dict(problems=300, ppl_texts=30, long=10, keys=200, tiny_prompts=192, tiny_probes=256, seeds=2,
                   doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_provenance=True,
-                  real_radio=dict(train=96, probes=48, tokens=48, doses=[0.25, 1.0], seeds=1, epochs=3, lr=3e-4,
-                                  keys=200, paraphrase=True, other_teacher=False)),
+                  real_radio=dict(train=64, probes=24, probe_texts=60, tokens=40, doses=[0.25, 1.0], seeds=1, epochs=3,
+                                  lr=3e-4, keys=200, paraphrase=True, other_teacher=False)),
     # a seconds-long run of every code path (not a measurement)
     "smoke": dict(problems=10, ppl_texts=2, long=2, keys=100, tiny_prompts=48, seeds=1, doses=[1.0],
                   prov_tune=[1], prov_report=[2], real_provenance=True,
-                  real_radio=dict(train=16, probes=8, tokens=16, doses=[1.0], seeds=1, epochs=1, lr=3e-4, keys=100,
+                  real_radio=dict(train=16, probes=8, probe_texts=8, tokens=16, doses=[1.0], seeds=1, epochs=1, lr=3e-4, keys=100,
                                   paraphrase=True, other_teacher=False)),
     "full": dict(problems=2000, ppl_texts=200, long=50, keys=1000, tiny_prompts=1024, tiny_probes=512, seeds=5,
                  doses=[0.05, 0.1, 0.25, 0.5, 1.0], prov_tune=[1, 2], prov_report=[3, 4, 5, 6, 7, 8], real_provenance=True,
-                 real_radio=dict(train=256, probes=64, tokens=96, doses=[0.05, 0.1, 0.25, 1.0], seeds=3, epochs=3, lr=3e-4,
+                 real_radio=dict(train=256, probes=64, probe_texts=200, tokens=96, doses=[0.05, 0.1, 0.25, 1.0], seeds=3, epochs=3, lr=3e-4,
                                  keys=1000, paraphrase=True, other_teacher=True)),
 }
 
@@ -338,34 +338,39 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
     t0 = time.perf_counter()
     marked = generate(smol.model, tok, train_p, proc, seed=0, **gen)
     plain = generate(smol.model, tok, train_p, None, seed=1, **gen)
-    probe_ans = generate(smol.model, tok, probe_p, None, seed=2, **gen)
     print(f"  teacher answers: {time.perf_counter() - t0:.0f} s; watermarked training answers detected at "
           f"p = {wm.score_ids(KEY, [c.token_ids for c in marked]).p_value:.2g}", flush=True)
     contexts = ra.watermark_contexts([c.token_ids for c in marked])
-    probe_ids = [encode_prompt(tok, render_chat(tok, msgs(p))) + c.token_ids for p, c in zip(probe_p, probe_ans)]
-    arms: list[tuple[str, object]] = [(f"watermarked {round(100 * d)}%", d) for d in rc["doses"]]
-    arms += [("plain outputs", 0.0), ("base (pruned, untrained)", "base"), ("teacher itself", "teacher")]
+    # open-weights probes: held-out English text no model here generated (this repository's docs),
+    # so nothing in them carries the watermark; teacher forcing costs one forward pass each
+    probe_ids = [encode_prompt(tok, t)[:256] for t in held_out_text(rc["probe_texts"])]
+    arms: list[tuple[str, object]] = [("watermarked 100%", 1.0)]
     if rc.get("paraphrase"):
-        t0 = time.perf_counter()
-        para = paraphrase(smol.model, tok, [c.text for c in marked], rc["tokens"] + 16)
-        para_ids = [Ids(tok(t, add_special_tokens=False)["input_ids"]) for t in para]
-        out["real_paraphrase_data"] = {"text_p": wm.score_ids(KEY, [c.token_ids for c in para_ids]).p_value,
-                                       "marked_text_p": wm.score_ids(KEY, [c.token_ids for c in marked]).p_value,
-                                       "seconds": time.perf_counter() - t0, "example": para[0][:300]}
-        print(f"  paraphrased training data: text detection p = {out['real_paraphrase_data']['text_p']:.2g} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
         arms.append(("watermarked 100%, paraphrased", "para"))
+    arms += [("plain outputs", 0.0)] + [(f"watermarked {round(100 * d)}%", d) for d in rc["doses"] if d != 1.0]
+    arms += [("base (pruned, untrained)", "base"), ("teacher itself", "teacher")]
     if rc.get("other_teacher"):
-        gemma = models.load("gemma3-270m")
-        foreign = [Ids(tok(c.text, add_special_tokens=False)["input_ids"])
-                   for c in generate(gemma.model, gemma.tokenizer, train_p, None, seed=1, **gen)]
-        del gemma
         arms.append(("other teacher (Gemma-3-270m)", "other"))
+    para_ids = foreign = None
     n = smol.model.config.num_hidden_layers
     kept = list(range(12)) + [n - 2, n - 1]  # 14 of 30 blocks, as quickstart's student
     rows, preds = [], {}
     keys = random_keys(rc["keys"], seed=99)
     for name, dose in arms:
+        if dose == "para" and para_ids is None:
+            t0 = time.perf_counter()
+            para = paraphrase(smol.model, tok, [c.text for c in marked], rc["tokens"] + 16)
+            para_ids = [Ids(tok(t, add_special_tokens=False)["input_ids"]) for t in para]
+            out["real_paraphrase_data"] = {"text_p": wm.score_ids(KEY, [c.token_ids for c in para_ids]).p_value,
+                                           "marked_text_p": wm.score_ids(KEY, [c.token_ids for c in marked]).p_value,
+                                           "seconds": time.perf_counter() - t0, "example_in": marked[0].text[:300],
+                                           "example_out": para[0][:300]}
+            print("PARAPHRASE", json.dumps(out["real_paraphrase_data"]), flush=True)
+        if dose == "other" and foreign is None:
+            gemma = models.load("gemma3-270m")
+            foreign = [Ids(tok(c.text, add_special_tokens=False)["input_ids"])
+                       for c in generate(gemma.model, gemma.tokenizer, train_p, None, seed=1, **gen)]
+            del gemma
         for s in range(rc["seeds"] if dose not in ("base", "teacher") else 1):
             t0 = time.perf_counter()
             if dose == "teacher":
@@ -397,6 +402,7 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
             preds[(name, s)] = (prev, pred, gens)
             print(f"  {name} seed {s}: open p {r['open_p']:.2g} (filtered {r['open_filtered_p']:.2g}, {r['open_filtered_pairs']} pairs), "
                   f"api p {r['api_p']:.2g} (filtered {r['api_filtered_p']:.2g}) [{r['seconds']:.0f} s]", flush=True)
+            print("ROW", json.dumps(r), flush=True)
             out["real_radioactivity"] = rows
             if dose != "teacher":
                 del student
