@@ -660,7 +660,7 @@ def main() -> None:
         keys = random_keys(cfg["keys"])
         rows.append(calibration_row("plain SmolLM2 answers, text detection", [wm.score_ids(k, out["_plain_long"]).p_value for k in keys]))
     if "_null_radio" in out:
-        rows.append(calibration_row("control students, open weights (top-1 pairs, mid-p)", out["_null_radio"]["open"]))
+        rows.append(calibration_row("control students, open weights (top-1 pairs, randomised p)", out["_null_radio"]["open"]))
         rows.append(calibration_row("control students, open weights (distribution, normal tail)", out["_null_radio"]["dist"]))
         rows.append(calibration_row("control students, API only", out["_null_radio"]["api"]))
     out["calibration"] = rows
