@@ -565,7 +565,7 @@ def _arm_panel(ax, rows: list[dict], modes: list[tuple[str, str]], title: str) -
     width = 0.6 / max(1, len(modes))
     for j, (key, label) in enumerate(modes):
         for i, arm in enumerate(arms):
-            ps = [max(r[key], 1e-30) for r in rows if r["arm"] == arm and key in r]
+            ps = [max(r[key], 1e-50) for r in rows if r["arm"] == arm and key in r]
             ax.scatter([i + (j - (len(modes) - 1) / 2) * width] * len(ps), ps, marker="osD^"[j], color=f"C{j}", s=18,
                        label=label if i == 0 else None)
     ax.set_yscale("log")
