@@ -12,7 +12,13 @@ Sections (each prints a Markdown table; all of them go to --out as JSON, plus th
    (Kolmogorov-Smirnov against uniform, false-positive rate at alpha = 0.01).
 3. Radioactivity end to end at tiny scale: students trained with stillhouse's training loop on
    a tiny teacher's outputs, a share (the dose) of them watermarked; controls on plain outputs,
-   on another teacher's outputs, and the untrained base; open-weights and API-only p-values.
+   on another teacher's outputs, and the untrained base; open-weights (top-1 pairs and the
+   green probability mass of the whole distribution) and API-only p-values.
+3b. Radioactivity on real models (`realradio`): SmolLM2-135M-Instruct watermarks its answers;
+   quickstart-style students (the teacher pruned to 14 of 30 blocks) train on them at several
+   doses, on its plain answers, and on the watermarked answers paraphrased by the teacher
+   without the watermark (the known attack); both modes, with and without the context filter,
+   under the true key and many random keys (TPR at FPR 0).
 4. Provenance without a watermark: pairs derived / not derived from a parent, tuning pairs
    (choose alpha and the similarity window) kept apart from reported pairs; confusion table and
    precision/recall; plus the real SmolLM2 / Gemma-3 pairs.
@@ -50,13 +56,19 @@ KEY = "5eed" * 16  # the provider's key in these experiments (not secret: a benc
 SETTINGS = {
     # problems: chain_sum problems for pass@1; ppl_texts: held-out paragraphs; long: 200-token answers;
     # keys: random keys for calibration; tiny_prompts/seeds/doses: radioactivity; prov_seeds: provenance pairs
-    "small": dict(problems=300, ppl_texts=30, long=10, keys=200, tiny_prompts=192, seeds=2,
-                  doses=[0.1, 1.0], prov_tune=[1], prov_report=[2], real_provenance=True),
+    "small": dict(problems=300, ppl_texts=30, long=10, keys=200, tiny_prompts=192, tiny_probes=256, seeds=2,
+                  doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_provenance=True,
+                  real_radio=dict(train=64, probes=24, probe_texts=60, tokens=40, doses=[0.25, 1.0], seeds=1, epochs=3,
+                                  lr=3e-4, keys=200, paraphrase=True, other_teacher=False)),
     # a seconds-long run of every code path (not a measurement)
     "smoke": dict(problems=10, ppl_texts=2, long=2, keys=100, tiny_prompts=48, seeds=1, doses=[1.0],
-                  prov_tune=[1], prov_report=[2], real_provenance=True),
-    "full": dict(problems=2000, ppl_texts=200, long=50, keys=1000, tiny_prompts=1024, seeds=5,
-                 doses=[0.05, 0.1, 0.25, 0.5, 1.0], prov_tune=[1, 2], prov_report=[3, 4, 5, 6, 7, 8], real_provenance=True),
+                  prov_tune=[1], prov_report=[2], real_provenance=True,
+                  real_radio=dict(train=16, probes=8, probe_texts=8, tokens=16, doses=[1.0], seeds=1, epochs=1, lr=3e-4, keys=100,
+                                  paraphrase=True, other_teacher=False)),
+    "full": dict(problems=2000, ppl_texts=200, long=50, keys=1000, tiny_prompts=1024, tiny_probes=512, seeds=5,
+                 doses=[0.05, 0.1, 0.25, 0.5, 1.0], prov_tune=[1, 2], prov_report=[3, 4, 5, 6, 7, 8], real_provenance=True,
+                 real_radio=dict(train=256, probes=64, probe_texts=200, tokens=96, doses=[0.05, 0.1, 0.25, 1.0], seeds=3, epochs=3, lr=3e-4,
+                                 keys=1000, paraphrase=True, other_teacher=True)),
 }
 
 
@@ -207,10 +219,14 @@ def radioactivity(cfg: dict, out: dict) -> dict:
     marked = generate(teacher, tok, prompts, proc, max_new_tokens=64, temperature=1.0, seed=0)
     plain = generate(teacher, tok, prompts, None, max_new_tokens=64, temperature=1.0, seed=1)
     foreign = generate(other, tok, prompts, None, max_new_tokens=64, temperature=1.0, seed=1)
-    probes = [f"Tell me {i}" for i in range(32)]
+    contexts = ra.watermark_contexts([c.token_ids for c in marked])
+    # probe texts: the teacher's plain answers to unseen prompts (never watermarked); teacher
+    # forcing is one forward pass each, so many of them are cheap
+    probes = [f"Tell me {i}" for i in range(cfg.get("tiny_probes", 32))]
     probe_ids = [encode_prompt(tok, render_chat(tok, msgs(p))) + c.token_ids
                  for p, c in zip(probes, generate(teacher, tok, probes, None, max_new_tokens=64, temperature=1.0, seed=2))]
-    arms = [(f"watermarked {int(100 * d)}%", d) for d in cfg["doses"]] + [("plain outputs", 0.0), ("other teacher", None), ("base (untrained)", "base")]
+    api_probes = probes[:32]
+    arms = [(f"watermarked {round(100 * d)}%", d) for d in cfg["doses"]] + [("plain outputs", 0.0), ("other teacher", None), ("base (untrained)", "base")]
     rows, models_ = [], {}
     for name, dose in arms:
         for s in range(cfg["seeds"]):
@@ -226,45 +242,197 @@ def radioactivity(cfg: dict, out: dict) -> dict:
                     wmset = set(order[: round(dose * len(prompts))])
                     comps = [marked[i] if i in wmset else plain[i] for i in range(len(prompts))]
                 student = sft(student, tok, prompts, comps, seed=s)
-            gens = [c.token_ids for c in generate(student, tok, probes, None, max_new_tokens=64, temperature=1.0, seed=3)]
-            o = ra.score_open_weights(KEY, student, probe_ids, tok.pad_token_id)
+            gens = [c.token_ids for c in generate(student, tok, api_probes, None, max_new_tokens=64, temperature=1.0, seed=3)]
+            prev, pred = ra.predicted_pairs(student, probe_ids, tok.pad_token_id)
+            dists = ra.context_distributions(student, probe_ids, tok.pad_token_id, contexts=contexts)
+            o = ra.score_unique(wm.key_seed(KEY), *ra.dedup(prev, pred, contexts))
+            d = ra.score_distribution(wm.key_seed(KEY), dists)
             a = ra.score_generations(KEY, gens)
             rows.append({"arm": name, "dose": dose if isinstance(dose, float) else None, "seed": s,
-                         "open_p": o.p_value, "open_z": o.z, "api_p": a.p_value, "api_z": a.z, "seconds": time.perf_counter() - t0})
-            models_[(name, s)] = (student, gens)
-            print(f"  {name} seed {s}: open p {o.p_value:.2g}, api p {a.p_value:.2g}", flush=True)
+                         "open_p": o.p_value, "open_z": o.z, "open_pairs": o.scored, "dist_p": d.p_value, "dist_z": d.z,
+                         "api_p": a.p_value, "api_z": a.z, "seconds": time.perf_counter() - t0})
+            models_[(name, s)] = (prev, pred, dists, gens)
+            print(f"  {name} seed {s}: open top-1 p {o.p_value:.2g} ({o.scored} pairs), open distribution p {d.p_value:.2g}, "
+                  f"api p {a.p_value:.2g}", flush=True)
     out["radioactivity"] = rows
-    # Calibration of both modes on the control students, over many random keys
+    # Calibration of every mode on the control students, over many random keys
     controls = [k for k in models_ if not k[0].startswith("watermarked")]
     keys = random_keys(max(100, cfg["keys"] // len(controls)), seed=7)
-    null_open, null_api = [], []
+    null = {"open": [], "dist": [], "api": []}
     for k in controls:
-        student, gens = models_[k]
-        prev, pred = ra.predicted_pairs(student, probe_ids, tok.pad_token_id)
+        prev, pred, dists, gens = models_[k]
+        pairs, gpairs = ra.dedup(prev, pred, contexts), ra.generation_pairs(gens)
         for key in keys:  # the predictions do not depend on the key: score them under each
-            seen: set = set()
-            pairs = [(a, b) for a, b in zip(prev, pred) if not ((a, b) in seen or seen.add((a, b)))]
-            null_open.append(wm.score_pairs(wm.key_seed(key), np.array([a for a, _ in pairs], np.uint64),
-                                            np.array([b for _, b in pairs], np.uint64), len(prev)).p_value)
-            null_api.append(ra.score_generations(key, gens).p_value)
-    out["_null_radio"] = {"open": null_open, "api": null_api}
-    # API-only TPR at FPR 0: a watermarked student counts if its p is below every null p
+            seed = wm.key_seed(key)
+            null["open"].append(ra.score_unique(seed, *pairs).p_value)
+            null["dist"].append(ra.score_distribution(seed, dists).p_value)
+            null["api"].append(ra.score_unique(seed, *gpairs).p_value)
+    out["_null_radio"] = null
+    # TPR at FPR 0: a watermarked student counts if its p is below every null p
     # (control students under the real key and under the random keys)
     tpr = {}
-    for mode in ("open", "api"):
-        null_min = min(out["_null_radio"][mode] + [r[f"{mode}_p"] for r in rows if not r["arm"].startswith("watermarked")])
+    for mode in null:
+        null_min = min(null[mode] + [r[f"{mode}_p"] for r in rows if not r["arm"].startswith("watermarked")])
         for d in cfg["doses"]:
             hits = [r[f"{mode}_p"] < null_min for r in rows if r["dose"] == d and r["arm"].startswith("watermarked")]
-            tpr[f"{mode} {int(100 * d)}%"] = float(np.mean(hits))
+            tpr[f"{mode} {round(100 * d)}%"] = f"{sum(hits)}/{len(hits)}"
         tpr[f"{mode} null min p"] = null_min
     out["radioactivity_tpr_at_fpr0"] = tpr
-    print("\n| arm | seeds | open-weights p (median, max) | API-only p (median, max) |\n|---|---|---|---|")
+    print("\n| arm | seeds | open top-1 p (median, max) | open distribution p (median, max) | API-only p (median, max) |\n|---|---|---|---|---|")
     for name, _ in arms:
         r = [x for x in rows if x["arm"] == name]
         print(f"| {name} | {len(r)} | {np.median([x['open_p'] for x in r]):.2g}, {max(x['open_p'] for x in r):.2g} | "
+              f"{np.median([x['dist_p'] for x in r]):.2g}, {max(x['dist_p'] for x in r):.2g} | "
               f"{np.median([x['api_p'] for x in r]):.2g}, {max(x['api_p'] for x in r):.2g} |")
-    print("\nTPR at FPR 0 (threshold: the smallest p of any control under any key):", json.dumps(tpr))
+    print(f"\nscored distinct (context, top-1) pairs per student: median {np.median([x['open_pairs'] for x in rows]):.0f} "
+          f"(a {len(tok)}-token vocabulary caps them)")
+    print("TPR at FPR 0 (threshold: the smallest p of any control under any key):", json.dumps(tpr))
     return {"tok": tok, "teacher": teacher, "other": other, "prompts": prompts, "plain": plain, "foreign": foreign}
+
+
+# -- 3b. radioactivity on real models ------------------------------------------------------
+_TOPICS = ["the moon", "a river", "bread", "winter", "a library", "electricity", "the ocean", "a violin", "mountains",
+           "a city at night", "bees", "glass", "an old map", "rain", "a clock", "coffee", "the desert", "a lighthouse",
+           "snow", "a garden", "trains", "a volcano", "chess", "the internet", "a forest", "friendship", "a bicycle",
+           "thunderstorms", "honey", "a museum", "the stars", "a market", "paper", "a bridge", "whales", "tea",
+           "a castle", "autumn", "music", "a small village"]
+_ASKS = ["Write a short paragraph about {}.", "Explain {} to a child.", "Describe {} in three sentences.",
+         "Tell a very short story about {}.", "What are some interesting facts about {}?",
+         "Write a short poem about {}.", "Give advice to someone visiting {}.", "Why do people like {}?"]
+
+
+def real_prompts() -> list[str]:
+    """320 open prompts in a fixed shuffled order (train prompts first, probe prompts last)."""
+    ps = [a.format(t) for t in _TOPICS for a in _ASKS]
+    return [ps[i] for i in np.random.default_rng(3).permutation(len(ps))]
+
+
+class Ids:
+    """A completion given as token ids (what `sft` reads)."""
+
+    def __init__(self, token_ids):
+        self.token_ids = list(token_ids)
+
+
+def paraphrase(model, tok, texts: list[str], max_new_tokens: int) -> list[str]:
+    """The attack: a model without the watermark rewrites each answer before the suspect trains on it."""
+    asks = [f"Rewrite the following text in your own words. Keep its meaning.\n\n{t}" for t in texts]
+    return [c.text for c in generate(model, tok, asks, None, max_new_tokens=max_new_tokens, temperature=0.7, seed=21)]
+
+
+def real_radioactivity(cfg: dict, out: dict) -> None:
+    """SmolLM2-135M-Instruct watermarks its answers; quickstart-style students (the teacher pruned
+    to 14 of 30 blocks) are trained with stillhouse's loop on them at several doses; controls on
+    its plain answers, on Gemma-3-270m's answers, and untrained. Both modes, many random keys."""
+    from stillhouse import models
+    from stillhouse.train.students import prune_depth
+
+    rc = cfg["real_radio"]
+    t_start = time.perf_counter()
+    smol = models.load("smollm2-135m-instruct")
+    tok = smol.tokenizer
+    prompts = real_prompts()
+    train_p, probe_p = prompts[: rc["train"]], prompts[-rc["probes"]:]
+    proc = wm.WatermarkProcessor(KEY)  # the scheme's defaults: gamma 0.25, delta 2
+    gen = dict(max_new_tokens=rc["tokens"], temperature=0.8)
+    t0 = time.perf_counter()
+    marked = generate(smol.model, tok, train_p, proc, seed=0, **gen)
+    plain = generate(smol.model, tok, train_p, None, seed=1, **gen)
+    print(f"  teacher answers: {time.perf_counter() - t0:.0f} s; watermarked training answers detected at "
+          f"p = {wm.score_ids(KEY, [c.token_ids for c in marked]).p_value:.2g}", flush=True)
+    contexts = ra.watermark_contexts([c.token_ids for c in marked])
+    # open-weights probes: held-out English text no model here generated (this repository's docs),
+    # so nothing in them carries the watermark; teacher forcing costs one forward pass each
+    probe_ids = [encode_prompt(tok, t)[:256] for t in held_out_text(rc["probe_texts"])]
+    arms: list[tuple[str, object]] = [("watermarked 100%", 1.0)]
+    if rc.get("paraphrase"):
+        arms.append(("watermarked 100%, paraphrased", "para"))
+    arms += [("plain outputs", 0.0)] + [(f"watermarked {round(100 * d)}%", d) for d in rc["doses"] if d != 1.0]
+    arms += [("base (pruned, untrained)", "base"), ("teacher itself", "teacher")]
+    if rc.get("other_teacher"):
+        arms.append(("other teacher (Gemma-3-270m)", "other"))
+    para_ids = foreign = None
+    n = smol.model.config.num_hidden_layers
+    kept = list(range(12)) + [n - 2, n - 1]  # 14 of 30 blocks, as quickstart's student
+    rows, preds = [], {}
+    keys = random_keys(rc["keys"], seed=99)
+    for name, dose in arms:
+        if dose == "para" and para_ids is None:
+            t0 = time.perf_counter()
+            para = paraphrase(smol.model, tok, [c.text for c in marked], rc["tokens"] + 16)
+            para_ids = [Ids(tok(t, add_special_tokens=False)["input_ids"]) for t in para]
+            out["real_paraphrase_data"] = {"text_p": wm.score_ids(KEY, [c.token_ids for c in para_ids]).p_value,
+                                           "marked_text_p": wm.score_ids(KEY, [c.token_ids for c in marked]).p_value,
+                                           "seconds": time.perf_counter() - t0, "example_in": marked[0].text[:300],
+                                           "example_out": para[0][:300]}
+            print("PARAPHRASE", json.dumps(out["real_paraphrase_data"]), flush=True)
+        if dose == "other" and foreign is None:
+            gemma = models.load("gemma3-270m")
+            foreign = [Ids(tok(c.text, add_special_tokens=False)["input_ids"])
+                       for c in generate(gemma.model, gemma.tokenizer, train_p, None, seed=1, **gen)]
+            del gemma
+        for s in range(rc["seeds"] if dose not in ("base", "teacher") else 1):
+            t0 = time.perf_counter()
+            if dose == "teacher":
+                student = smol.model
+            else:
+                torch.manual_seed(s)
+                student = prune_depth(smol.model, kept)
+                if dose != "base":
+                    if dose == "para":
+                        comps = para_ids
+                    elif dose == "other":
+                        comps = foreign
+                    else:
+                        order = random.Random(s).sample(range(len(train_p)), len(train_p))
+                        wmset = set(order[: round(dose * len(train_p))])
+                        comps = [marked[i] if i in wmset else plain[i] for i in range(len(train_p))]
+                    student = sft(student, tok, train_p, comps, seed=s, epochs=rc["epochs"], lr=rc["lr"])
+            student.eval()
+            t_train = time.perf_counter() - t0
+            prev, pred = ra.predicted_pairs(student, probe_ids, tok.pad_token_id)
+            gens = [c.token_ids for c in generate(student, tok, probe_p, None, seed=3, **gen)]
+            r = {"arm": name, "dose": dose if isinstance(dose, float) else None, "seed": s, "train_seconds": t_train}
+            for mode, pairs in [("open", lambda c: ra.dedup(prev, pred, c)), ("api", lambda c: ra.generation_pairs(gens, c))]:
+                for filt, c in [("", None), ("_filtered", contexts)]:
+                    sc = ra.score_unique(wm.key_seed(KEY), *pairs(c))
+                    r[f"{mode}{filt}_p"], r[f"{mode}{filt}_z"], r[f"{mode}{filt}_pairs"] = sc.p_value, sc.z, sc.scored
+            r["seconds"] = time.perf_counter() - t0
+            rows.append(r)
+            preds[(name, s)] = (prev, pred, gens)
+            print(f"  {name} seed {s}: open p {r['open_p']:.2g} (filtered {r['open_filtered_p']:.2g}, {r['open_filtered_pairs']} pairs), "
+                  f"api p {r['api_p']:.2g} (filtered {r['api_filtered_p']:.2g}) [{r['seconds']:.0f} s]", flush=True)
+            print("ROW", json.dumps(r), flush=True)
+            out["real_radioactivity"] = rows
+            if dose != "teacher":
+                del student
+    # nulls: every student under random keys (none of them ever saw those keys)
+    null = {}
+    for mode in ("open", "api"):
+        for filt, c in [("", None), ("_filtered", contexts)]:
+            ps = []
+            for prev, pred, gens in preds.values():
+                pr, tk, tot = ra.dedup(prev, pred, c) if mode == "open" else ra.generation_pairs(gens, c)
+                ps += [ra.score_unique(wm.key_seed(k), pr, tk, tot).p_value for k in keys]
+            null[mode + filt] = ps
+    out["_null_real"] = null
+    tpr = {}
+    for m, ps in null.items():
+        floor = min(ps + [r[f"{m}_p"] for r in rows if not r["arm"].startswith("watermarked")])
+        for name, _ in arms:
+            if name.startswith("watermarked"):
+                hits = [r[f"{m}_p"] < floor for r in rows if r["arm"] == name]
+                tpr[f"{m} | {name}"] = f"{sum(hits)}/{len(hits)}"
+        tpr[f"{m} | null min p"] = floor
+    out["real_radioactivity_tpr_at_fpr0"] = tpr
+    out["times"]["real radioactivity"] = time.perf_counter() - t_start
+    print("\n| arm | seeds | open p | open p, filtered (pairs) | API p | API p, filtered |\n|---|---|---|---|---|---|")
+    for name, _ in arms:
+        rs = [x for x in rows if x["arm"] == name]
+        f = lambda k: ", ".join(f"{x[k]:.2g}" for x in rs)  # noqa: E731
+        print(f"| {name} | {len(rs)} | {f('open_p')} | {f('open_filtered_p')} ({rs[0]['open_filtered_pairs']}) | {f('api_p')} | {f('api_filtered_p')} |")
+    print(f"\nTPR at FPR 0 over {len(keys)} random keys x {len(preds)} students (and the controls under the true key):")
+    print(json.dumps(tpr, indent=1))
 
 
 # -- 4. provenance -----------------------------------------------------------------------------
@@ -392,26 +560,35 @@ def real_provenance(out: dict) -> None:
               f"{r['parent_similarity']:.2f} / {list(r['reference_similarity'].values())[0]:.2f} |")
 
 
+def _arm_panel(ax, rows: list[dict], modes: list[tuple[str, str]], title: str) -> None:
+    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    width = 0.6 / max(1, len(modes))
+    for j, (key, label) in enumerate(modes):
+        for i, arm in enumerate(arms):
+            ps = [max(r[key], 1e-50) for r in rows if r["arm"] == arm and key in r]
+            ax.scatter([i + (j - (len(modes) - 1) / 2) * width] * len(ps), ps, marker="osD^"[j], color=f"C{j}", s=18,
+                       label=label if i == 0 else None)
+    ax.set_yscale("log")
+    ax.axhline(0.01, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("p-value (true key)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def picture(out: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    rows = out.get("radioactivity", [])
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
-    for j, (mode, mk) in enumerate([("open", "o"), ("api", "s")]):
-        for i, arm in enumerate(arms):
-            ps = [max(r[f"{mode}_p"], 1e-30) for r in rows if r["arm"] == arm]
-            a.scatter([i + (j - 0.5) * 0.25] * len(ps), ps, marker=mk, color="C0" if mode == "open" else "C1",
-                      label={"open": "open weights", "api": "API only"}[mode] if i == 0 else None)
-    a.set_yscale("log")
-    a.axhline(0.01, color="grey", ls="--", lw=0.8)
-    a.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-    a.set_ylabel("p-value (true key)")
-    a.set_title("Radioactivity per arm and dose (tiny scale)")
-    a.legend(fontsize=8)
+    fig, (a, m, b) = plt.subplots(1, 3, figsize=(15, 4.6))
+    if out.get("radioactivity"):
+        _arm_panel(a, out["radioactivity"], [("open_p", "open weights, top-1"), ("dist_p", "open weights, distribution"),
+                                             ("api_p", "API only")], "Radioactivity, tiny scale (per arm and dose)")
+    if out.get("real_radioactivity"):
+        _arm_panel(m, out["real_radioactivity"], [("open_p", "open weights"), ("open_filtered_p", "open weights, filtered"),
+                                                  ("api_p", "API only")], "Radioactivity, SmolLM2 teacher / pruned students")
     prov = out.get("provenance", {}).get("pairs", [])
     rep = [p for p in prov if p["split"] == "report"]
     if rep:
@@ -430,7 +607,7 @@ def picture(out: dict, path: Path) -> None:
         b.set_ylim(0, 1.05)
         b.set_xlim(0, 1.05)
         b.legend(fontsize=8)
-        b.set_title("Provenance test: reported pairs, threshold on p")
+        b.set_title("Provenance test (tiny scale): reported pairs, threshold on p", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -439,13 +616,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="the setting that runs in minutes on a shared 2-core machine")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,prov,real")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,realradio,prov,real")
     ap.add_argument("--doses", default="", help="comma-separated watermarked shares overriding the setting's, e.g. 0.25,0.5")
     ap.add_argument("--delta", type=float, default=wm.DELTA, help="the watermark's logit bias in the cost section")
     ap.add_argument("--confident", type=float, default=1.0, help="cost section: leave steps whose top token is above this probability unmarked")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "provenance-results.json")
     ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "provenance.png")
+    ap.add_argument("--picture-from", nargs="+", type=Path, metavar="JSON",
+                    help="run nothing: draw the picture from saved results (later files override earlier ones)")
     args = ap.parse_args()
+    if args.picture_from:
+        merged: dict = {}
+        for f in args.picture_from:
+            merged.update(json.loads(f.read_text()))
+        picture(merged, args.picture)
+        return
     setting = "smoke" if args.smoke else "small" if args.small else "full"
     cfg = dict(SETTINGS[setting])
     cfg["delta"], cfg["confident"] = args.delta, args.confident
@@ -475,9 +660,15 @@ def main() -> None:
         keys = random_keys(cfg["keys"])
         rows.append(calibration_row("plain SmolLM2 answers, text detection", [wm.score_ids(k, out["_plain_long"]).p_value for k in keys]))
     if "_null_radio" in out:
-        rows.append(calibration_row("control students, open weights", out["_null_radio"]["open"]))
+        rows.append(calibration_row("control students, open weights (top-1 pairs, randomised p)", out["_null_radio"]["open"]))
+        rows.append(calibration_row("control students, open weights (distribution, normal tail)", out["_null_radio"]["dist"]))
         rows.append(calibration_row("control students, API only", out["_null_radio"]["api"]))
     out["calibration"] = rows
+    if "realradio" not in skip:
+        section("radioactivity (SmolLM2-135M teacher, pruned students)", real_radioactivity, cfg, out)
+        rows.append(calibration_row("real students, open weights, random keys", out["_null_real"]["open"]))
+        rows.append(calibration_row("real students, open weights filtered, random keys", out["_null_real"]["open_filtered"]))
+        rows.append(calibration_row("real students, API only, random keys", out["_null_real"]["api"]))
     if "prov" not in skip:
         section("provenance (tiny scale)", provenance_pairs, cfg, ctx, out)
     if "real" not in skip and cfg["real_provenance"]:

@@ -152,7 +152,14 @@ def test_cli_detect_and_radioactivity(family, cli):
     r = cli(["radioactivity", str(d["marked"]), "--prompts", str(family["probes"]), "--key", KEY,
               "--teacher", str(d["teacher"]), "--json"])
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["p_value"] < 1e-6 and KEY not in r.stdout + r.stderr
+    full = json.loads(r.stdout)
+    assert full["p_value"] < 1e-6 and full["p_value"] <= full["p_exact_tail"] and KEY not in r.stdout + r.stderr
+    # Sander et al.'s filter: only positions after a context the provider served watermarked
+    r = cli(["radioactivity", str(d["marked"]), "--prompts", str(family["probes"]), "--key", KEY,
+              "--teacher", str(d["teacher"]), "--served", str(texts), "--json"])
+    assert r.returncode == 0, r.stderr
+    filtered = json.loads(r.stdout)
+    assert filtered["p_value"] < 1e-6 and filtered["scored"] < full["scored"]
     r = cli(["radioactivity", str(d["plain"]), "--prompts", str(family["probes"]), "--key", KEY,
               "--teacher", str(d["teacher"]), "--mode", "api", "--json"])
     assert r.returncode == 0, r.stderr

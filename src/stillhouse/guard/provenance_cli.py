@@ -116,33 +116,41 @@ def radioactivity(
     teacher: str = typer.Option(DEFAULT_TEACHER, "--teacher", help="The watermarking model (its tokenizer defines the green lists)."),
     mode: str = typer.Option("open", help="open (weights: teacher-forced top-1 predictions) or api (generations)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="api mode, suspect generating: tokens per answer."),
+    served: Optional[Path] = typer.Option(None, "--served", help="Texts I served watermarked (.txt/.jsonl): score only "
+                                          "positions after a token that was a watermark context in them (Sander et al.'s filter)."),
     gamma: float = GammaOpt,
     as_json: bool = JsonOpt,
 ):
-    """Was SUSPECT trained on text watermarked with my key? One-sided binomial p-value."""
+    """Was SUSPECT trained on text watermarked with my key? One-sided binomial p-value (randomised
+    within one step by a keyed hash, so it is uniform under the null and reproducible)."""
     from ..teachers.hf import encode_prompt
     from . import radioactivity as ra
+    from . import watermark as wm
 
     k = _key(key, key_env)
     if mode not in ("open", "api"):
         raise StillhouseError(f"--mode must be open or api, got {mode!r}")
     texts = _read_texts(prompts)
     ref_tok = _load(teacher, "watermarking model").tokenizer
+    contexts = None
+    if served is not None:
+        contexts = ra.watermark_contexts([ref_tok(t, add_special_tokens=False)["input_ids"] for t in _read_texts(served)])
     answers_file = Path(suspect)
     if mode == "api" and answers_file.suffix in (".jsonl", ".txt") and answers_file.is_file():
         gens = [ref_tok(t, add_special_tokens=False)["input_ids"] for t in _read_texts(answers_file)]
-        s = ra.score_generations(k, gens, gamma)
+        s = ra.score_generations(k, gens, gamma, contexts)
     else:
         lm = _load(suspect, "suspect")
         if mode == "open":
             ra.check_same_tokenizer(lm.tokenizer, ref_tok, suspect)
-            s = ra.score_open_weights(k, lm.model, [encode_prompt(lm.tokenizer, t) for t in texts], lm.tokenizer.pad_token_id, gamma)
+            s = ra.score_open_weights(k, lm.model, [encode_prompt(lm.tokenizer, t) for t in texts], lm.tokenizer.pad_token_id, gamma,
+                                      contexts=contexts)
         else:
             from .provenance import answers
 
             gens = [ref_tok(t, add_special_tokens=False)["input_ids"] for t in answers(lm.model, lm.tokenizer, texts, max_new_tokens)]
-            s = ra.score_generations(k, gens, gamma)
-    _print({"mode": mode, **s.to_dict()}, as_json,
+            s = ra.score_generations(k, gens, gamma, contexts)
+    _print({"mode": mode, **s.to_dict(), "p_exact_tail": wm.binomial_test(s.green, s.scored, gamma)[1]}, as_json,
            f"{mode}: z = {s.z:.2f}, p = {s.p_value:.3g} ({s.green} green of {s.scored} distinct pairs)")
 
 

@@ -5,14 +5,29 @@ saw, so its own next-token choices lean green under the provider's key. Two mode
 
 - open weights: teacher-force the suspect on probe texts and take its top-1 prediction at every
   position; each (previous token, predicted token) pair is scored once (the same de-duplication
-  as text detection, which is what keeps the null exactly binomial: a model that never saw the
-  key picks tokens independently of the keyed split).
+  as text detection, which is what keeps the null binomial: a model that never saw the key picks
+  tokens independently of the keyed split). Teacher forcing is one forward pass per probe text,
+  so many thousands of pairs cost seconds: power comes from scoring many pairs.
 - API only: score the suspect's generations, pairs de-duplicated over all of them.
 
-Both return a `watermark.Score`; the p-value is the one-sided binomial tail.
+Sander et al.'s filter (`contexts`): a student only learns the green lists of the contexts it
+saw in watermarked text, so scoring only the positions whose previous token occurs as a context
+in the provider's own watermarked outputs keeps the signal and drops noise. The filter looks at
+the previous token alone, never at the predicted one, so the null stays Binomial(pairs, gamma).
+
+p-values are randomised tails of that binomial (`randomised_p`), not exact ones: the exact tail
+P[X >= g] of a discrete count is conservative and step-shaped, which a Kolmogorov-Smirnov test
+over many keys notices when a few hundred pairs are scored (KS p = 0.02 on the tiny control
+students); the mid-p (half the step) still fails KS over 1000 keys at ~400 pairs. The randomised
+tail P[X > g] + U P[X = g] is exactly uniform under the null. Its U is not a coin tossed at run
+time but a keyed hash of the scored pairs, so the same suspect, probes and key always give the
+same p; it always lies within one binomial step below the exact tail (`Score.z` and the green
+count give the rest), and at the thousands of pairs a real vocabulary gives the two agree.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -33,6 +48,50 @@ def check_same_tokenizer(suspect_tok, key_tok, suspect: str) -> None:
         )
 
 
+def randomised_p(green_count: int, n: int, u: float, gamma: float = wm.GAMMA) -> float:
+    """P[X > g] + u P[X = g] for X ~ Binomial(n, gamma): uniform on [0, 1] under the null when u is
+    uniform and independent of g (u = 1: the exact, conservative tail; u = 1/2: the mid-p)."""
+    from scipy.stats import binom
+
+    if n == 0:
+        return 1.0
+    return float(binom.sf(green_count, n, gamma) + u * binom.pmf(green_count, n, gamma))
+
+
+def pairs_coin(seed: int, prev: np.ndarray, tok: np.ndarray) -> float:
+    """A uniform number in [0, 1) from a hash of the key's seed and the scored pairs: reproducible,
+    and under a random key independent of which pairs are green (a different hash domain)."""
+    import hashlib
+
+    h = hashlib.sha256(b"stillhouse-radioactivity-coin\0" + int(seed).to_bytes(8, "little"))
+    h.update(np.ascontiguousarray(prev, np.uint64).tobytes())
+    h.update(np.ascontiguousarray(tok, np.uint64).tobytes())
+    return int.from_bytes(h.digest()[:8], "little") / 2.0**64
+
+
+def score_unique(seed: int, prev: np.ndarray, tok: np.ndarray, total: int, gamma: float = wm.GAMMA) -> wm.Score:
+    """The test on already de-duplicated pairs: green count, z and the randomised p-value."""
+    n = len(prev)
+    g = int(wm.green(seed, prev, tok, gamma).sum()) if n else 0
+    z = (g - gamma * n) / math.sqrt(n * gamma * (1 - gamma)) if n else 0.0
+    return wm.Score(total, n, g, gamma, z, randomised_p(g, n, pairs_coin(seed, prev, tok), gamma))
+
+
+def dedup(prev: list[int], tok: list[int], contexts: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(prev, tok, total): distinct pairs, in first-seen order, whose previous token is in
+    `contexts` (all if None); `total` counts the pairs before filtering and de-duplication."""
+    seen: set = set()
+    keep = [(a, b) for a, b in zip(prev, tok)
+            if (contexts is None or a in contexts) and not ((a, b) in seen or seen.add((a, b)))]
+    return (np.fromiter((a for a, _ in keep), np.uint64, len(keep)), np.fromiter((b for _, b in keep), np.uint64, len(keep)),
+            len(prev))
+
+
+def watermark_contexts(sequences: list[list[int]]) -> set[int]:
+    """The tokens that served as a watermark context in these (watermarked) token sequences."""
+    return {t for s in sequences for t in s[:-1]}
+
+
 @torch.inference_mode()
 def predicted_pairs(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16) -> tuple[list[int], list[int]]:
     """(context token, the model's top-1 next token) at every position of every sequence but the last."""
@@ -51,16 +110,68 @@ def predicted_pairs(model, sequences: list[list[int]], pad_id: int, batch_size: 
 
 
 def score_open_weights(key: str, model, sequences: list[list[int]], pad_id: int, gamma: float = wm.GAMMA,
-                       batch_size: int = 16) -> wm.Score:
-    """Teacher-forced radioactivity test of `model` on token-id `sequences` (prompt + text)."""
+                       batch_size: int = 16, contexts: set[int] | None = None) -> wm.Score:
+    """Teacher-forced radioactivity test of `model` on token-id `sequences` (prompt + text).
+    The probe texts must not carry the watermark (a model that predicts a watermarked text well
+    would look green without having trained on it)."""
     prev, pred = predicted_pairs(model, sequences, pad_id, batch_size)
-    seen: set = set()
-    keep = [(a, b) for a, b in zip(prev, pred) if not ((a, b) in seen or seen.add((a, b)))]
-    p = np.asarray([a for a, _ in keep], dtype=np.uint64)
-    t = np.asarray([b for _, b in keep], dtype=np.uint64)
-    return wm.score_pairs(wm.key_seed(key), p, t, len(prev), gamma)
+    return score_unique(wm.key_seed(key), *dedup(prev, pred, contexts), gamma)
 
 
-def score_generations(key: str, completions: list[list[int]], gamma: float = wm.GAMMA) -> wm.Score:
+def generation_pairs(completions: list[list[int]], contexts: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    prev = [a for c in completions for a in c[:-1]]
+    tok = [b for c in completions for b in c[1:]]
+    return dedup(prev, tok, contexts)
+
+
+def score_generations(key: str, completions: list[list[int]], gamma: float = wm.GAMMA,
+                      contexts: set[int] | None = None) -> wm.Score:
     """API-only radioactivity: the suspect's generated token ids, pairs de-duplicated over all."""
-    return wm.score_ids(key, completions, gamma)
+    return score_unique(wm.key_seed(key), *generation_pairs(completions, contexts), gamma)
+
+
+@torch.inference_mode()
+def context_distributions(model, sequences: list[list[int]], pad_id: int, top_k: int = 32, batch_size: int = 16,
+                          contexts: set[int] | None = None) -> dict[int, dict[int, float]]:
+    """For each previous token a, the suspect's next-token distribution averaged over every
+    teacher-forced position that follows a (its top-`top_k` entries per position)."""
+    sums: dict[int, dict[int, float]] = {}
+    counts: dict[int, int] = {}
+    seqs = [s for s in sequences if len(s) > 1]
+    for b in range(0, len(seqs), batch_size):
+        chunk = seqs[b : b + batch_size]
+        ids, attn = right_pad(chunk, pad_id)
+        positions = attn.bool().clone()
+        for r, s in enumerate(chunk):
+            positions[r, len(s) - 1] = False
+        probs = selected_logits(model, ids, attn, positions).float().softmax(-1)
+        top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+        for a, ps, vs in zip(ids[positions].tolist(), top_p.tolist(), top_i.tolist()):
+            if contexts is not None and a not in contexts:
+                continue
+            counts[a] = counts.get(a, 0) + 1
+            row = sums.setdefault(a, {})
+            for p, v in zip(ps, vs):
+                row[v] = row.get(v, 0.0) + p
+    return {a: {v: p / counts[a] for v, p in row.items()} for a, row in sums.items()}
+
+
+def score_distribution(seed: int, dists: dict[int, dict[int, float]], gamma: float = wm.GAMMA) -> wm.Score:
+    """Green probability mass: T = sum over contexts a and tokens v of q_a(v) * green(a, v).
+
+    Uses the suspect's whole (top-k) distribution instead of its top-1 token, so a small
+    vocabulary, where few distinct (context, top-1) pairs exist, still gives many scored terms.
+    Under the null the green bits are independent Bernoulli(gamma) of weights that do not depend
+    on the key: E[T] = gamma * W, Var[T] = gamma (1 - gamma) * sum of squared weights; the p-value
+    is the normal tail of that z (checked against random keys in bench/provenance.py; the
+    normal tail is an approximation, tight when no single weight dominates)."""
+    from scipy.stats import norm
+
+    prev = np.fromiter((a for a, row in dists.items() for _ in row), np.uint64)
+    tok = np.fromiter((v for row in dists.values() for v in row), np.uint64)
+    w = np.fromiter((p for row in dists.values() for p in row.values()), np.float64)
+    if not len(w):
+        return wm.Score(0, 0, 0, gamma, 0.0, 1.0)
+    g = wm.green(seed, prev, tok, gamma)
+    z = float((w[g].sum() - gamma * w.sum()) / math.sqrt(gamma * (1 - gamma) * (w**2).sum()))
+    return wm.Score(len(dists), len(w), int(g.sum()), gamma, z, float(norm.sf(z)))
