@@ -87,9 +87,10 @@ def cmd_screen(args) -> int:
     if code:
         return code
     res = results(newest(args.workspace, "eval"))
+    teacher = next(iter(res["models"].values()))  # the one model evaluated (a single-model eval names no teacher)
     print(f"\nteacher {TEACHER}, greedy pass@1 on {args.size} problems per task (seed 1000000), {wall:.0f} s, "
           f"1-min load {os.getloadavg()[0]:.1f}:")
-    for name, s in res["models"][res["teacher"]]["suites"].items():
+    for name, s in teacher["suites"].items():
         print(f"  {name:16} {s['pass_at_1']:.3f} [{s['pass_at_1_ci'][0]:.3f}, {s['pass_at_1_ci'][1]:.3f}]  n={s['n']}")
     return 0
 
@@ -119,7 +120,7 @@ def cmd_humaneval(args) -> int:
     if code:
         return code
     ev = newest(args.workspace, "eval")
-    m = results(ev)["models"]["teacher"] if "teacher" in results(ev)["models"] else next(iter(results(ev)["models"].values()))
+    m = next(iter(results(ev)["models"].values()))  # the one model evaluated
     solved = sorted((r["id"] for r in read_rows(ev / "outputs.parquet") if r["passed"]), key=lambda i: int(i.rsplit("/", 1)[-1]))
     lo, hi = m["pass_at_1_ci"]
     print(f"\nHumanEval, {TEACHER}, greedy, 256 new tokens, {m['n_problems']} problems: pass@1 {m['pass_at_1']:.3f} "
