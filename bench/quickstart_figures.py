@@ -96,7 +96,8 @@ def print_figures(ws: Path, run: dict | None = None, student: str = "distilled",
     teacher, stu = f["models"][f["teacher"]], f["models"].get(f["student"])
     if run:
         load = run.get("load_1min_at_end")
-        print(f"\npreset {run['preset']}: wall {run['wall_s']:.0f} s (target <= {TARGETS['wall_s']}; "
+        cpu = f", CPU {run['cpu_s']:.0f} s of the process tree" if "cpu_s" in run else ""
+        print(f"\npreset {run['preset']}: wall {run['wall_s']:.0f} s{cpu} (target <= {TARGETS['wall_s']}; "
               f"{'includes' if run['includes_conversion'] else 'excludes'} the one-off model conversion), "
               f"peak RSS of the process tree {run['peak_tree_rss_bytes'] / 1e9:.2f} GB (target <= {TARGETS['rss_gb']:.0f}; "
               f"largest single process {run['peak_single_rss_bytes'] / 1e9:.2f} GB); 1-min load at the end {load:.1f} on {run['cpus']} CPUs")

@@ -96,3 +96,39 @@ def test_rejection_keeps_failed_only_when_asked():
     rows, stats = rejection_sample(CountingTeacher(Tok()), recs, _verifier, samples=3, temperature=0.7, keep_failed=True)
     assert sorted(r["completion"] for r in rows) == ["bad0", "bad2", "ok"]  # the greedy "bad0" equals sample 0
     assert stats["passed_records"] == 1
+
+
+def test_teacher_prompt_is_what_the_teacher_sees_and_records_keep_the_plain_prompt():
+    from stillhouse.data.config import TeacherPrompt
+    from stillhouse.data.rejection import teacher_prompt_hash
+
+    class ChatTok(Tok):
+        chat_template = "chat"
+
+        def apply_chat_template(self, msgs, tokenize=False, add_generation_prompt=True):
+            return "|".join(f"{m['role']}:{m['content']}" for m in msgs)
+
+    # the teacher answers correctly only when it is shown a worked example
+    class Helped(CountingTeacher):
+        def generate_text(self, texts, params, description="", top_k_logprobs=0):
+            self.calls.append((list(texts), params))
+            return [[Completion(text="ok" if "assistant:7" in t else "bad", token_ids=[1], finish_reason="stop",
+                                prompt_tokens=3, stop_token=0)] * params.n for t in texts]
+
+    recs = [{"id": "p0", "question": "3 + 4 =", "answer": "ok"}]
+    plain_rows, _ = rejection_sample(Helped(ChatTok()), recs, _verifier, samples=2, temperature=0.7)
+    assert plain_rows == []
+    tp = TeacherPrompt(system_prompt="Be exact.", examples=[("2 + 5 =", "7")], template="Q: {question}")
+    teacher = Helped(ChatTok())
+    rows, stats = rejection_sample(teacher, recs, _verifier, samples=2, temperature=0.7, teacher_prompt=tp)
+    assert teacher.calls[0][0] == ["system:Be exact.|user:Q: 2 + 5 =|assistant:7|user:Q: 3 + 4 ="]
+    assert [r["completion"] for r in rows] == ["ok"] and stats["greedy_pass_rate"] == 1.0
+    assert rows[0]["prompt"] == "user:3 + 4 ="  # the student is trained on the plain prompt
+    assert rows[0]["template_hash"] == teacher_prompt_hash(teacher, None, tp) != teacher_prompt_hash(teacher, None)
+
+
+def test_teacher_prompt_template_needs_the_question():
+    from stillhouse.data.config import TeacherPrompt
+
+    with pytest.raises(ValueError, match=r"\{question\}"):
+        TeacherPrompt(template="Solve it.")

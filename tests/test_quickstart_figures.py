@@ -82,3 +82,17 @@ def test_teacher_only_evaluation_prints_the_bar_without_targets(tmp_path, capsys
     print_figures(ws)
     out = capsys.readouterr().out
     assert "1-digit: n=   3  teacher 1.000  train rows 1" in out and "targets" not in out
+
+
+def test_validation_recipe_keeps_the_presets_stages_and_measures_only_validation():
+    import yaml
+
+    from quickstart_validation import validation_recipe
+    from stillhouse.recipe import builtin_recipe
+
+    preset = yaml.safe_load(builtin_recipe("quickstart").read_text())["stages"]
+    d = validation_recipe("quickstart", ["teacher", "distilled"])
+    ev = d["stages"].pop("on_validation")
+    assert ev["split"] == "validation" and set(ev["models"]) == {"teacher", "distilled"}
+    # the data and training stages are the preset's own, unchanged (so a bench workspace's artifacts are reused)
+    assert d["stages"] == {n: s for n, s in preset.items() if s["type"] not in ("eval", "report")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -80,3 +81,19 @@ def test_humaneval_splits_share_no_problem(tmp_path):
     ids = {n: {r["task_id"] for r in rows} for n, rows in splits.items()}
     assert [len(ids[n]) for n in ("train", "validation", "eval")] == [164 - 40 - 30, 30, 40]  # train gets what is left
     assert not (ids["train"] & ids["validation"] or ids["train"] & ids["eval"] or ids["validation"] & ids["eval"])
+
+
+def test_a_split_can_draw_from_a_wider_space_and_stays_disjoint(tmp_path):
+    # train on 3-term 1-digit sums as well, while the test split keeps the stage's 2-term config
+    stage = _stage(train={"size": 200, "seed": 1, "config": {"max_terms": 3, "max_digits": 1}})
+    assert stage.split_config("train") == {**CFG, "max_terms": 3, "max_digits": 1}
+    splits, _ = _run(tmp_path, stage)
+    terms = lambda rows: {json.loads(r["entry"])["metadata"]["num_terms"] for r in rows}  # noqa: E731
+    assert terms(splits["train"]) == {2, 3} and terms(splits["eval"]) == {2}
+    assert max(json.loads(r["entry"])["metadata"]["num_digits"] for r in splits["train"]) == 1
+    assert not {r["question"] for r in splits["train"]} & {r["question"] for r in splits["eval"]}
+
+
+def test_a_bad_split_config_is_refused_naming_the_split():
+    with pytest.raises(ValueError, match=r"train\.config: bad config for task 'chain_sum'"):
+        _stage(train={"size": 10, "seed": 1, "config": {"no_such_setting": 3}})

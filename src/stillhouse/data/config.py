@@ -42,6 +42,10 @@ class DataOptions(Strict):
 class Split(Strict):
     size: int = Field(gt=0)  # problems drawn (train and validation may end smaller after cross-split dedup)
     seed: int = 0  # reasoning-gym seeds problem i with seed + i: splits need seed ranges that do not overlap
+    # generator settings for this split only, over the stage's `config` (e.g. training on more
+    # term counts and digit lengths than the test split asks, so the skill is learnt and not the
+    # few hundred questions a small space has); the splits stay disjoint by question text
+    config: dict[str, Any] = {}
 
 
 class TasksStage(Strict):
@@ -88,14 +92,37 @@ class TasksStage(Strict):
         from ..verify.reasoning_gym import make_dataset
 
         if self.task == "humaneval":  # HumanEval's fixed problems (code verifier); no config
-            if self.config:
+            if self.config or any(s is not None and s.config for s in (self.train, self.validation, self.eval)):
                 raise ValueError("config: the humaneval task takes no config")
             return self
-        try:  # building a one-problem generator checks the config keys and values cheaply
-            make_dataset(self.task, self.config, 1, 0)
-        except StillhouseError as e:
-            raise ValueError(str(e)) from None
+        for name in ("train", "validation", "eval"):
+            split = getattr(self, name)
+            if split is None or (split.config == {} and name != "eval"):
+                continue
+            try:  # building a one-problem generator checks the config keys and values cheaply
+                make_dataset(self.task, self.split_config(name), 1, 0)
+            except StillhouseError as e:
+                raise ValueError(f"{name}.config: {e}" if split.config else str(e)) from None
         return self
+
+    def split_config(self, name: str) -> dict[str, Any]:
+        """The generator settings of split `name` ("train", "validation", "eval")."""
+        return {**self.config, **getattr(self, name).config}
+
+
+class TeacherPrompt(Strict):
+    """What the teacher sees at generation time in place of the plain prompt (context
+    distillation): worked examples and instructions make more of its answers verify, while
+    every record keeps the plain prompt, so the student learns to answer without them."""
+
+    system_prompt: str | None = None  # replaces the stage's system_prompt for the teacher only
+    examples: list[tuple[str, str]] = []  # (question, answer) chat turns shown before the question
+    template: str = "{question}"  # the teacher's user turn; {question} is the problem's own text
+
+    @field_validator("template")
+    @classmethod
+    def _question_placeholder(cls, v: str) -> str:
+        return _needs(v, "question")
 
 
 class RejectionStage(DataOptions):
@@ -114,6 +141,9 @@ class RejectionStage(DataOptions):
     keep_per_problem: int = Field(4, gt=0)
     top_k_logprobs: int = Field(0, ge=0)
     system_prompt: str | None = None
+    # context distillation: the teacher answers this richer prompt; records keep the plain one
+    # (its top-k log-probs are the teacher's under the richer prompt); None: the plain prompt
+    teacher_prompt: TeacherPrompt | None = None
     batch_size: int = Field(64, gt=0)
     seed: int = 0
 

@@ -3,6 +3,10 @@
 Sampling is adaptive: one greedy pass first, then `samples` draws only for problems the
 greedy answer got wrong, so compute goes where the teacher is unsure instead of re-solving
 problems it already gets right.
+
+With a `teacher_prompt` (context distillation) the teacher answers a richer prompt (worked
+examples, instructions) while each record keeps the plain prompt: the student is trained to
+give, unprompted, the answers the teacher gives only when helped.
 """
 
 from __future__ import annotations
@@ -11,7 +15,27 @@ from typing import Callable
 
 from ..teachers.base import Completion, SamplingParams
 from ..teachers.hf import encode_prompt, render_chat
-from .prompts import template_hash
+from .prompts import fill, template_hash
+
+
+def teacher_messages(question: str, system_prompt: str | None, teacher_prompt=None) -> list[dict]:
+    """The chat the teacher answers: the plain prompt, or the `teacher_prompt`'s system
+    prompt, worked (question, answer) turns and template around the question."""
+    if teacher_prompt is None:
+        return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
+    system = teacher_prompt.system_prompt
+    msgs = [{"role": "system", "content": system}] if system else []
+    for q, a in teacher_prompt.examples:
+        msgs += [{"role": "user", "content": fill(teacher_prompt.template, question=q)}, {"role": "assistant", "content": a}]
+    return msgs + [{"role": "user", "content": fill(teacher_prompt.template, question=question)}]
+
+
+def teacher_prompt_hash(teacher, system_prompt: str | None, teacher_prompt=None) -> str:
+    """template_hash of what the teacher saw: the plain prompt's, or one that also covers the
+    generation-time prompt (so records made with and without it never share a hash)."""
+    if teacher_prompt is None:
+        return template_hash(teacher, system_prompt)
+    return template_hash(teacher, system_prompt, teacher_prompt.model_dump_json())
 
 
 def _row(rec, prompt_text, prompt_ids, c: Completion, idx, verdict, teacher_name, params, tpl_hash) -> dict:
@@ -55,17 +79,21 @@ def rejection_sample(
     seed: int = 0,
     system_prompt: str | None = None,
     keep_failed: bool = False,
+    teacher_prompt=None,
 ) -> tuple[list[dict], dict]:
     """Verified rows (one per kept completion) and statistics (pass rates, coverage).
 
     With `keep_failed`, distinct failing completions are kept too (marked `passed=False`):
     still the teacher's distribution, usable for logit-only distillation, never as SFT targets.
+    With `teacher_prompt` (data/config.TeacherPrompt) the teacher is asked through it, and the
+    rows still hold the plain prompt (`prompt`, `prompt_ids`).
     """
     tok = teacher.tokenizer
-    msgs = [([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": r["question"]}] for r in records]
-    prompt_texts = [render_chat(tok, m) for m in msgs]
+    prompt_texts = [render_chat(tok, teacher_messages(r["question"], system_prompt)) for r in records]
     prompt_ids = [encode_prompt(tok, t) for t in prompt_texts]
-    tpl = template_hash(teacher, system_prompt)
+    asked = prompt_texts if teacher_prompt is None else [
+        render_chat(tok, teacher_messages(r["question"], system_prompt, teacher_prompt)) for r in records]
+    tpl = teacher_prompt_hash(teacher, system_prompt, teacher_prompt)
     kept: dict[int, list[dict]] = {i: [] for i in range(len(records))}
     failed: dict[int, list[dict]] = {i: [] for i in range(len(records))}
     seen: dict[int, set] = {i: set() for i in range(len(records))}
@@ -94,14 +122,14 @@ def rejection_sample(
     if greedy_first:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, seed=seed)
         # greedy decoding is deterministic: a repeated prompt is decoded once
-        unique = list(dict.fromkeys(prompt_texts[i] for i in todo))
+        unique = list(dict.fromkeys(asked[i] for i in todo))
         by_text = dict(zip(unique, teacher.generate_text(unique, params, "Teacher greedy pass", top_k_logprobs)))
-        absorb(todo, [by_text[prompt_texts[i]] for i in todo], params, 0)
+        absorb(todo, [by_text[asked[i]] for i in todo], params, 0)
         greedy_passed = sum(1 for i in todo if kept[i])
         todo = [i for i in todo if not kept[i]]
     if samples > 0 and todo:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed)
-        outs = teacher.generate_text([prompt_texts[i] for i in todo], params, f"Teacher sampling x{samples}", top_k_logprobs)
+        outs = teacher.generate_text([asked[i] for i in todo], params, f"Teacher sampling x{samples}", top_k_logprobs)
         absorb(todo, outs, params, 1)
     rows = [r for i in range(len(records)) for r in kept[i] + failed[i]]
     rates = {records[i]["id"]: passes[i] / max(1, attempts[i]) for i in range(len(records))}

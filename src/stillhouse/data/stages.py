@@ -36,9 +36,9 @@ def run_tasks(ctx) -> None:
         train, validation, held_out = _humaneval_splits(c)
         verifier = "code"
     else:
-        held_out = problems(c.task, c.config, c.eval.size, c.eval.seed)
-        validation = [] if c.validation is None else problems(c.task, c.config, c.validation.size, c.validation.seed)
-        train = problems(c.task, c.config, c.train.size, c.train.seed)
+        held_out = problems(c.task, c.split_config("eval"), c.eval.size, c.eval.seed)
+        validation = [] if c.validation is None else problems(c.task, c.split_config("validation"), c.validation.size, c.validation.seed)
+        train = problems(c.task, c.split_config("train"), c.train.size, c.train.seed)
         verifier = f"reasoning_gym:{c.task}"
     # reasoning-gym problem spaces can be small (two 1-digit terms: 100 questions), so different
     # seeds still repeat questions: always make the splits disjoint by question text
@@ -64,8 +64,8 @@ def run_rejection(ctx) -> None:
     """Rejection sampling in resumable shards of `shard_size` problems (see data/shards.py)."""
     from ..teachers.base import SamplingParams
     from .output import finish_dataset, record_filter
-    from .prompts import provenance, teacher_tokens, template_hash
-    from .rejection import rejection_sample
+    from .prompts import provenance, teacher_tokens
+    from .rejection import rejection_sample, teacher_prompt_hash
     from .shards import run_units, unit_seed, units_of
     from ..verify.choose import verifier_for
 
@@ -78,7 +78,7 @@ def run_rejection(ctx) -> None:
         raise StillhouseError(
             f"stage '{ctx.name}': teacher '{c.teacher}' has no tokenizer; set `tokenizer:` (the served model's) in its teachers: entry"
         )
-    tpl = template_hash(teacher, c.system_prompt)
+    tpl = teacher_prompt_hash(teacher, c.system_prompt, c.teacher_prompt)
 
     def work(u: int, unit) -> tuple[list[dict], dict]:
         before, secs = teacher.stats["generated_tokens"], teacher.stats["seconds"]
@@ -87,7 +87,7 @@ def run_rejection(ctx) -> None:
             teacher, list(unit), verifier,
             samples=c.samples, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
             greedy_first=c.greedy_first, keep_per_problem=c.keep_per_problem, top_k_logprobs=c.top_k_logprobs,
-            seed=seed, system_prompt=c.system_prompt,
+            seed=seed, system_prompt=c.system_prompt, teacher_prompt=c.teacher_prompt,
         )
         params = SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, n=c.samples, seed=seed)
         prov = provenance(ctx, c.teacher, teacher, params, tpl)
@@ -113,6 +113,8 @@ def run_rejection(ctx) -> None:
     ctx.out.metrics.update(_sum_stats(stats, len(records)), teacher_generated_tokens=teacher_tokens(stats))
     ctx.out.teachers.append({**ctx.identity(c.teacher).to_dict(), "role": "data", "token_share": 1.0})
     ctx.out.extra["task"] = tasks.manifest["task"]
+    if c.teacher_prompt is not None:  # lineage: these answers came from a prompt the records do not hold
+        ctx.out.extra["context_distillation"] = {"teacher_prompt": c.teacher_prompt.model_dump(mode="json"), "template_hash": tpl}
 
 
 def _sum_stats(stats: list[dict], n_problems: int) -> dict:
