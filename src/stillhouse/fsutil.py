@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
+    if not isinstance(text, str):  # fail before anything is written, like the old text-mode write did
+        raise TypeError(f"write_text_atomic needs str, not {type(text).__name__}")
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
