@@ -68,7 +68,7 @@ def figures(ws: Path, student: str = "distilled", eval_stage: str | None = None)
     unseen = [i for i in ids if normalize(test[i]["question"]) not in train_q]
     meta = {i: json.loads(test[i]["entry"]).get("metadata", {}) for i in ids}
     out = {"split": split, "n": len(ids), "n_unseen": len(unseen), "n_distinct": len({normalize(test[i]["question"]) for i in ids}),
-           "teacher": teacher_label, "student": student, "models": {}, "by_digits": {}}
+           "teacher": teacher_label, "student": student, "models": {}, "by_digits": {}, "by_answer": {}}
     for label, m in res["models"].items():
         got = by_model.get(label, {})
         out["models"][label] = {"layers": m["layers"], "params": m["params"], "decode_tok_per_s": m["decode_tok_per_s"],
@@ -81,12 +81,21 @@ def figures(ws: Path, student: str = "distilled", eval_stage: str | None = None)
     for d in sorted({m.get("num_digits") for m in meta.values()} - {None}):
         sel = [i for i in unseen if meta[i].get("num_digits") == d]
         terms = {meta[i].get("num_terms") for i in sel}
-        space = chain_sum_space(terms.pop(), d) if len(terms) == 1 and res["task"]["name"] == "chain_sum" else None
-        trained = {normalize(r["question"]) for r, m in zip(train_rows, train_meta) if m.get("num_digits") == d}
+        space = chain_sum_space(next(iter(terms)), d) if len(terms) == 1 and res["task"]["name"] == "chain_sum" else None
+        # training questions of the same shape (digits and number of terms) as these test problems
+        same = [r for r, m in zip(train_rows, train_meta) if m.get("num_digits") == d and m.get("num_terms") in terms]
+        trained = {normalize(r["question"]) for r in same}
         out["by_digits"][d] = {"n_unseen": len(sel), "teacher": pass_rate([t[i] for i in sel]),
                                "student": pass_rate([s[i] for i in sel]) if s else None,
-                               "space": space, "train_distinct": len(trained), "train_rows": sum(m.get("num_digits") == d for m in train_meta),
+                               "space": space, "train_distinct": len(trained), "train_rows": len(same),
                                "diff_ci": paired_interval([s[i] for i in sel], [t[i] for i in sel]) if s else None}
+    if res["task"]["name"] == "gcd":
+        # most gcd pairs the teacher misses are coprime (answer 1): does the student's lead come only from saying "1"?
+        for name, keep in (("answer 1 (coprime)", lambda a: a == "1"), ("answer > 1", lambda a: a != "1")):
+            sel = [i for i in unseen if keep(str(test[i]["answer"]).strip())]
+            out["by_answer"][name] = {"n_unseen": len(sel), "teacher": pass_rate([t[i] for i in sel]),
+                                      "student": pass_rate([s[i] for i in sel]) if s else None,
+                                      "diff_ci": paired_interval([s[i] for i in sel], [t[i] for i in sel]) if s and sel else None}
     return out
 
 
@@ -111,11 +120,17 @@ def print_figures(ws: Path, run: dict | None = None, student: str = "distilled",
         lo, hi = f["unseen_diff_ci"]
         print(f"{f['student']} - {f['teacher']} on unseen {sp} problems: "
               f"{stu['pass_at_1_unseen'] - teacher['pass_at_1_unseen']:+.3f}, paired bootstrap 95% interval [{lo:+.3f}, {hi:+.3f}]")
-    print(f"\nby operand digits ({sp} split, unseen problems; training coverage of chain_sum's question space):")
+    if f["by_answer"]:
+        print(f"\nby answer ({sp} split, unseen problems):")
+    for name, b in f["by_answer"].items():
+        versus = f"student {b['student']:.3f}  diff 95% [{b['diff_ci'][0]:+.3f}, {b['diff_ci'][1]:+.3f}]" if b["diff_ci"] else ""
+        print(f"  {name}: n={b['n_unseen']:>4}  teacher {b['teacher']:.3f}  {versus}")
+    if f["by_digits"]:
+        print(f"\nby operand digits ({sp} split, unseen problems; training coverage of chain_sum's question space):")
     for d, b in f["by_digits"].items():
         space = f"{b['space']}" if b["space"] else "?"
         versus = f"student {b['student']:.3f}  diff 95% [{b['diff_ci'][0]:+.3f}, {b['diff_ci'][1]:+.3f}]  " if stu else ""
-        print(f"  {d}-digit: n={b['n_unseen']:>4}  teacher {b['teacher']:.3f}  {versus}train rows {b['train_rows']}, "
+        print(f"  {d}-digit: n={b['n_unseen']:>4}  teacher {b['teacher']:.3f}  {versus}same-shape train rows {b['train_rows']}, "
               f"distinct {b['train_distinct']} of {space} possible questions")
     if not stu:
         return
