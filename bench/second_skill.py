@@ -1,7 +1,7 @@
 """The second skill (issue 18, "Also show") and the HumanEval figure, each with its command.
 
     .venv/bin/python bench/second_skill.py screen    [--workspace DIR] [--size 50]
-    .venv/bin/python bench/second_skill.py run       [--workspace DIR] [--recipe recipes/gcd.yaml]
+    .venv/bin/python bench/second_skill.py run       [--workspace DIR] [--recipe recipes/chain_sum.yaml]
     .venv/bin/python bench/second_skill.py humaneval [--workspace DIR] [--size 164]
 
 screen     the teacher's (SmolLM2-135M-Instruct) greedy pass@1 on SIZE problems of each candidate
@@ -139,7 +139,7 @@ def main() -> int:
         if name == "screen":
             p.add_argument("--size", type=int, default=50)
         if name == "run":
-            p.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "gcd.yaml")
+            p.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "chain_sum.yaml")
         if name == "humaneval":
             p.add_argument("--size", type=int, default=164)
     args = ap.parse_args()

@@ -81,7 +81,7 @@ def test_teacher_only_evaluation_prints_the_bar_without_targets(tmp_path, capsys
     assert f["student"] is None and f["unseen_diff_ci"] is None and f["by_digits"][1]["student"] is None
     print_figures(ws)
     out = capsys.readouterr().out
-    assert "1-digit: n=   3  teacher 1.000  train rows 1" in out and "targets" not in out
+    assert "1-digit: n=   3  teacher 1.000  same-shape train rows 1" in out and "targets" not in out
 
 
 def test_validation_recipe_keeps_the_presets_stages_and_measures_only_validation():
