@@ -41,7 +41,7 @@ from stillhouse.guard import antidistill as ad  # noqa: E402
 from stillhouse.teachers.base import SamplingParams  # noqa: E402
 from stillhouse.teachers.hf import HFTeacher, encode_prompt, render_chat  # noqa: E402
 
-TASK_CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/quickstart.yaml
+TASK_CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/chain_sum.yaml (the quickstart before it moved to gcd)
 EVAL_SEED, TRAIN_SEED = 1_000_000, 1  # quickstart's eval and train split seeds
 
 

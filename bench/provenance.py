@@ -117,7 +117,7 @@ def watermark_cost(cfg: dict, out: dict) -> None:
     from stillhouse.verify.reasoning_gym import ReasoningGymVerifier, problems
 
     lm = models.load("smollm2-135m-instruct")
-    task_cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/quickstart.yaml
+    task_cfg = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/chain_sum.yaml (the quickstart before it moved to gcd)
     recs = problems("chain_sum", task_cfg, cfg["problems"], 1_000_000)
     verify = ReasoningGymVerifier("chain_sum", task_cfg)
     proc = wm.WatermarkProcessor(KEY, delta=cfg.get("delta", wm.DELTA), confident=cfg.get("confident", 1.0))

@@ -26,7 +26,7 @@ from stillhouse.teachers.base import SamplingParams
 from stillhouse.teachers.hf import HFTeacher, render_chat
 from stillhouse.verify.reasoning_gym import ReasoningGymVerifier, problems
 
-CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/quickstart.yaml's
+CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/chain_sum.yaml's
 Q = "State the final answer to the following arithmetic problem: "
 SHOTS = [(Q + "7 + 5 =", "12"), (Q + "4 - 9 =", "-5"), (Q + "38 + 47 =", "85"), (Q + "52 - 86 =", "-34")]
 CALCULATOR = "You are a calculator. Reply with the number only. Numbers can be negative."

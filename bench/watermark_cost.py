@@ -40,7 +40,7 @@ from stillhouse.teachers.base import SamplingParams  # noqa: E402
 from stillhouse.teachers.hf import HFTeacher, encode_prompt, render_chat  # noqa: E402
 
 KEY = "5eed" * 16  # the provider's key in this benchmark (not secret)
-TASK_CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/quickstart.yaml
+TASK_CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/chain_sum.yaml (the quickstart before it moved to gcd)
 EVAL_SEED = 1_000_000  # quickstart's eval split seed
 
 
