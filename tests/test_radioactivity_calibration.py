@@ -24,7 +24,7 @@ def _keys(n: int, seed: int) -> list[str]:
 def _null_pairs(seed: int = 0, n: int = 400, vocab: int = 100):
     """A key-independent 'suspect': its (context, prediction) pairs drawn without the key."""
     rng = np.random.default_rng(seed)
-    return ra.dedup(rng.integers(0, vocab, n).tolist(), rng.integers(0, vocab, n).tolist())
+    return wm.distinct_pairs(rng.integers(0, vocab, n).tolist(), rng.integers(0, vocab, n).tolist())
 
 
 def test_randomised_p_is_uniform_over_random_keys_where_the_exact_tail_is_not():
@@ -50,7 +50,7 @@ def test_randomised_p_is_reproducible_and_small_for_a_green_suspect():
 
 
 def test_context_filter_keeps_only_pairs_after_a_watermark_context():
-    prev, tok, total = ra.dedup([1, 2, 1, 3, 2], [5, 6, 5, 7, 9], contexts={1, 2})
+    prev, tok, total = wm.distinct_pairs([1, 2, 1, 3, 2], [5, 6, 5, 7, 9], contexts={1, 2})
     assert total == 5 and prev.tolist() == [1, 2, 2] and tok.tolist() == [5, 6, 9]
     assert ra.watermark_contexts([[1, 2, 3], [4]]) == {1, 2}
 
