@@ -55,6 +55,17 @@ def test_context_filter_keeps_only_pairs_after_a_watermark_context():
     assert ra.watermark_contexts([[1, 2, 3], [4]]) == {1, 2}
 
 
+def test_null_pvalues_give_every_suspect_keys_of_its_own():
+    """Students of one teacher share most of their scored pairs, so under a common key their
+    p-values are nearly equal and a pool of them is not an independent sample (what made the
+    filtered real-model null fail KS). Two identical suspects must get different keys."""
+    pairs = _null_pairs(3)
+    ps = ra.null_pvalues([pairs, pairs], 300, seed=2)
+    assert len(ps) == 600 and not set(ps[:300]) & set(ps[300:])
+    assert kstest(ps, "uniform").pvalue > 0.01 and (np.array(ps) < 0.01).mean() <= 0.02
+    assert ra.null_pvalues([pairs], 5, seed=2) == ps[:5]  # seeded: reproducible
+
+
 def test_distribution_score_null_and_signal():
     rng = np.random.default_rng(2)
     dists = {a: dict(zip(rng.choice(100, 8, replace=False).tolist(), rng.dirichlet(np.ones(8)).tolist())) for a in range(100)}
