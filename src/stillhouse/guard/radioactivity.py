@@ -80,10 +80,11 @@ def score_unique(seed: int, prev: np.ndarray, tok: np.ndarray, total: int, gamma
 def null_pvalues(suspects: list[tuple[np.ndarray, np.ndarray, int]], keys_each: int, seed: int = 0,
                  gamma: float = wm.GAMMA) -> list[float]:
     """Calibration: p-values of suspects that never saw these keys, under `keys_each` random keys
-    EACH, no key shared between suspects. Sharing one set of keys between suspects is what made
-    the filtered real-model null "fail" KS (docs/provenance.md): students of one teacher agree on
-    most filtered pairs, so their p-values under a common key are nearly equal, and a pool of them
-    is not the independent sample KS assumes, though each suspect's own p-values are uniform."""
+    EACH, no key shared between suspects. Under a common key, suspects that score some of the
+    same pairs (students of one teacher do) share those pairs' green bits, so their p-values move
+    together and a pool of them is not the independent sample a KS test assumes, though each
+    suspect's own p-values are uniform: the pooled, shared-key filtered real-model null "failed"
+    KS that way (docs/provenance.md)."""
     rng = np.random.default_rng(seed)
     out = []
     for pairs in suspects:
