@@ -15,6 +15,7 @@ and a shared pair has the same green bit under a shared key), so only there may 
 Per suspect, KS over 1000 keys of its own checks each one's p-values directly.
 
     OMP_NUM_THREADS=1 nice -n 19 python bench/radioactivity_null.py   # ~11 min on a shared 2-core machine
+    OMP_NUM_THREADS=1 nice -n 19 python bench/radioactivity_null.py --simulate 0.15 0.5 0.9 --reps 20   # no models
 """
 
 from __future__ import annotations
@@ -87,6 +88,26 @@ def null_check(sets: dict, keys: int, reps: int) -> dict:
             "true_key_p": {s: ra.score_unique(wm.key_seed(B.KEY), *sets[s]).p_value for s in names}}
 
 
+def simulate(args) -> dict:
+    """No models: 6 key-independent suspects that share `share` of 1,750 scored pairs (the rest
+    their own), pooled under shared keys vs keys of their own, `--reps` times each."""
+    out = {}
+    for share in args.simulate:
+        rng = np.random.default_rng(0)
+        prev, tok = rng.integers(0, 2000, 1750), rng.integers(0, 49152, 1750)
+        sets = {}
+        for i in range(6):
+            t = tok.copy()
+            own = rng.random(len(t)) > share
+            t[own] = rng.integers(0, 49152, own.sum())
+            sets[f"s{i}"] = wm.distinct_pairs(prev.tolist(), t.tolist())
+        r = null_check(sets, args.keys, args.reps)
+        out[f"share {share}"] = {k: r[k] for k in ("pair_overlap_mean", "shared_keys", "own_keys")}
+        print(f"| {share:.2f} | {r['pair_overlap_mean']:.2f} | {r['shared_keys']['ks_rejects_at_0.05']} | "
+              f"{r['own_keys']['ks_rejects_at_0.05']} |", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=64, help="prompts the provider answers (filter contexts, SFT data)")
@@ -94,8 +115,16 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=200, help="random keys per suspect in one pooled null")
     ap.add_argument("--reps", type=int, default=20, help="pooled nulls per way of pooling")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "radioactivity-null.json")
+    ap.add_argument("--simulate", type=float, nargs="+", metavar="SHARE",
+                    help="run no model: synthetic suspects sharing these fractions of their pairs (seconds)")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    if args.simulate:
+        print("| shared pairs | measured overlap | shared keys: KS rejects at 0.05 | own keys: KS rejects at 0.05 |\n|---|---|---|---|")
+        res = simulate(args)
+        print(f"total {time.perf_counter() - t0:.0f} s")
+        args.out.with_name("radioactivity-null-simulated.json").write_text(json.dumps(res, indent=1))
+        return
     preds, contexts = suspects_pairs(args)
     out = {"config": vars(args) | {"out": str(args.out)}}
     for filt, c in [("unfiltered", None), ("filtered", contexts)]:
