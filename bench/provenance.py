@@ -245,7 +245,7 @@ def radioactivity(cfg: dict, out: dict) -> dict:
             gens = [c.token_ids for c in generate(student, tok, api_probes, None, max_new_tokens=64, temperature=1.0, seed=3)]
             prev, pred = ra.predicted_pairs(student, probe_ids, tok.pad_token_id)
             dists = ra.context_distributions(student, probe_ids, tok.pad_token_id, contexts=contexts)
-            o = ra.score_unique(wm.key_seed(KEY), *ra.dedup(prev, pred, contexts))
+            o = ra.score_unique(wm.key_seed(KEY), *wm.distinct_pairs(prev, pred, contexts))
             d = ra.score_distribution(wm.key_seed(KEY), dists)
             a = ra.score_generations(KEY, gens)
             rows.append({"arm": name, "dose": dose if isinstance(dose, float) else None, "seed": s,
@@ -255,18 +255,15 @@ def radioactivity(cfg: dict, out: dict) -> dict:
             print(f"  {name} seed {s}: open top-1 p {o.p_value:.2g} ({o.scored} pairs), open distribution p {d.p_value:.2g}, "
                   f"api p {a.p_value:.2g}", flush=True)
     out["radioactivity"] = rows
-    # Calibration of every mode on the control students, over many random keys
+    # Calibration of every mode on the control students, over many random keys: each control gets
+    # keys of its own (ra.null_pvalues: p-values pooled over students under shared keys are not independent)
     controls = [k for k in models_ if not k[0].startswith("watermarked")]
-    keys = random_keys(max(100, cfg["keys"] // len(controls)), seed=7)
-    null = {"open": [], "dist": [], "api": []}
-    for k in controls:
-        prev, pred, dists, gens = models_[k]
-        pairs, gpairs = ra.dedup(prev, pred, contexts), ra.generation_pairs(gens)
-        for key in keys:  # the predictions do not depend on the key: score them under each
-            seed = wm.key_seed(key)
-            null["open"].append(ra.score_unique(seed, *pairs).p_value)
-            null["dist"].append(ra.score_distribution(seed, dists).p_value)
-            null["api"].append(ra.score_unique(seed, *gpairs).p_value)
+    n_keys = max(100, cfg["keys"] // len(controls))
+    keys = [wm.key_seed(k) for k in random_keys(n_keys * len(controls), seed=7)]
+    null = {"open": ra.null_pvalues([wm.distinct_pairs(*models_[k][:2], contexts) for k in controls], n_keys, seed=7),
+            "api": ra.null_pvalues([ra.generation_pairs(models_[k][3]) for k in controls], n_keys, seed=8),
+            "dist": [ra.score_distribution(keys[i * n_keys + j], models_[k][2]).p_value
+                     for i, k in enumerate(controls) for j in range(n_keys)]}
     out["_null_radio"] = null
     # TPR at FPR 0: a watermarked student counts if its p is below every null p
     # (control students under the real key and under the random keys)
@@ -355,7 +352,7 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
     n = smol.model.config.num_hidden_layers
     kept = list(range(12)) + [n - 2, n - 1]  # 14 of 30 blocks, as quickstart's student
     rows, preds = [], {}
-    keys = random_keys(rc["keys"], seed=99)
+    n_keys = rc["keys"]  # random keys per student for the nulls
     for name, dose in arms:
         if dose == "para" and para_ids is None:
             t0 = time.perf_counter()
@@ -393,7 +390,7 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
             prev, pred = ra.predicted_pairs(student, probe_ids, tok.pad_token_id)
             gens = [c.token_ids for c in generate(student, tok, probe_p, None, seed=3, **gen)]
             r = {"arm": name, "dose": dose if isinstance(dose, float) else None, "seed": s, "train_seconds": t_train}
-            for mode, pairs in [("open", lambda c: ra.dedup(prev, pred, c)), ("api", lambda c: ra.generation_pairs(gens, c))]:
+            for mode, pairs in [("open", lambda c: wm.distinct_pairs(prev, pred, c)), ("api", lambda c: ra.generation_pairs(gens, c))]:
                 for filt, c in [("", None), ("_filtered", contexts)]:
                     sc = ra.score_unique(wm.key_seed(KEY), *pairs(c))
                     r[f"{mode}{filt}_p"], r[f"{mode}{filt}_z"], r[f"{mode}{filt}_pairs"] = sc.p_value, sc.z, sc.scored
@@ -406,15 +403,14 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
             out["real_radioactivity"] = rows
             if dose != "teacher":
                 del student
-    # nulls: every student under random keys (none of them ever saw those keys)
+    # nulls: every student under random keys (none of them ever saw those keys), keys of its own
+    # (ra.null_pvalues: students of one teacher share most pairs, so shared keys give near-equal p-values)
     null = {}
     for mode in ("open", "api"):
         for filt, c in [("", None), ("_filtered", contexts)]:
-            ps = []
-            for prev, pred, gens in preds.values():
-                pr, tk, tot = ra.dedup(prev, pred, c) if mode == "open" else ra.generation_pairs(gens, c)
-                ps += [ra.score_unique(wm.key_seed(k), pr, tk, tot).p_value for k in keys]
-            null[mode + filt] = ps
+            sets = [wm.distinct_pairs(prev, pred, c) if mode == "open" else ra.generation_pairs(gens, c)
+                    for prev, pred, gens in preds.values()]
+            null[mode + filt] = ra.null_pvalues(sets, n_keys, seed=99)
     out["_null_real"] = null
     tpr = {}
     for m, ps in null.items():
@@ -431,7 +427,7 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
         rs = [x for x in rows if x["arm"] == name]
         f = lambda k: ", ".join(f"{x[k]:.2g}" for x in rs)  # noqa: E731
         print(f"| {name} | {len(rs)} | {f('open_p')} | {f('open_filtered_p')} ({rs[0]['open_filtered_pairs']}) | {f('api_p')} | {f('api_filtered_p')} |")
-    print(f"\nTPR at FPR 0 over {len(keys)} random keys x {len(preds)} students (and the controls under the true key):")
+    print(f"\nTPR at FPR 0 over {n_keys} random keys for each of {len(preds)} students (and the controls under the true key):")
     print(json.dumps(tpr, indent=1))
 
 

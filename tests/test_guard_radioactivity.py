@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,6 +100,26 @@ def test_open_weights_pairs_are_deduplicated(family):
     once = ra.score_open_weights(KEY, family["marked"], ids, family["tok"].pad_token_id)
     twice = ra.score_open_weights(KEY, family["marked"], ids + ids, family["tok"].pad_token_id)
     assert twice.tokens == 2 * once.tokens and (twice.scored, twice.green) == (once.scored, once.green)
+
+
+def test_filtered_nulls_of_tiny_control_models_are_calibrated(family):
+    """Sander et al.'s filter on real (tiny) control models: the teacher and the student of its
+    plain answers, scored teacher-forced and from their generations, only after contexts the
+    provider served watermarked; 200 random keys of their own each: KS does not reject, FPR at
+    0.01 at most 2%."""
+    from scipy.stats import kstest
+
+    tok = family["tok"]
+    served = _generate(family["teacher"], tok, TRAIN_PROMPTS[:64], KEY, seed=5)
+    contexts = ra.watermark_contexts([c.token_ids for c in served])
+    suspects = []
+    for name in ("teacher", "plain"):
+        prev, pred = ra.predicted_pairs(family[name], _probe_ids(family), tok.pad_token_id)
+        suspects.append(wm.distinct_pairs(prev, pred, contexts))
+        suspects.append(ra.generation_pairs([c.token_ids for c in _generate(family[name], tok, PROBES, seed=6)], contexts))
+    assert all(len(p[0]) < p[2] for p in suspects)  # the filter dropped something
+    ps = np.array(ra.null_pvalues(suspects, 200, seed=1))
+    assert len(ps) == 800 and kstest(ps, "uniform").pvalue > 0.01 and (ps < 0.01).mean() <= 0.02
 
 
 def test_provenance_statistics_known_answers():

@@ -109,24 +109,29 @@ def test_decode_hook_sees_each_rows_history(tiny):
     assert seen[-1][:, :4].tolist() == ids.tolist() and seen[-1][:, 4:].eq(7).all()
 
 
-def test_serve_watermarks_answers(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("scheme", wm.SCHEMES)
+def test_serve_watermarks_answers(tiny_model_dir, monkeypatch, scheme):
+    """Both schemes through `stillhouse serve`; a request for n = 3 gets three different answers
+    (the Gumbel scheme keys sample j with its own stream), all detected."""
+    from stillhouse import models
     from stillhouse.serve import ServerThread, build_app
 
     monkeypatch.setenv("WM_TEST_KEY", KEY)
-    app = build_app(str(tiny_model_dir), watermark_key_env="WM_TEST_KEY")
+    app = build_app(str(tiny_model_dir), watermark_key_env="WM_TEST_KEY", watermark_scheme=scheme)
     texts = []
     with ServerThread(app) as url:
         for i in range(6):
             r = httpx.post(f"{url}/chat/completions", timeout=60, json={
                 "model": str(tiny_model_dir), "messages": [{"role": "user", "content": f"say {i}"}],
-                "max_tokens": 48, "temperature": 1.0, "seed": i})
+                "max_tokens": 48, "temperature": 1.0, "seed": i, "n": 3 if i == 0 else 1})
             assert r.status_code == 200, r.text
-            texts.append(r.json()["choices"][0]["message"]["content"])
-    from stillhouse import models
-
+            choices = [c["message"]["content"] for c in r.json()["choices"]]
+            if i == 0:
+                assert len(set(choices)) == 3, choices
+            texts += choices
     tok = models.load(str(tiny_model_dir)).tokenizer
-    assert wm.detect(KEY, texts, tok).p_value < 1e-6
-    assert wm.detect(OTHER, texts, tok).p_value > 1e-3
+    assert wm.detect_text(KEY, texts, tok, scheme, streams=3).p_value < 1e-6
+    assert wm.detect_text(OTHER, texts, tok, scheme, streams=3).p_value > 1e-3
 
 
 def test_serve_without_the_key_variable_is_one_line(tiny_model_dir, monkeypatch):

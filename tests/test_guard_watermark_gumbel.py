@@ -1,12 +1,12 @@
 """The distortion-free (Gumbel-max) watermark: it samples the model's own distribution, the key
 holder detects it with an exact Gamma p-value, the null is uniform over random keys, and it
-works through the decode loop, `stillhouse serve --watermark-scheme gumbel` and `guard detect`."""
+works through the decode loop and `guard detect` (`stillhouse serve` with both schemes: test_guard_watermark.py);
+n samples of one prompt are keyed with n streams, so they differ and are still detected."""
 
 from __future__ import annotations
 
 import random
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -78,13 +78,15 @@ def test_sampled_answers_are_detected_and_plain_ones_are_not(tiny):
     assert [c.token_ids for c in g_marked] == [c.token_ids for c in g_plain]
 
 
-def test_gumbel_calibration_over_random_keys():
-    """Unwatermarked text under 200 random keys: KS does not reject uniformity; FPR(0.01) <= 2%."""
+@pytest.mark.parametrize("streams", [1, 4])
+def test_gumbel_calibration_over_random_keys(streams):
+    """Unwatermarked text under 200 random keys: KS does not reject uniformity; FPR(0.01) <= 2%;
+    with 4 streams too (the Sidak-corrected best of 4, for requests with n > 1)."""
     from scipy.stats import kstest
 
     rng = random.Random(11)
     text = [[rng.randrange(5000) for _ in range(300)] for _ in range(3)]
-    ps = np.array([wm.gumbel_score_ids("%064x" % rng.getrandbits(256), text).p_value for _ in range(200)])
+    ps = np.array([wm.gumbel_score_ids("%064x" % rng.getrandbits(256), text, streams=streams).p_value for _ in range(200)])
     assert kstest(ps, "uniform").pvalue > 0.01
     assert (ps < 0.01).mean() <= 0.02
 
@@ -98,6 +100,23 @@ def test_gumbel_test_is_the_gamma_tail_and_pairs_count_once():
     once = wm.gumbel_score_ids(KEY, [[1, 2, 3, 4, 5, 6, 7]])
     many = wm.gumbel_score_ids(KEY, [[1, 2, 3, 4, 5, 6, 7]] * 5)
     assert (once.scored, many.scored, many.tokens) == (3, 3, 15) and many.p_value == once.p_value
+    with pytest.raises(StillhouseError, match="streams must be at least 1"):
+        wm.gumbel_score_ids(KEY, [[1, 2, 3, 4, 5, 6, 7]], streams=0)
+
+
+def test_n_samples_of_one_prompt_differ_and_are_still_detected(tiny):
+    from stillhouse.models import prepare_tokenizer
+
+    prepare_tokenizer(tiny.tokenizer)
+    t = HFTeacher(tiny.model, tiny.tokenizer)
+    t.logits_processor = wm.GumbelWatermark(KEY)
+    outs = t.generate(PROMPTS[:6], SamplingParams(max_new_tokens=64, temperature=1.0, seed=0, n=4))
+    assert all(len({tuple(c.token_ids) for c in o}) == 4 for o in outs)  # one stream each: no copies
+    later = [o[j].token_ids for o in outs for j in (1, 2, 3)]
+    assert wm.gumbel_score_ids(KEY, later, streams=4).p_value < 1e-6
+    assert wm.gumbel_score_ids(KEY, later, streams=1).p_value > 1e-3  # keyed on streams 1-3, not on the key's own
+    assert wm.gumbel_score_ids(KEY, [o[0].token_ids for o in outs]).p_value < 1e-6  # sample 0: stream 0, as n = 1
+    assert wm.gumbel_score_ids(OTHER, [c.token_ids for o in outs for c in o], streams=4).p_value > 1e-3
 
 
 def test_unknown_scheme_is_one_line(monkeypatch):
@@ -106,25 +125,6 @@ def test_unknown_scheme_is_one_line(monkeypatch):
         wm.processor_from_env("WMK", scheme="kgw")
     assert isinstance(wm.processor_from_env("WMK", scheme="gumbel"), wm.GumbelWatermark)
     assert KEY not in repr(wm.GumbelWatermark(KEY))
-
-
-def test_serve_gumbel_watermarks_sampled_answers(tiny_model_dir, monkeypatch):
-    from stillhouse import models
-    from stillhouse.serve import ServerThread, build_app
-
-    monkeypatch.setenv("WM_TEST_KEY", KEY)
-    app = build_app(str(tiny_model_dir), watermark_key_env="WM_TEST_KEY", watermark_scheme="gumbel")
-    texts = []
-    with ServerThread(app) as url:
-        for i in range(6):
-            r = httpx.post(f"{url}/chat/completions", timeout=60, json={
-                "model": str(tiny_model_dir), "messages": [{"role": "user", "content": f"say {i}"}],
-                "max_tokens": 48, "temperature": 1.0, "seed": i})
-            assert r.status_code == 200, r.text
-            texts.append(r.json()["choices"][0]["message"]["content"])
-    tok = models.load(str(tiny_model_dir)).tokenizer
-    assert wm.detect_text(KEY, texts, tok, "gumbel").p_value < 1e-6
-    assert wm.detect_text(OTHER, texts, tok, "gumbel").p_value > 1e-3
 
 
 def test_cli_detect_gumbel_and_bad_inputs(tiny, tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -24,7 +24,7 @@ def _keys(n: int, seed: int) -> list[str]:
 def _null_pairs(seed: int = 0, n: int = 400, vocab: int = 100):
     """A key-independent 'suspect': its (context, prediction) pairs drawn without the key."""
     rng = np.random.default_rng(seed)
-    return ra.dedup(rng.integers(0, vocab, n).tolist(), rng.integers(0, vocab, n).tolist())
+    return wm.distinct_pairs(rng.integers(0, vocab, n).tolist(), rng.integers(0, vocab, n).tolist())
 
 
 def test_randomised_p_is_uniform_over_random_keys_where_the_exact_tail_is_not():
@@ -50,9 +50,20 @@ def test_randomised_p_is_reproducible_and_small_for_a_green_suspect():
 
 
 def test_context_filter_keeps_only_pairs_after_a_watermark_context():
-    prev, tok, total = ra.dedup([1, 2, 1, 3, 2], [5, 6, 5, 7, 9], contexts={1, 2})
+    prev, tok, total = wm.distinct_pairs([1, 2, 1, 3, 2], [5, 6, 5, 7, 9], contexts={1, 2})
     assert total == 5 and prev.tolist() == [1, 2, 2] and tok.tolist() == [5, 6, 9]
     assert ra.watermark_contexts([[1, 2, 3], [4]]) == {1, 2}
+
+
+def test_null_pvalues_give_every_suspect_keys_of_its_own():
+    """Students of one teacher share most of their scored pairs, so under a common key their
+    p-values are nearly equal and a pool of them is not an independent sample (what made the
+    filtered real-model null fail KS). Two identical suspects must get different keys."""
+    pairs = _null_pairs(3)
+    ps = ra.null_pvalues([pairs, pairs], 300, seed=2)
+    assert len(ps) == 600 and not set(ps[:300]) & set(ps[300:])
+    assert kstest(ps, "uniform").pvalue > 0.01 and (np.array(ps) < 0.01).mean() <= 0.02
+    assert ra.null_pvalues([pairs], 5, seed=2) == ps[:5]  # seeded: reproducible
 
 
 def test_distribution_score_null_and_signal():

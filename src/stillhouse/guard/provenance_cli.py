@@ -92,6 +92,7 @@ def detect(
     tokenizer: str = typer.Option(DEFAULT_TEACHER, help="The watermarking model (its tokenizer splits the text)."),
     gamma: float = GammaOpt,
     scheme: str = typer.Option("greenlist", help="The scheme the text was watermarked with: greenlist or gumbel (docs/watermark.md)."),
+    streams: int = typer.Option(1, "--streams", help="gumbel: also cover samples 2..N of requests with n > 1 (p-value corrected for N)."),
     as_json: bool = JsonOpt,
 ):
     """Is this text watermarked with my key? z-score and p-value over distinct (previous, token) pairs."""
@@ -103,7 +104,7 @@ def detect(
         raise StillhouseError("give exactly one of TEXT or --file")
     texts = [text] if text is not None else _read_texts(file)
     tok = _load(tokenizer, "watermarking model").tokenizer
-    s = detect_text(k, texts, tok, scheme, gamma)
+    s = detect_text(k, texts, tok, scheme, gamma, streams)
     what = f"{s.green} green" if scheme == "greenlist" else f"score {s.score:.1f}"
     _print(s.to_dict(), as_json, f"z = {s.z:.2f}, p = {s.p_value:.3g} ({what} of {s.scored} distinct pairs, {s.tokens} tokens)")
 

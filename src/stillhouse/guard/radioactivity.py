@@ -74,17 +74,23 @@ def score_unique(seed: int, prev: np.ndarray, tok: np.ndarray, total: int, gamma
     n = len(prev)
     g = int(wm.green(seed, prev, tok, gamma).sum()) if n else 0
     z = (g - gamma * n) / math.sqrt(n * gamma * (1 - gamma)) if n else 0.0
-    return wm.Score(total, n, g, gamma, z, randomised_p(g, n, pairs_coin(seed, prev, tok), gamma))
+    return wm.Score(total, n, z, randomised_p(g, n, pairs_coin(seed, prev, tok), gamma), green=g, gamma=gamma)
 
 
-def dedup(prev: list[int], tok: list[int], contexts: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(prev, tok, total): distinct pairs, in first-seen order, whose previous token is in
-    `contexts` (all if None); `total` counts the pairs before filtering and de-duplication."""
-    seen: set = set()
-    keep = [(a, b) for a, b in zip(prev, tok)
-            if (contexts is None or a in contexts) and not ((a, b) in seen or seen.add((a, b)))]
-    return (np.fromiter((a for a, _ in keep), np.uint64, len(keep)), np.fromiter((b for _, b in keep), np.uint64, len(keep)),
-            len(prev))
+def null_pvalues(suspects: list[tuple[np.ndarray, np.ndarray, int]], keys_each: int, seed: int = 0,
+                 gamma: float = wm.GAMMA) -> list[float]:
+    """Calibration: p-values of suspects that never saw these keys, under `keys_each` random keys
+    EACH, no key shared between suspects. Under a common key, suspects that score some of the
+    same pairs (students of one teacher do) share those pairs' green bits, so their p-values move
+    together and a pool of them is not the independent sample a KS test assumes, though each
+    suspect's own p-values are uniform: the pooled, shared-key filtered real-model null "failed"
+    KS that way (docs/provenance.md)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for pairs in suspects:
+        out += [score_unique(int(k), *pairs, gamma).p_value
+                for k in rng.integers(0, 2**64, keys_each, dtype=np.uint64, endpoint=False)]
+    return out
 
 
 def watermark_contexts(sequences: list[list[int]]) -> set[int]:
@@ -92,20 +98,26 @@ def watermark_contexts(sequences: list[list[int]]) -> set[int]:
     return {t for s in sequences for t in s[:-1]}
 
 
-@torch.inference_mode()
-def predicted_pairs(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16) -> tuple[list[int], list[int]]:
-    """(context token, the model's top-1 next token) at every position of every sequence but the last."""
-    prev, pred = [], []
+def teacher_forced(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16):
+    """Yields (context token ids [positions], logits [positions, vocab]) batch by batch, at every
+    position of every sequence but its last (whose prediction has nothing to compare with)."""
     seqs = [s for s in sequences if len(s) > 1]
     for b in range(0, len(seqs), batch_size):
         chunk = seqs[b : b + batch_size]
         ids, attn = right_pad(chunk, pad_id)
         positions = attn.bool().clone()
         for r, s in enumerate(chunk):
-            positions[r, len(s) - 1] = False  # the last token's prediction has no context to compare with here
-        top = selected_logits(model, ids, attn, positions).argmax(-1).tolist()
-        prev.extend(ids[positions].tolist())
-        pred.extend(top)
+            positions[r, len(s) - 1] = False
+        yield ids[positions], selected_logits(model, ids, attn, positions)
+
+
+@torch.inference_mode()
+def predicted_pairs(model, sequences: list[list[int]], pad_id: int, batch_size: int = 16) -> tuple[list[int], list[int]]:
+    """(context token, the model's top-1 next token) at every position of every sequence but the last."""
+    prev, pred = [], []
+    for ctx, logits in teacher_forced(model, sequences, pad_id, batch_size):
+        prev.extend(ctx.tolist())
+        pred.extend(logits.argmax(-1).tolist())
     return prev, pred
 
 
@@ -115,13 +127,12 @@ def score_open_weights(key: str, model, sequences: list[list[int]], pad_id: int,
     The probe texts must not carry the watermark (a model that predicts a watermarked text well
     would look green without having trained on it)."""
     prev, pred = predicted_pairs(model, sequences, pad_id, batch_size)
-    return score_unique(wm.key_seed(key), *dedup(prev, pred, contexts), gamma)
+    return score_unique(wm.key_seed(key), *wm.distinct_pairs(prev, pred, contexts), gamma)
 
 
 def generation_pairs(completions: list[list[int]], contexts: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    prev = [a for c in completions for a in c[:-1]]
-    tok = [b for c in completions for b in c[1:]]
-    return dedup(prev, tok, contexts)
+    """The distinct (previous, token) pairs of the suspect's generations, after the context filter."""
+    return wm.distinct_pairs([a for c in completions for a in c[:-1]], [b for c in completions for b in c[1:]], contexts)
 
 
 def score_generations(key: str, completions: list[list[int]], gamma: float = wm.GAMMA,
@@ -137,16 +148,9 @@ def context_distributions(model, sequences: list[list[int]], pad_id: int, top_k:
     teacher-forced position that follows a (its top-`top_k` entries per position)."""
     sums: dict[int, dict[int, float]] = {}
     counts: dict[int, int] = {}
-    seqs = [s for s in sequences if len(s) > 1]
-    for b in range(0, len(seqs), batch_size):
-        chunk = seqs[b : b + batch_size]
-        ids, attn = right_pad(chunk, pad_id)
-        positions = attn.bool().clone()
-        for r, s in enumerate(chunk):
-            positions[r, len(s) - 1] = False
-        probs = selected_logits(model, ids, attn, positions).float().softmax(-1)
-        top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-        for a, ps, vs in zip(ids[positions].tolist(), top_p.tolist(), top_i.tolist()):
+    for ctx, logits in teacher_forced(model, sequences, pad_id, batch_size):
+        top_p, top_i = logits.float().softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+        for a, ps, vs in zip(ctx.tolist(), top_p.tolist(), top_i.tolist()):
             if contexts is not None and a not in contexts:
                 continue
             counts[a] = counts.get(a, 0) + 1
@@ -171,7 +175,7 @@ def score_distribution(seed: int, dists: dict[int, dict[int, float]], gamma: flo
     tok = np.fromiter((v for row in dists.values() for v in row), np.uint64)
     w = np.fromiter((p for row in dists.values() for p in row.values()), np.float64)
     if not len(w):
-        return wm.Score(0, 0, 0, gamma, 0.0, 1.0)
+        return wm.Score(0, 0, 0.0, 1.0, green=0, gamma=gamma)
     g = wm.green(seed, prev, tok, gamma)
     z = float((w[g].sum() - gamma * w.sum()) / math.sqrt(gamma * (1 - gamma) * (w**2).sum()))
-    return wm.Score(len(dists), len(w), int(g.sum()), gamma, z, float(norm.sf(z)))
+    return wm.Score(len(dists), len(w), z, float(norm.sf(z)), green=int(g.sum()), gamma=gamma)

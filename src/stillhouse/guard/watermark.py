@@ -26,7 +26,7 @@ import hashlib
 import math
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -127,19 +127,25 @@ class WatermarkProcessor:
 
 
 @dataclass(frozen=True)
-class Score:
-    """A detection: `green` of `scored` distinct (previous, token) pairs; `tokens` before de-dup."""
+class Detection:
+    """What every detector reports: `scored` distinct (context, token) pairs of `tokens` seen, the
+    z-score and the one-sided p-value of the test on them."""
 
     tokens: int
     scored: int
-    green: int
-    gamma: float
     z: float
     p_value: float
 
     def to_dict(self) -> dict:
-        return {"tokens": self.tokens, "scored": self.scored, "green": self.green, "gamma": self.gamma,
-                "z": self.z, "p_value": self.p_value}
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Score(Detection):
+    """A green-list detection: `green` of the `scored` pairs are green (share `gamma` by chance)."""
+
+    green: int = 0
+    gamma: float = GAMMA
 
 
 def binomial_test(green_count: int, n: int, gamma: float = GAMMA) -> tuple[float, float]:
@@ -154,26 +160,28 @@ def binomial_test(green_count: int, n: int, gamma: float = GAMMA) -> tuple[float
     return z, float(binom.sf(green_count - 1, n, gamma))
 
 
-def unique_pairs(sequences: list[list[int]], seen: set | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(prev, tok, total) for the distinct (previous, token) pairs of `sequences` (each
-    sequence's first token has no known context and is skipped); `seen` carries the de-dup
-    across calls."""
-    seen = set() if seen is None else seen
-    prev, tok, total = [], [], 0
-    for seq in sequences:
-        for a, b in zip(seq[:-1], seq[1:]):
-            total += 1
-            if (a, b) not in seen:
-                seen.add((a, b))
-                prev.append(a)
-                tok.append(b)
-    return np.asarray(prev, dtype=np.uint64), np.asarray(tok, dtype=np.uint64), total
+def distinct_pairs(ctx, tok, contexts: set | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ctx, tok, total): the distinct (context, token) pairs, in first-seen order, whose context is
+    in `contexts` (all if None); `total` counts the pairs before filtering and de-duplication.
+    The one place pairs are de-duplicated, for text detection under both schemes and for
+    radioactivity: a repeated pair is not a new draw (Fernandez et al., 2023)."""
+    seen: set = set()
+    keep = [(a, b) for a, b in zip(ctx, tok)
+            if (contexts is None or a in contexts) and not ((a, b) in seen or seen.add((a, b)))]
+    return (np.fromiter((a for a, _ in keep), np.uint64, len(keep)), np.fromiter((b for _, b in keep), np.uint64, len(keep)),
+            len(ctx))
+
+
+def unique_pairs(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """`distinct_pairs` of (previous token, token) over `sequences` (each sequence's first token
+    has no known context and is skipped)."""
+    return distinct_pairs([a for s in sequences for a in s[:-1]], [b for s in sequences for b in s[1:]])
 
 
 def score_pairs(seed: int, prev: np.ndarray, tok: np.ndarray, total: int, gamma: float = GAMMA) -> Score:
     g = int(green(seed, prev, tok, gamma).sum()) if len(prev) else 0
     z, p = binomial_test(g, len(prev), gamma)
-    return Score(total, len(prev), g, gamma, z, p)
+    return Score(total, len(prev), z, p, green=g, gamma=gamma)
 
 
 def score_ids(key: str, sequences: list[list[int]], gamma: float = GAMMA) -> Score:
@@ -233,6 +241,17 @@ def context_hash(ctx: np.ndarray) -> np.ndarray:
     return h
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of sample `stream` among the n samples of one prompt. Aaronson's scheme is a
+    deterministic function of (key, context), so n samples under one seed would be n copies of
+    one answer; sample j > 0 draws from its own keyed stream instead (sample 0 keeps the key's
+    seed, so n = 1 is unchanged), and detection scores the first few streams (`gumbel_score_ids`)."""
+    if stream == 0:
+        return seed
+    with np.errstate(over="ignore"):
+        return int(_mix(np.uint64(seed) ^ _mix(np.uint64(stream) * _C_PREV ^ _GUMBEL_DOMAIN)))
+
+
 def _keyed_unit(seed: int, ctx: np.ndarray, tok_mixed: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         h = _mix((np.uint64(seed) ^ _GUMBEL_DOMAIN) ^ (ctx * _C_PREV) ^ tok_mixed)
@@ -275,10 +294,11 @@ class GumbelWatermark:
     def __call__(self, input_ids, scores):
         return scores
 
-    def gumbels(self, input_ids, vocab_size: int):
+    def gumbels(self, input_ids, vocab_size: int, streams=None):
         """(noise [rows, vocab] float32, keyed [rows] bool) for the next step after `input_ids`
         [rows, seq] (left-padded histories); rows not keyed (a repeated or too short context) get
-        ordinary noise from the sampler."""
+        ordinary noise from the sampler. `streams` [rows] (default all 0): each row's sample index
+        among the n samples of its prompt, so that n samples of one prompt differ (`stream_seed`)."""
         import torch
 
         ids = input_ids.cpu()
@@ -291,7 +311,12 @@ class GumbelWatermark:
             seen = (ids.unfold(1, h, 1)[:, :-1] == ctx[:, None, :]).all(-1).any(-1)
         else:
             seen = torch.zeros(rows, dtype=torch.bool)
-        u = vocab_uniforms(self.seed, context_hash(ctx.numpy()), vocab_size)
+        hashes = context_hash(ctx.numpy())
+        streams = np.zeros(rows, dtype=np.int64) if streams is None else np.asarray(streams, dtype=np.int64)
+        u = np.empty((rows, vocab_size))
+        for j in np.unique(streams):
+            at = streams == j
+            u[at] = vocab_uniforms(stream_seed(self.seed, int(j)), hashes[at], vocab_size)
         g = -np.log(-np.log(u))
         return torch.from_numpy(g.astype(np.float32)), ~seen
 
@@ -300,18 +325,12 @@ class GumbelWatermark:
 
 
 @dataclass(frozen=True)
-class GumbelScore:
-    """A detection: the summed -log(1 - u) of `scored` distinct (context, token) pairs."""
+class GumbelScore(Detection):
+    """A Gumbel detection: `score`, the summed -log(1 - u) of the scored pairs (Gamma(scored, 1) by chance)."""
 
-    tokens: int
-    scored: int
-    score: float
-    z: float
-    p_value: float
-
-    def to_dict(self) -> dict:
-        return {"scheme": "gumbel", "tokens": self.tokens, "scored": self.scored, "score": self.score,
-                "z": self.z, "p_value": self.p_value}
+    score: float = 0.0
+    streams: int = 1  # sample streams the test covered (the p-value is corrected for them)
+    scheme: str = "gumbel"
 
 
 def gumbel_test(score: float, n: int) -> tuple[float, float]:
@@ -323,28 +342,34 @@ def gumbel_test(score: float, n: int) -> tuple[float, float]:
     return (score - n) / math.sqrt(n), float(gamma.sf(score, n))
 
 
-def gumbel_score_ids(key: str, sequences: list[list[int]], context: int = CONTEXT) -> GumbelScore:
+def gumbel_score_ids(key: str, sequences: list[list[int]], context: int = CONTEXT, streams: int = 1) -> GumbelScore:
     """Detection of the Gumbel scheme on token-id sequences; each sequence's first `context`
-    tokens have no known context and are skipped; (context, token) pairs count once overall."""
-    seen, ctxs, toks, total = set(), [], [], 0
-    for seq in sequences:
-        for i in range(context, len(seq)):
-            total += 1
-            key_ = (tuple(seq[i - context:i]), seq[i])
-            if key_ not in seen:
-                seen.add(key_)
-                ctxs.append(seq[i - context:i])
-                toks.append(seq[i])
-    if not toks:
-        return GumbelScore(total, 0, 0.0, 0.0, 1.0)
-    u = uniforms(key_seed(key), context_hash(np.asarray(ctxs)), np.asarray(toks))
-    s = float(-np.log1p(-u).sum())
-    z, p = gumbel_test(s, len(toks))
-    return GumbelScore(total, len(toks), s, z, p)
+    tokens have no known context and are skipped; (context, token) pairs count once overall.
+
+    `streams` > 1 also covers the other samples of requests with n > 1 (sample j is keyed with
+    stream j, `stream_seed`): the pairs are scored under each of the first `streams` streams and
+    the best is reported with the Sidak correction 1 - (1 - p_min)^streams, exact because the
+    streams' uniforms are independent under the null."""
+    if streams < 1:
+        raise StillhouseError(f"watermark streams must be at least 1, got {streams}")
+    windows = [np.lib.stride_tricks.sliding_window_view(np.asarray(s, dtype=np.uint64), context)[:-1]
+               for s in sequences if len(s) > context]
+    toks = [t for s in sequences if len(s) > context for t in s[context:]]
+    hashes = context_hash(np.concatenate(windows)).tolist() if windows else []
+    ctx, tok, total = distinct_pairs(hashes, toks)
+    if not len(tok):
+        return GumbelScore(total, 0, 0.0, 1.0, streams=streams)
+    seed = key_seed(key)
+    sums = [float(-np.log1p(-uniforms(stream_seed(seed, j), ctx, tok)).sum()) for j in range(streams)]
+    best = max(sums)
+    z, p = gumbel_test(best, len(tok))
+    return GumbelScore(total, len(tok), z, float(-np.expm1(streams * np.log1p(-p))) if p < 1 else 1.0,
+                       score=best, streams=streams)
 
 
-def detect_text(key: str, texts: list[str], tokenizer, scheme: str = "greenlist", gamma: float = GAMMA):
-    """Detection on texts under either scheme (tokenised as the watermarking model does)."""
+def detect_text(key: str, texts: list[str], tokenizer, scheme: str = "greenlist", gamma: float = GAMMA, streams: int = 1):
+    """Detection on texts under either scheme (tokenised as the watermarking model does);
+    `streams`: Gumbel only, how many sample streams to cover (`gumbel_score_ids`)."""
     if check_scheme(scheme) == "greenlist":
         return detect(key, texts, tokenizer, gamma)
-    return gumbel_score_ids(key, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
+    return gumbel_score_ids(key, [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], streams=streams)

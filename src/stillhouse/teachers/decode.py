@@ -43,10 +43,11 @@ def gumbel_sample(logits: torch.Tensor, temperature: float, top_p: float, genera
     return (scores + noise).argmax(-1)
 
 
-def keyed_noise(processor, ids: torch.Tensor, vocab: int):
-    """The processor's own sampling noise, if it is a keyed sampler (guard.watermark.GumbelWatermark)."""
+def keyed_noise(processor, ids: torch.Tensor, vocab: int, streams=None):
+    """The processor's own sampling noise, if it is a keyed sampler (guard.watermark.GumbelWatermark);
+    `streams` [rows]: each row's sample index among its prompt's n samples (None: all 0)."""
     gumbels = getattr(processor, "gumbels", None)
-    return gumbels(ids, vocab) if gumbels is not None else None
+    return gumbels(ids, vocab, streams) if gumbels is not None else None
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -93,6 +94,7 @@ def decode(
     top_k_logprobs: int = 0,
     cache=None,
     logits_processor=None,
+    sample_index: torch.Tensor | None = None,
 ) -> list[Decoded]:
     """Generate for a left-padded batch; `cache`, if given, holds all but the last prompt token.
 
@@ -101,6 +103,8 @@ def decode(
     `logits_processor(ids [rows, seq], logits [rows, vocab]) -> logits` (transformers'
     LogitsProcessor signature; e.g. the guard's watermark) sees each live row's tokens so far
     and changes the logits before sampling and before the top-k log-probs are taken.
+    `sample_index` [rows]: which of its prompt's n samples each row is (a keyed sampler keys
+    sample j with its own stream, so n samples of one prompt differ); None: all 0.
     """
     rows = input_ids.shape[0]
     if cache is None:
@@ -120,7 +124,8 @@ def decode(
         if seq is not None:
             logits = logits_processor(seq, logits)
         if temperature > 0:
-            keyed = keyed_noise(logits_processor, seq, logits.shape[-1]) if seq is not None else None
+            streams = sample_index[active] if sample_index is not None else None
+            keyed = keyed_noise(logits_processor, seq, logits.shape[-1], streams) if seq is not None else None
             nxt = gumbel_sample(logits, temperature, top_p, generator, keyed)
         else:
             nxt = logits.argmax(-1)

@@ -132,6 +132,7 @@ class HFTeacher:
                     temperature=params.temperature, top_p=params.top_p,
                     generator=torch.Generator().manual_seed(params.seed * 100_003 + b),
                     top_k_logprobs=top_k_logprobs, cache=cache, logits_processor=self.logits_processor,
+                    sample_index=torch.arange(params.n).repeat(len(batch)) if params.n > 1 else None,
                 )
                 for j, i in enumerate(idx):
                     comps = []
