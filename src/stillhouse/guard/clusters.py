@@ -31,7 +31,8 @@ MIN_PROMPTS = 8      # distinct prompts that make a bucket a skeleton, not one p
 NOVEL = 0.8          # ... of which at least this share are sent by one account only: a template filled
                      # afresh each time, not a popular prompt (or benchmark item) many accounts send
 SHARED = 3           # accounts that make a prompt or skeleton "shared"
-OWN = 0.5            # an account joins clusters only if its shared-skeleton share is at least this times its own-template share
+PRIVATE = 0.9        # a bucket is an account's own when it holds >= 2 of its prompts and at least this share of the bucket's distinct prompts
+OWN = 0.5            # an account with at least this share of its prompts in skeletons of its own is its own actor
 
 TEMPLATE_FEATURES = [
     "template_self",    # share of the account's prompts that share a skeleton with another of its own prompts
@@ -100,7 +101,8 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
                max(CASE WHEN ab.own >= 2 THEN 1 ELSE 0 END) AS self_t,
                max(CASE WHEN b.skel AND b.na >= {SHARED} THEN 1 ELSE 0 END) AS shared_t,
                any_value(ex.na) >= {SHARED} AS exact,
-               max(CASE WHEN b.skel THEN ln(b.na) ELSE 0 END) AS reach
+               max(CASE WHEN b.skel THEN ln(b.na) ELSE 0 END) AS reach,
+               max(CASE WHEN ab.own >= 2 AND ab.own >= {PRIVATE} * b.np THEN 1 ELSE 0 END) AS private_t
         FROM bands x JOIN b USING (band, key) JOIN ab USING (acc, band, key) JOIN ex USING (h)
         GROUP BY x.acc, x.h
         """
@@ -125,10 +127,17 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
         v = per_prompt[col].to_numpy().astype(float)
         feats[f] = np.divide(np.bincount(pa_acc, weights=v, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
 
-    # an account most of whose templated prompts fill its own skeletons (a researcher's script) is
-    # its own actor: skeletons it shares by topic words alone must not chain it into a campaign
+    # An account most of whose prompts fill a skeleton nobody else fills (a researcher's own script)
+    # is its own actor. Its prompts also land in buckets that other accounts reach through the topic
+    # words alone (an aspect and a level of the same topic grid); such a bucket is not a template,
+    # and it must not chain the account into a campaign sweeping that grid. A campaign's accounts
+    # share their templates, so none of them owns one. (Comparing shared against own-template
+    # shares failed here: the more campaign traffic sweeps the grid, the more topic buckets a
+    # researcher shares, so a 1,000-account campaign pulled most researchers in.)
+    v = per_prompt["private_t"].to_numpy().astype(float)
+    private = np.divide(np.bincount(pa_acc, weights=v, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
     e_acc = edges["acc"].to_numpy()
-    keep = feats["template_shared"][e_acc] >= OWN * feats["template_self"][e_acc]
+    keep = private[e_acc] < OWN
     cluster = _components(n_acc, e_acc[keep], edges["bucket"].to_numpy()[keep])
     feats.update(_cluster_features(cluster, acc, h, profile))
     return pa.table({"account": accounts, **feats, "cluster": cluster})
