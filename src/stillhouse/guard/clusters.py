@@ -123,8 +123,14 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
     feats = {f: np.zeros(n_acc) for f in TEMPLATE_FEATURES}
     pa_acc = per_prompt["acc"].to_numpy()
     cnt = np.bincount(pa_acc, minlength=n_acc).astype(float)
+    # A prompt in a bucket of the account's own (it holds >= PRIVATE of the bucket's prompts: its own
+    # script) is explained by that template; the skeletons it shares with other accounts through the
+    # topic words it fills in are not a shared template, so they count for prompts without one only.
+    own = per_prompt["private_t"].to_numpy().astype(float)
     for f, col in (("template_self", "self_t"), ("template_shared", "shared_t"), ("exact_shared", "exact"), ("skeleton_reach", "reach")):
         v = per_prompt[col].to_numpy().astype(float)
+        if f in ("template_shared", "skeleton_reach"):
+            v = v * (1.0 - own)
         feats[f] = np.divide(np.bincount(pa_acc, weights=v, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
 
     # An account most of whose prompts fill a skeleton nobody else fills (a researcher's own script)
@@ -134,8 +140,7 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
     # share their templates, so none of them owns one. (Comparing shared against own-template
     # shares failed here: the more campaign traffic sweeps the grid, the more topic buckets a
     # researcher shares, so a 1,000-account campaign pulled most researchers in.)
-    v = per_prompt["private_t"].to_numpy().astype(float)
-    private = np.divide(np.bincount(pa_acc, weights=v, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
+    private = np.divide(np.bincount(pa_acc, weights=own, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
     e_acc = edges["acc"].to_numpy()
     keep = private[e_acc] < OWN
     cluster = _components(n_acc, e_acc[keep], edges["bucket"].to_numpy()[keep])
