@@ -169,6 +169,10 @@ def validate(work: Path) -> None:
             counts[(r["kind"], g)] = counts.get((r["kind"], g), 0) + 1
     for (k, g), c in sorted(counts.items(), key=lambda kv: -kv[1]):
         print(f"  {k:12s} {g:24s} {c}")
+    print("\naccounts tied into a cluster of >= 2 accounts, per persona or family:")
+    for k in list(S.BENIGN) + list(VALID["families"]):
+        sel = [r for r in out.to_pylist() if r["kind"] == k]
+        print(f"  {k:12s} {sum(r['cluster_size'] > 0 for r in sel)}/{len(sel)}")
 
 
 # ------------------------------------------------------------------ evaluate
