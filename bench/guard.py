@@ -4,6 +4,11 @@
                                    benign accounts only (out-of-fold thresholds; no attacker is
                                    fitted), write src/stillhouse/guard/tuning/, print the tuning
                                    split's out-of-fold table (every family unseen by construction)
+  python bench/guard.py --validate simulate a validation split (seed 33): the tuning split's four
+                                   families at the test split's sizes (campaigns over 1,000 accounts),
+                                   never the adaptive family; the tuned thresholds' FPR and TPR there,
+                                   and which evidence group flags each benign account (what design
+                                   changes are judged on; the test split is not)
   python bench/guard.py --eval     simulate the test split (adds the unseen `adaptive` family and
                                    campaigns over 100 and 1,000 accounts); TPR of campaigns and
                                    attacker accounts at benign-account FPR 1%, 0.3%, 0.1%, 0, with
@@ -46,6 +51,9 @@ TUNE = dict(seed=11, chat=3000, app=20, eval_teams=10, researcher=30, power=100,
             families=("coverage", "reasoning", "logprob", "probing"), sizes=(3, 10, 30, 100, 300))
 TEST = dict(seed=22, chat=4000, app=30, eval_teams=12, researcher=40, power=150,
             families=S.FAMILIES, sizes=(3, 10, 30, 100, 100, 1000))
+# validation: a third seed, the tuning families only (adaptive stays unseen), the test split's sizes
+VALID = dict(seed=33, chat=4000, app=30, eval_teams=12, researcher=40, power=150,
+             families=TUNE["families"], sizes=(3, 10, 30, 100, 100, 1000))
 WINDOW = 86400.0
 
 
@@ -123,6 +131,48 @@ def tune(work: Path) -> None:
     print("tuning thresholds", json.dumps(meta["thresholds"]), flush=True)
     report("tuning split, out-of-fold (no family was fitted: each is unseen)", truth.to_pylist(), best, meta["thresholds"],
            families=TUNE["families"])
+
+
+# ------------------------------------------------------------------ validate
+def validate(work: Path) -> None:
+    """The tuned detector on the validation split: the report, and for every flagged benign account
+    (and every missed attacker) the evidence group that scored it and its reasons. Per-account
+    scores, groups and features go to WORK/valid-accounts.parquet for closer reading."""
+    from stillhouse.guard.scoring import GROUPS, load_detector
+
+    truth = simulate(VALID, work / "valid", log_text=False)
+    det = load_detector()
+    feats = labelled_features(work / "valid", truth)
+    ratios = det.ratios(feats)
+    scores = det.score(feats)
+    acc = feats["account"].to_pylist()
+    best = account_max(acc, scores)
+    report("validation split (tuning families, test sizes; thresholds from tuning)", truth.to_pylist(), best, det.thresholds,
+           families=VALID["families"])
+    # each account's worst window, with its per-group ratios
+    worst: dict[str, int] = {}
+    for i, (a, s) in enumerate(zip(acc, scores)):
+        if a not in worst or s > scores[worst[a]]:
+            worst[a] = i
+    idx = np.array(list(worst.values()))
+    out = feats.take(pa.array(idx)).append_column("score", pa.array(scores[idx]))
+    for j, g in enumerate(GROUPS):
+        out = out.append_column("ratio: " + g, pa.array(ratios[idx, j]))
+    pq.write_table(out, work / "valid-accounts.parquet")
+    t = det.threshold
+    names = list(GROUPS)
+    print(f"\nwhich evidence group scores the flagged benign accounts (threshold {t:.3f}):")
+    counts: dict[tuple[str, str], int] = {}
+    for r, i in zip(out.to_pylist(), idx):
+        if not r["attack"] and r["score"] >= t:
+            g = names[int(np.argmax(ratios[i]))]
+            counts[(r["kind"], g)] = counts.get((r["kind"], g), 0) + 1
+    for (k, g), c in sorted(counts.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:12s} {g:24s} {c}")
+    print("\naccounts tied into a cluster of >= 2 accounts, per persona or family:")
+    for k in list(S.BENIGN) + list(VALID["families"]):
+        sel = [r for r in out.to_pylist() if r["kind"] == k]
+        print(f"  {k:12s} {sum(r['cluster_size'] > 0 for r in sel)}/{len(sel)}")
 
 
 # ------------------------------------------------------------------ evaluate
@@ -347,6 +397,7 @@ def scale(work: Path, sizes: list[int]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--validate", action="store_true")
     ap.add_argument("--eval", action="store_true")
     ap.add_argument("--no-baseline", action="store_true", help="skip the MMD baseline (it embeds ~100k queries)")
     ap.add_argument("--scale", type=int, nargs="*")
@@ -356,6 +407,8 @@ def main() -> None:
     a.work.mkdir(parents=True, exist_ok=True)
     if a.tune:
         tune(a.work)
+    if a.validate:
+        validate(a.work)
     if a.eval:
         evaluate(a.work, baseline=not a.no_baseline, picture=a.picture)
     if a.scale:

