@@ -25,7 +25,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -428,28 +427,27 @@ class Outcome:
 
 
 class _Listener:
-    """Accepts connections in a thread and remembers whether anything connected."""
+    """A listening socket whose queued connections are counted after each attack.
+
+    Counting happens in the caller, once the attack's process has exited: a connection the
+    kernel completed waits in the backlog until accepted, so draining it then cannot miss one
+    (an accepting thread could, if it had not been scheduled yet when the host looked)."""
 
     def __init__(self, sock: socket.socket):
         self.sock, self.hits = sock, 0
-        sock.listen(8)
-        sock.settimeout(0.2)
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        sock.listen(64)
+        sock.setblocking(False)
 
-    def _run(self) -> None:
-        while not self._stop:
+    def drain(self) -> int:
+        while True:
             try:
                 conn, _ = self.sock.accept()
-                self.hits += 1
-                conn.close()
-            except OSError:
-                continue
+            except (BlockingIOError, InterruptedError):
+                return self.hits
+            self.hits += 1
+            conn.close()
 
     def close(self) -> None:
-        self._stop = True
-        self._thread.join()
         self.sock.close()
 
 
@@ -490,7 +488,7 @@ def run_battery(limits: Limits = BATTERY_LIMITS, *, runner=run_python, names=Non
         for name, what, body in ATTACKS:
             if names is not None and name not in names:
                 continue
-            before = {k: v.hits for k, v in listeners.items()}
+            before = {k: v.drain() for k, v in listeners.items()}
             r = runner(_PRELUDE + body.format(**fields), limits=limits)
             lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
             seen = []
@@ -499,7 +497,7 @@ def run_battery(limits: Limits = BATTERY_LIMITS, *, runner=run_python, names=Non
             if target.exists():
                 seen.append("the host file was written")
                 target.unlink()
-            seen += [f"host {k} listener got a connection" for k, v in listeners.items() if v.hits != before[k]]
+            seen += [f"host {k} listener got a connection" for k, v in listeners.items() if v.drain() != before[k]]
             if victim.poll() is not None:
                 seen.append("the host process died")
                 victim = subprocess.Popen(["sleep", "600"])
