@@ -1,11 +1,13 @@
 """What a watermark costs the teacher, and how well it is detected (docs/watermark.md).
 
-    OMP_NUM_THREADS=2 nice -n 10 python bench/watermark_cost.py --problems 3000 --long 40
+    python bench/watermark_cost.py --problems 2400 --long 40                   # gcd, the quickstart's task
+    python bench/watermark_cost.py --task chain_sum --problems 3000 --long 40  # the quickstart's task before
     python bench/watermark_cost.py --problems 40 --long 4            # a minutes-long smoke run
 
 On the packaged SmolLM2-135M-Instruct (the quickstart teacher):
-1. pass@1 on quickstart's chain_sum problems (its eval split's config and seed, more problems
-   than the split holds so that a 2-point difference is resolvable), one answer per problem and
+1. pass@1 on the task's problems (the quickstart eval split's config and seed, distinct question
+   texts, more problems than the split holds so that a 2-point difference is resolvable; gcd up
+   to 50 has 2,500 distinct questions), one answer per problem and
    arm, every arm on the same problems: greedy; sampled at --temperature; sampled with each
    watermark (`--arms`). Each watermarked arm is compared with the plain arm of the same decoding
    (paired difference per problem and its 95% interval).
@@ -40,8 +42,26 @@ from stillhouse.teachers.base import SamplingParams  # noqa: E402
 from stillhouse.teachers.hf import HFTeacher, encode_prompt, render_chat  # noqa: E402
 
 KEY = "5eed" * 16  # the provider's key in this benchmark (not secret)
-TASK_CFG = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}  # recipes/chain_sum.yaml (the quickstart before it moved to gcd)
-EVAL_SEED = 1_000_000  # quickstart's eval split seed
+# the eval split's config of recipes/quickstart.yaml (gcd) and recipes/chain_sum.yaml (the
+# quickstart before it moved to gcd); both use seed 1,000,000 for it
+TASKS = {
+    "gcd": {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 50},
+    "chain_sum": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+}
+EVAL_SEED = 1_000_000
+
+
+def distinct_problems(task: str, n: int) -> list[dict]:
+    """Up to n problems with distinct question texts, in the seeded generator's order (a repeated
+    question under greedy decoding is the same answer twice, not a second observation)."""
+    from stillhouse.verify.reasoning_gym import problems
+
+    seen, out = set(), []
+    for r in problems(task, TASKS[task], 4 * n, EVAL_SEED):
+        if r["question"] not in seen and len(out) < n:
+            seen.add(r["question"])
+            out.append(r)
+    return out
 
 
 def make_arm(name: str):
@@ -115,7 +135,8 @@ def score(proc, token_ids):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problems", type=int, default=3000)
+    ap.add_argument("--task", choices=sorted(TASKS), default="gcd", help="the quickstart's task (gcd) or chain_sum")
+    ap.add_argument("--problems", type=int, default=2400, help="distinct questions (fewer if the task has fewer)")
     ap.add_argument("--long", type=int, default=40, help="long answers for detection")
     ap.add_argument("--ppl-texts", type=int, default=30)
     ap.add_argument("--temperature", type=float, default=0.7)
@@ -126,18 +147,18 @@ def main() -> None:
     from stillhouse import models
     from stillhouse.eval.measure import messages_for
     from stillhouse.guard.simulate import public_prompts
-    from stillhouse.verify.reasoning_gym import ReasoningGymVerifier, problems
+    from stillhouse.verify.reasoning_gym import ReasoningGymVerifier
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     lm = models.load("smollm2-135m-instruct")
-    recs = problems("chain_sum", TASK_CFG, args.problems, EVAL_SEED)
-    verify = ReasoningGymVerifier("chain_sum", TASK_CFG)
+    recs = distinct_problems(args.task, args.problems)
+    verify = ReasoningGymVerifier(args.task, TASKS[args.task])
     task_msgs = [messages_for(r) for r in recs]
     prompts = [p for p in public_prompts() if 40 < len(p) < 600][:: 7][: args.long]
     long_msgs = [[{"role": "user", "content": p + "\n\nExplain your answer in detail."}] for p in prompts]
     texts = held_out_text(args.ppl_texts)
     T = args.temperature
-    out = {"model": "smollm2-135m-instruct", "problems": len(recs), "temperature": T, "key_id": wm.key_id(KEY),
+    out = {"model": "smollm2-135m-instruct", "task": args.task, "problems": len(recs), "temperature": T, "key_id": wm.key_id(KEY),
            "load_avg_start": os.getloadavg()[0], "arms": {}}
     passed = {}
     for name in args.arms.split(","):
@@ -180,7 +201,7 @@ def main() -> None:
     out["load_avg_end"] = os.getloadavg()[0]
     args.out.write_text(json.dumps(out, indent=1))
 
-    print(f"\n{len(recs)} chain_sum problems, T = {T} for sampled arms; load average {out['load_avg_start']:.1f} -> {out['load_avg_end']:.1f}")
+    print(f"\n{len(recs)} {args.task} problems, T = {T} for sampled arms; load average {out['load_avg_start']:.1f} -> {out['load_avg_end']:.1f}")
     print("| arm | pass@1 | vs | difference [95%] | held-out ppl | answer NLL | 200-token answers at p < 1e-6 | median p |")
     print("|---|---|---|---|---|---|---|---|")
     for name, a in out["arms"].items():

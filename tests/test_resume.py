@@ -40,6 +40,10 @@ def _recipe(tmp_path: Path, model_dir: Path) -> Path:
 
 
 def _spawn(recipe: Path, ws: Path) -> subprocess.Popen:
+    # an ignored SIGINT is inherited across exec: a suite started in the background (a shell's `&`
+    # ignores it) would give the child a Ctrl-C it cannot see. A handler is reset to the default.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     return subprocess.Popen([sys.executable, "-m", "stillhouse.cli", "run", str(recipe), "-w", str(ws)],
                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
