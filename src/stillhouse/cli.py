@@ -57,7 +57,7 @@ def run(
 def quickstart(
     workspace: Path = WorkspaceOpt,
     force: bool = typer.Option(False, "--force", help="Recompute every stage."),
-    preset: str = typer.Option("quickstart", help="Built-in recipe: quickstart (gcd, about 15 min on 2 CPU cores), chain_sum (the arithmetic skill that does not generalise, docs/quickstart.md) or two_stage (docs/lineage.md)."),
+    preset: str = typer.Option("quickstart", help="Built-in recipe: quickstart (gcd, about 10 min on 2 CPU cores: 562 s in bench/quickstart.py), chain_sum (the arithmetic skill that does not generalise, docs/quickstart.md) or two_stage (docs/lineage.md)."),
 ):
     """Run the built-in quickstart: SmolLM2-135M's gcd answers -> verified traces -> pruned student -> KD -> eval -> report."""
     from .recipe import builtin_recipe
