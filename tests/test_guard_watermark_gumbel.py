@@ -78,6 +78,25 @@ def test_sampled_answers_are_detected_and_plain_ones_are_not(tiny):
     assert [c.token_ids for c in g_marked] == [c.token_ids for c in g_plain]
 
 
+def test_steps_whose_context_reaches_into_the_prompt_are_not_keyed(tiny):
+    """Such contexts end in the chat template's last tokens, the same for every request: keyed,
+    they would give every answer under one key the same opening (the same prompt asked again
+    would get the same answer every time). The detector never scores them anyway."""
+    wmk = wm.GumbelWatermark(KEY)  # context 4
+    ids = torch.arange(40).reshape(4, 10) + 100  # no repeated contexts
+    _, keyed = wmk.gumbels(ids, 10, generated=[0, 3, 4, 9])
+    assert keyed.tolist() == [False, False, True, True]
+    from stillhouse.models import prepare_tokenizer
+
+    prepare_tokenizer(tiny.tokenizer)
+    t = HFTeacher(tiny.model, tiny.tokenizer)
+    t.logits_processor = wmk
+    again = [t.generate(PROMPTS[:1], SamplingParams(max_new_tokens=24, temperature=1.0, seed=s))[0][0].token_ids
+             for s in range(6)]
+    assert len({tuple(a) for a in again}) == 6
+    assert wm.gumbel_score_ids(KEY, again).p_value < 1e-3  # still marked after the opening
+
+
 @pytest.mark.parametrize("streams", [1, 4])
 def test_gumbel_calibration_over_random_keys(streams):
     """Unwatermarked text under 200 random keys: KS does not reject uniformity; FPR(0.01) <= 2%;

@@ -279,7 +279,8 @@ class Engine:
             hist = _histories(rows, self.pad_id)
             scores = self.logits_processor(hist, scores)
             if any(s.sampling.temperature > 0 for s in rows):
-                keyed = keyed_noise(self.logits_processor, hist, scores.shape[-1], [s.index for s in rows])
+                keyed = keyed_noise(self.logits_processor, hist, scores.shape[-1], [s.index for s in rows],
+                                    [len(s.ids) for s in rows])
         nxt = scores.argmax(-1)
         for r, s in enumerate(rows):
             if s.sampling.temperature > 0:

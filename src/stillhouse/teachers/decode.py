@@ -43,11 +43,12 @@ def gumbel_sample(logits: torch.Tensor, temperature: float, top_p: float, genera
     return (scores + noise).argmax(-1)
 
 
-def keyed_noise(processor, ids: torch.Tensor, vocab: int, streams=None):
+def keyed_noise(processor, ids: torch.Tensor, vocab: int, streams=None, generated=None):
     """The processor's own sampling noise, if it is a keyed sampler (guard.watermark.GumbelWatermark);
-    `streams` [rows]: each row's sample index among its prompt's n samples (None: all 0)."""
+    `streams` [rows]: each row's sample index among its prompt's n samples (None: all 0);
+    `generated` [rows]: tokens each row has generated so far (steps still in the prompt's context are not keyed)."""
     gumbels = getattr(processor, "gumbels", None)
-    return gumbels(ids, vocab, streams) if gumbels is not None else None
+    return gumbels(ids, vocab, streams, generated) if gumbels is not None else None
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -125,7 +126,8 @@ def decode(
             logits = logits_processor(seq, logits)
         if temperature > 0:
             streams = sample_index[active] if sample_index is not None else None
-            keyed = keyed_noise(logits_processor, seq, logits.shape[-1], streams) if seq is not None else None
+            keyed = (keyed_noise(logits_processor, seq, logits.shape[-1], streams, torch.full((len(active),), step))
+                     if seq is not None else None)
             nxt = gumbel_sample(logits, temperature, top_p, generator, keyed)
         else:
             nxt = logits.argmax(-1)
