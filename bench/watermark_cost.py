@@ -1,13 +1,13 @@
 """What a watermark costs the teacher, and how well it is detected (docs/watermark.md).
 
-    python bench/watermark_cost.py --problems 2400 --long 40                   # gcd, the quickstart's task
+    python bench/watermark_cost.py --problems 2400 --long 40                   # gcd, the quickstart's task (2,146 problems)
     python bench/watermark_cost.py --task chain_sum --problems 3000 --long 40  # the quickstart's task before
     python bench/watermark_cost.py --problems 40 --long 4            # a minutes-long smoke run
 
 On the packaged SmolLM2-135M-Instruct (the quickstart teacher):
 1. pass@1 on the task's problems (the quickstart eval split's config and seed, distinct question
    texts, more problems than the split holds so that a 2-point difference is resolvable; gcd up
-   to 50 has 2,500 distinct questions), one answer per problem and
+   to 50 has fewer than 2,500 distinct questions: `--problems 2400` finds 2,146), one answer per problem and
    arm, every arm on the same problems: greedy; sampled at --temperature; sampled with each
    watermark (`--arms`). Each watermarked arm is compared with the plain arm of the same decoding
    (paired difference per problem and its 95% interval).
