@@ -62,6 +62,20 @@ class Processes:
         dist.broadcast_object_list(box, src=0, group=self._group)
         return box[0]
 
+    def close(self) -> None:
+        """Leave the process groups once every process is done (call it on every process after
+        the last stage). Gloo's worker threads left running when the interpreter exits can abort
+        the process ("terminate called without an active exception", SIGABRT; pytorch/pytorch
+        issue 190489): a launched run whose work had all succeeded then failed in CI. The
+        barrier first, so that no process leaves while another still waits on a collective."""
+        if not self.many:
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier(group=self._group)
+            dist.destroy_process_group()  # the default group and every group made from it
+
 
 def _cpu_only() -> bool:
     """Whether accelerate must be told `cpu=True`: without it, a launched run on a machine

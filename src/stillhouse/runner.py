@@ -174,6 +174,7 @@ class Runner:
                 raise StillhouseError(f"stage '{name}' failed on the main process: {failed}")
             self.results[name] = self._shared(kind, aid, name)
             console.print(f"{name}: wrote {kind}/{aid} in {time.perf_counter() - start:.1f}s")
+        procs.close()
         return self.results
 
     def existing(self, name: str) -> Artifact | None:
