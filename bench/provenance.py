@@ -261,7 +261,7 @@ def radioactivity(cfg: dict, out: dict) -> dict:
     n_keys = max(100, cfg["keys"] // len(controls))
     keys = [wm.key_seed(k) for k in random_keys(n_keys * len(controls), seed=7)]
     null = {"open": ra.null_pvalues([wm.distinct_pairs(*models_[k][:2], contexts) for k in controls], n_keys, seed=7),
-            "api": ra.null_pvalues([ra.generation_pairs(models_[k][3]) for k in controls], n_keys, seed=8),
+            "api": ra.null_pvalues([wm.unique_pairs(models_[k][3]) for k in controls], n_keys, seed=8),
             "dist": [ra.score_distribution(keys[i * n_keys + j], models_[k][2]).p_value
                      for i, k in enumerate(controls) for j in range(n_keys)]}
     out["_null_radio"] = null
@@ -390,7 +390,7 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
             prev, pred = ra.predicted_pairs(student, probe_ids, tok.pad_token_id)
             gens = [c.token_ids for c in generate(student, tok, probe_p, None, seed=3, **gen)]
             r = {"arm": name, "dose": dose if isinstance(dose, float) else None, "seed": s, "train_seconds": t_train}
-            for mode, pairs in [("open", lambda c: wm.distinct_pairs(prev, pred, c)), ("api", lambda c: ra.generation_pairs(gens, c))]:
+            for mode, pairs in [("open", lambda c: wm.distinct_pairs(prev, pred, c)), ("api", lambda c: wm.unique_pairs(gens, c))]:
                 for filt, c in [("", None), ("_filtered", contexts)]:
                     sc = ra.score_unique(wm.key_seed(KEY), *pairs(c))
                     r[f"{mode}{filt}_p"], r[f"{mode}{filt}_z"], r[f"{mode}{filt}_pairs"] = sc.p_value, sc.z, sc.scored
@@ -408,7 +408,7 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
     null = {}
     for mode in ("open", "api"):
         for filt, c in [("", None), ("_filtered", contexts)]:
-            sets = [wm.distinct_pairs(prev, pred, c) if mode == "open" else ra.generation_pairs(gens, c)
+            sets = [wm.distinct_pairs(prev, pred, c) if mode == "open" else wm.unique_pairs(gens, c)
                     for prev, pred, gens in preds.values()]
             null[mode + filt] = ra.null_pvalues(sets, n_keys, seed=99)
     out["_null_real"] = null

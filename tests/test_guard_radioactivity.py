@@ -116,7 +116,7 @@ def test_filtered_nulls_of_tiny_control_models_are_calibrated(family):
     for name in ("teacher", "plain"):
         prev, pred = ra.predicted_pairs(family[name], _probe_ids(family), tok.pad_token_id)
         suspects.append(wm.distinct_pairs(prev, pred, contexts))
-        suspects.append(ra.generation_pairs([c.token_ids for c in _generate(family[name], tok, PROBES, seed=6)], contexts))
+        suspects.append(wm.unique_pairs([c.token_ids for c in _generate(family[name], tok, PROBES, seed=6)], contexts))
     assert all(len(p[0]) < p[2] for p in suspects)  # the filter dropped something
     ps = np.array(ra.null_pvalues(suspects, 200, seed=1))
     assert len(ps) == 800 and kstest(ps, "uniform").pvalue > 0.01 and (ps < 0.01).mean() <= 0.02

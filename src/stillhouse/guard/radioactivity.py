@@ -130,15 +130,10 @@ def score_open_weights(key: str, model, sequences: list[list[int]], pad_id: int,
     return score_unique(wm.key_seed(key), *wm.distinct_pairs(prev, pred, contexts), gamma)
 
 
-def generation_pairs(completions: list[list[int]], contexts: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """The distinct (previous, token) pairs of the suspect's generations, after the context filter."""
-    return wm.distinct_pairs([a for c in completions for a in c[:-1]], [b for c in completions for b in c[1:]], contexts)
-
-
 def score_generations(key: str, completions: list[list[int]], gamma: float = wm.GAMMA,
                       contexts: set[int] | None = None) -> wm.Score:
     """API-only radioactivity: the suspect's generated token ids, pairs de-duplicated over all."""
-    return score_unique(wm.key_seed(key), *generation_pairs(completions, contexts), gamma)
+    return score_unique(wm.key_seed(key), *wm.unique_pairs(completions, contexts), gamma)
 
 
 @torch.inference_mode()

@@ -172,10 +172,10 @@ def distinct_pairs(ctx, tok, contexts: set | None = None) -> tuple[np.ndarray, n
             len(ctx))
 
 
-def unique_pairs(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray, int]:
+def unique_pairs(sequences: list[list[int]], contexts: set | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """`distinct_pairs` of (previous token, token) over `sequences` (each sequence's first token
-    has no known context and is skipped)."""
-    return distinct_pairs([a for s in sequences for a in s[:-1]], [b for s in sequences for b in s[1:]])
+    has no known context and is skipped), whose previous token is in `contexts` (all if None)."""
+    return distinct_pairs([a for s in sequences for a in s[:-1]], [b for s in sequences for b in s[1:]], contexts)
 
 
 def score_pairs(seed: int, prev: np.ndarray, tok: np.ndarray, total: int, gamma: float = GAMMA) -> Score:
@@ -314,11 +314,11 @@ class GumbelWatermark:
             return None, torch.zeros(rows, dtype=torch.bool)
         ctx = ids[:, -h:]
         if seq > h:  # has this context occurred earlier in the row?
-            seen = (ids.unfold(1, h, 1)[:, :-1] == ctx[:, None, :]).all(-1).any(-1)
+            unkeyed = (ids.unfold(1, h, 1)[:, :-1] == ctx[:, None, :]).all(-1).any(-1)
         else:
-            seen = torch.zeros(rows, dtype=torch.bool)
+            unkeyed = torch.zeros(rows, dtype=torch.bool)
         if generated is not None:
-            seen |= torch.as_tensor(generated).reshape(rows) < h
+            unkeyed |= torch.as_tensor(generated).reshape(rows) < h
         hashes = context_hash(ctx.numpy())
         streams = np.zeros(rows, dtype=np.int64) if streams is None else np.asarray(streams, dtype=np.int64)
         u = np.empty((rows, vocab_size))
@@ -326,7 +326,7 @@ class GumbelWatermark:
             at = streams == j
             u[at] = vocab_uniforms(stream_seed(self.seed, int(j)), hashes[at], vocab_size)
         g = -np.log(-np.log(u))
-        return torch.from_numpy(g.astype(np.float32)), ~seen
+        return torch.from_numpy(g.astype(np.float32)), ~unkeyed
 
     def __repr__(self) -> str:  # never the key
         return f"GumbelWatermark(key_id={self.key_id}, context={self.context})"
