@@ -130,6 +130,10 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
     feats = {f: np.zeros(n_acc) for f in TEMPLATE_FEATURES}
     pa_acc = per_prompt["acc"].to_numpy()
     cnt = np.bincount(pa_acc, minlength=n_acc).astype(float)
+
+    def share(per_prompt_value: np.ndarray) -> np.ndarray:
+        """Each account's mean of a per-prompt value over its sampled prompts (0 with none)."""
+        return np.divide(np.bincount(pa_acc, weights=per_prompt_value, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
     # A prompt in a bucket of the account's own (it holds >= PRIVATE of the bucket's prompts: its own
     # script) is explained by that template; the skeletons it shares with other accounts through the
     # topic words it fills in are not a shared template, so they count for prompts without one only.
@@ -138,7 +142,7 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
         v = per_prompt[col].to_numpy().astype(float)
         if f in ("template_shared", "skeleton_reach"):
             v = v * (1.0 - own)
-        feats[f] = np.divide(np.bincount(pa_acc, weights=v, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
+        feats[f] = share(v)
 
     # An account most of whose prompts fill a skeleton nobody else fills (a researcher's own script)
     # is its own actor. Its prompts also land in buckets that other accounts reach through the topic
@@ -147,7 +151,7 @@ def template_analysis(con: duckdb.DuckDBPyConnection, profile: pa.Table) -> pa.T
     # share their templates, so none of them owns one. (Comparing shared against own-template
     # shares failed here: the more campaign traffic sweeps the grid, the more topic buckets a
     # researcher shares, so a 1,000-account campaign pulled most researchers in.)
-    private = np.divide(np.bincount(pa_acc, weights=own, minlength=n_acc), cnt, out=np.zeros(n_acc), where=cnt > 0)
+    private = share(own)
     e_acc = edges["acc"].to_numpy()
     keep = private[e_acc] < OWN
     cluster = _components(n_acc, e_acc[keep], edges["bucket"].to_numpy()[keep])
