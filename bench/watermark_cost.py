@@ -54,14 +54,10 @@ EVAL_SEED = 1_000_000
 def distinct_problems(task: str, n: int) -> list[dict]:
     """Up to n problems with distinct question texts, in the seeded generator's order (a repeated
     question under greedy decoding is the same answer twice, not a second observation)."""
+    from stillhouse.data.dedup import exact_dedup
     from stillhouse.verify.reasoning_gym import problems
 
-    seen, out = set(), []
-    for r in problems(task, TASKS[task], 4 * n, EVAL_SEED):
-        if r["question"] not in seen and len(out) < n:
-            seen.add(r["question"])
-            out.append(r)
-    return out
+    return exact_dedup(problems(task, TASKS[task], 4 * n, EVAL_SEED), "question")[0][:n]
 
 
 def make_arm(name: str):
