@@ -18,8 +18,8 @@ For each strength lam (0 = normal sampling), on the packaged SmolLM2-135M-Instru
    (intervals over problems), and every seed's own pass@1 (the spread between training runs).
 Problems: --task gcd (the quickstart's task, the default) takes distinct questions of the eval
 split's generator (seed 1,000,000): the first --eval are the eval problems (the quickstart's test
-split), the next --train the train problems, so the two never share a question (gcd has 2,146
-distinct ones at this config); --task chain_sum (the quickstart before gcd) keeps its own eval
+split), the next --train the train problems, so the two never share a question (9,600 draws
+give 2,146 distinct ones, bench/watermark_cost.py's problems); --task chain_sum (the quickstart before gcd) keeps its own eval
 and train split seeds. The proxy the teacher uses is the teacher's first --proxy-layers blocks
 (cheap and not the student: the provider does not know the student); its downstream loss is on
 64 problems of the same task from seed 7.  Figures go to --out as JSON.
@@ -88,7 +88,8 @@ def split(task: str, n_eval: int, n_train: int) -> tuple[list[dict], list[dict]]
     cfg = TASKS[task]
     if task == "chain_sum":  # its own split seeds, as the runs in docs/watermark.md used
         return problems(task, cfg, n_eval, EVAL_SEED), problems(task, cfg, n_train, TRAIN_SEED)
-    distinct = exact_dedup(problems(task, cfg, 4 * (n_eval + n_train), EVAL_SEED), "question")[0]
+    # 9,600 draws: the 2,146 distinct questions bench/watermark_cost.py measures the watermarks on
+    distinct = exact_dedup(problems(task, cfg, max(9600, 4 * (n_eval + n_train)), EVAL_SEED), "question")[0]
     if len(distinct) < n_eval + n_train:
         raise SystemExit(f"--eval + --train: {task} has only {len(distinct)} distinct questions at this config")
     return distinct[:n_eval], distinct[n_eval : n_eval + n_train]

@@ -60,6 +60,13 @@ SETTINGS = {
                   doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_provenance=True,
                   real_radio=dict(train=64, probes=24, probe_texts=60, tokens=40, doses=[0.25, 1.0], seeds=1, epochs=3,
                                   lr=3e-4, keys=200, paraphrase=True, other_teacher=False)),
+    # `small` with a real-model radioactivity section large enough to detect something: 256
+    # training answers of 96 tokens (4x the answers, 10x the watermarked tokens of `small`)
+    "medium": dict(problems=300, ppl_texts=30, long=10, keys=200, tiny_prompts=192, tiny_probes=256, seeds=2,
+                   doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_provenance=True,
+                   real_radio=dict(train=256, probes=64, probe_texts=200, probe_answers=True, tokens=96, doses=[0.25, 0.5, 1.0],
+                                   seeds=1, epochs=3, lr=3e-4, keys=200, paraphrase=True, paraphraser="gemma3-270m",
+                                   other_teacher=True)),
     # a seconds-long run of every code path (not a measurement)
     "smoke": dict(problems=10, ppl_texts=2, long=2, keys=100, tiny_prompts=48, seeds=1, doses=[1.0],
                   prov_tune=[1], prov_report=[2], real_provenance=True,
@@ -307,14 +314,52 @@ def real_prompts() -> list[str]:
 class Ids:
     """A completion given as token ids (what `sft` reads)."""
 
-    def __init__(self, token_ids):
-        self.token_ids = list(token_ids)
+    def __init__(self, token_ids, text: str = ""):
+        self.token_ids, self.text = list(token_ids), text
 
 
 def paraphrase(model, tok, texts: list[str], max_new_tokens: int) -> list[str]:
     """The attack: a model without the watermark rewrites each answer before the suspect trains on it."""
     asks = [f"Rewrite the following text in your own words. Keep its meaning.\n\n{t}" for t in texts]
     return [c.text for c in generate(model, tok, asks, None, max_new_tokens=max_new_tokens, temperature=0.7, seed=21)]
+
+
+class Cache:
+    """JSON results under a directory, written atomically, so a long real-model run resumes where
+    it stopped and its arms can run in separate processes (`--arms`) and be summarised together."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+        if root:
+            root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str, make):
+        path = self.root / f"{name}.json" if self.root else None
+        if path and path.exists():
+            return json.loads(path.read_text())
+        value = make()
+        if path:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(value))
+            tmp.replace(path)
+        return value
+
+    def has(self, name: str) -> bool:
+        return bool(self.root) and (self.root / f"{name}.json").exists()
+
+
+def real_arms(rc: dict) -> list[tuple[str, str, object]]:
+    """(arm id for --arms, arm name, dose) in run order: the strongest arm first, so a cut-off run
+    has already said whether anything is detected."""
+    arms: list[tuple[str, str, object]] = [("wm100", "watermarked 100%", 1.0)]
+    if rc.get("paraphrase"):
+        arms.append(("para", "watermarked 100%, paraphrased", "para"))
+    arms += [("plain", "plain outputs", 0.0)]
+    arms += [(f"wm{round(100 * d)}", f"watermarked {round(100 * d)}%", d) for d in sorted(rc["doses"], reverse=True) if d != 1.0]
+    arms += [("base", "base (pruned, untrained)", "base"), ("teacher", "teacher itself", "teacher")]
+    if rc.get("other_teacher"):
+        arms.append(("other", "other teacher (Gemma-3-270m)", "other"))
+    return arms
 
 
 def real_radioactivity(cfg: dict, out: dict) -> None:
@@ -325,6 +370,8 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
     from stillhouse.train.students import prune_depth
 
     rc = cfg["real_radio"]
+    cache = Cache(cfg.get("cache"))
+    only = cfg.get("arms")  # run only these arm ids (others are read from the cache if there)
     t_start = time.perf_counter()
     smol = models.load("smollm2-135m-instruct")
     tok = smol.tokenizer
@@ -332,101 +379,131 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
     train_p, probe_p = prompts[: rc["train"]], prompts[-rc["probes"]:]
     proc = wm.WatermarkProcessor(KEY)  # the scheme's defaults: gamma 0.25, delta 2
     gen = dict(max_new_tokens=rc["tokens"], temperature=0.8)
+    as_json = lambda cs: [{"text": c.text, "token_ids": list(c.token_ids)} for c in cs]  # noqa: E731
     t0 = time.perf_counter()
-    marked = generate(smol.model, tok, train_p, proc, seed=0, **gen)
-    plain = generate(smol.model, tok, train_p, None, seed=1, **gen)
+    marked = [Ids(c["token_ids"], c["text"]) for c in cache.get("marked", lambda: as_json(generate(smol.model, tok, train_p, proc, seed=0, **gen)))]
+    plain = [Ids(c["token_ids"], c["text"]) for c in cache.get("plain", lambda: as_json(generate(smol.model, tok, train_p, None, seed=1, **gen)))]
     print(f"  teacher answers: {time.perf_counter() - t0:.0f} s; watermarked training answers detected at "
           f"p = {wm.score_ids(KEY, [c.token_ids for c in marked]).p_value:.2g}", flush=True)
     contexts = ra.watermark_contexts([c.token_ids for c in marked])
     # open-weights probes: held-out English text no model here generated (this repository's docs),
-    # so nothing in them carries the watermark; teacher forcing costs one forward pass each
+    # so nothing in them carries the watermark; teacher forcing costs one forward pass each.
+    # probe_answers adds the teacher's plain answers to the probe prompts: unwatermarked text of
+    # the kind the students trained on
     probe_ids = [encode_prompt(tok, t)[:256] for t in held_out_text(rc["probe_texts"])]
-    arms: list[tuple[str, object]] = [("watermarked 100%", 1.0)]
-    if rc.get("paraphrase"):
-        arms.append(("watermarked 100%, paraphrased", "para"))
-    arms += [("plain outputs", 0.0)] + [(f"watermarked {round(100 * d)}%", d) for d in rc["doses"] if d != 1.0]
-    arms += [("base (pruned, untrained)", "base"), ("teacher itself", "teacher")]
-    if rc.get("other_teacher"):
-        arms.append(("other teacher (Gemma-3-270m)", "other"))
-    para_ids = foreign = None
+    if rc.get("probe_answers"):
+        ans = cache.get("probe_answers", lambda: as_json(generate(smol.model, tok, probe_p, None, seed=5, **gen)))
+        probe_ids += [encode_prompt(tok, render_chat(tok, msgs(q))) + c["token_ids"] for q, c in zip(probe_p, ans)]
+    arms = real_arms(rc)
     n = smol.model.config.num_hidden_layers
     kept = list(range(12)) + [n - 2, n - 1]  # 14 of 30 blocks, as quickstart's student
     rows, preds = [], {}
     n_keys = rc["keys"]  # random keys per student for the nulls
-    for name, dose in arms:
-        if dose == "para" and para_ids is None:
-            t0 = time.perf_counter()
-            para = paraphrase(smol.model, tok, [c.text for c in marked], rc["tokens"] + 16)
-            para_ids = [Ids(tok(t, add_special_tokens=False)["input_ids"]) for t in para]
-            out["real_paraphrase_data"] = {"text_p": wm.score_ids(KEY, [c.token_ids for c in para_ids]).p_value,
-                                           "marked_text_p": wm.score_ids(KEY, [c.token_ids for c in marked]).p_value,
-                                           "seconds": time.perf_counter() - t0, "example_in": marked[0].text[:300],
-                                           "example_out": para[0][:300]}
-            print("PARAPHRASE", json.dumps(out["real_paraphrase_data"]), flush=True)
-        if dose == "other" and foreign is None:
-            gemma = models.load("gemma3-270m")
-            foreign = [Ids(tok(c.text, add_special_tokens=False)["input_ids"])
-                       for c in generate(gemma.model, gemma.tokenizer, train_p, None, seed=1, **gen)]
-            del gemma
+    seed_key = wm.key_seed(KEY)
+
+    def training_data(dose):
+        if dose == "para":  # the attack: another model rewrites the watermarked answers without a watermark
+            def make():
+                t0 = time.perf_counter()
+                pm = models.load(rc.get("paraphraser", "smollm2-135m-instruct"))
+                para = paraphrase(pm.model, pm.tokenizer, [c.text for c in marked], rc["tokens"] + 16)
+                ids = [tok(t, add_special_tokens=False)["input_ids"] for t in para]
+                info = {"paraphraser": rc.get("paraphraser", "smollm2-135m-instruct"),
+                        "text_p": wm.score_ids(KEY, ids).p_value, "marked_text_p": wm.score_ids(KEY, [c.token_ids for c in marked]).p_value,
+                        "seconds": time.perf_counter() - t0, "example_in": marked[0].text[:300], "example_out": para[0][:300]}
+                return {"info": info, "texts": para, "token_ids": ids}
+            d = cache.get("paraphrased", make)
+            out["real_paraphrase_data"] = d["info"]
+            print("PARAPHRASE", json.dumps(d["info"]), flush=True)
+            return [Ids(i) for i in d["token_ids"]]
+        if dose == "other":
+            def make():
+                gemma = models.load("gemma3-270m")
+                return [tok(c.text, add_special_tokens=False)["input_ids"]
+                        for c in generate(gemma.model, gemma.tokenizer, train_p, None, seed=1, **gen)]
+            return [Ids(i) for i in cache.get("other_teacher", make)]
+        return None
+
+    def run_student(arm_id, name, dose, s):
+        t0 = time.perf_counter()
+        if dose == "teacher":
+            student = smol.model
+        else:
+            torch.manual_seed(s)
+            student = prune_depth(smol.model, kept)
+            if dose != "base":
+                comps = training_data(dose)
+                if comps is None:
+                    order = random.Random(s).sample(range(len(train_p)), len(train_p))
+                    wmset = set(order[: round(dose * len(train_p))])
+                    comps = [marked[i] if i in wmset else plain[i] for i in range(len(train_p))]
+                student = sft(student, tok, train_p, comps, seed=s, epochs=rc["epochs"], lr=rc["lr"])
+        student.eval()
+        t_train = time.perf_counter() - t0
+        prev, pred = ra.predicted_pairs(student, probe_ids, tok.pad_token_id)
+        dists = ra.context_distributions(student, probe_ids, tok.pad_token_id, contexts=contexts)
+        gens = [c.token_ids for c in generate(student, tok, probe_p, None, seed=3, **gen)]
+        return {"train_seconds": t_train, "seconds": time.perf_counter() - t0, "prev": prev, "pred": pred, "gens": gens,
+                "dists": {str(a): {str(v): q for v, q in row.items()} for a, row in dists.items()}}
+
+    for arm_id, name, dose in arms:
         for s in range(rc["seeds"] if dose not in ("base", "teacher") else 1):
-            t0 = time.perf_counter()
-            if dose == "teacher":
-                student = smol.model
-            else:
-                torch.manual_seed(s)
-                student = prune_depth(smol.model, kept)
-                if dose != "base":
-                    if dose == "para":
-                        comps = para_ids
-                    elif dose == "other":
-                        comps = foreign
-                    else:
-                        order = random.Random(s).sample(range(len(train_p)), len(train_p))
-                        wmset = set(order[: round(dose * len(train_p))])
-                        comps = [marked[i] if i in wmset else plain[i] for i in range(len(train_p))]
-                    student = sft(student, tok, train_p, comps, seed=s, epochs=rc["epochs"], lr=rc["lr"])
-            student.eval()
-            t_train = time.perf_counter() - t0
-            prev, pred = ra.predicted_pairs(student, probe_ids, tok.pad_token_id)
-            gens = [c.token_ids for c in generate(student, tok, probe_p, None, seed=3, **gen)]
-            r = {"arm": name, "dose": dose if isinstance(dose, float) else None, "seed": s, "train_seconds": t_train}
+            tag = f"student-{arm_id}-{s}"
+            if only and arm_id not in only and not cache.has(tag):
+                continue
+            res = cache.get(tag, lambda: run_student(arm_id, name, dose, s))
+            if dose == "para":
+                training_data(dose)  # its record goes to out
+            prev, pred, gens = res["prev"], res["pred"], res["gens"]
+            dists = {int(a): {int(v): q for v, q in row.items()} for a, row in res["dists"].items()}
+            r = {"arm": name, "dose": dose if isinstance(dose, float) else None, "seed": s,
+                 "train_seconds": res["train_seconds"], "seconds": res["seconds"]}
             for mode, pairs in [("open", lambda c: wm.distinct_pairs(prev, pred, c)), ("api", lambda c: wm.unique_pairs(gens, c))]:
                 for filt, c in [("", None), ("_filtered", contexts)]:
-                    sc = ra.score_unique(wm.key_seed(KEY), *pairs(c))
+                    sc = ra.score_unique(seed_key, *pairs(c))
                     r[f"{mode}{filt}_p"], r[f"{mode}{filt}_z"], r[f"{mode}{filt}_pairs"] = sc.p_value, sc.z, sc.scored
-            r["seconds"] = time.perf_counter() - t0
+            d = ra.score_distribution(seed_key, dists)  # contexts are already filtered
+            r["dist_filtered_p"], r["dist_filtered_z"], r["dist_filtered_contexts"] = d.p_value, d.z, len(dists)
             rows.append(r)
-            preds[(name, s)] = (prev, pred, gens)
-            print(f"  {name} seed {s}: open p {r['open_p']:.2g} (filtered {r['open_filtered_p']:.2g}, {r['open_filtered_pairs']} pairs), "
-                  f"api p {r['api_p']:.2g} (filtered {r['api_filtered_p']:.2g}) [{r['seconds']:.0f} s]", flush=True)
+            preds[(name, s)] = (prev, pred, gens, dists)
+            print(f"  {name} seed {s}: open p {r['open_p']:.2g} (filtered {r['open_filtered_p']:.2g}, {r['open_filtered_pairs']} pairs; "
+                  f"distribution {r['dist_filtered_p']:.2g}), api p {r['api_p']:.2g} (filtered {r['api_filtered_p']:.2g}) "
+                  f"[{r['seconds']:.0f} s]", flush=True)
             print("ROW", json.dumps(r), flush=True)
             out["real_radioactivity"] = rows
-            if dose != "teacher":
-                del student
+    if only:
+        print(f"  --arms {','.join(sorted(only))}: done; run without --arms to summarise every cached arm", flush=True)
     # nulls: every student under random keys (none of them ever saw those keys), keys of its own
     # (ra.null_pvalues: students of one teacher share most pairs, so shared keys give near-equal p-values)
     null = {}
     for mode in ("open", "api"):
         for filt, c in [("", None), ("_filtered", contexts)]:
             sets = [wm.distinct_pairs(prev, pred, c) if mode == "open" else wm.unique_pairs(gens, c)
-                    for prev, pred, gens in preds.values()]
+                    for prev, pred, gens, _ in preds.values()]
             null[mode + filt] = ra.null_pvalues(sets, n_keys, seed=99)
+    keys = [wm.key_seed(k) for k in random_keys(n_keys * len(preds), seed=98)]
+    null["dist_filtered"] = [ra.score_distribution(keys[i * n_keys + j], v[3]).p_value
+                             for i, v in enumerate(preds.values()) for j in range(n_keys)]
     out["_null_real"] = null
     tpr = {}
     for m, ps in null.items():
         floor = min(ps + [r[f"{m}_p"] for r in rows if not r["arm"].startswith("watermarked")])
-        for name, _ in arms:
+        for _, name, _ in arms:
             if name.startswith("watermarked"):
                 hits = [r[f"{m}_p"] < floor for r in rows if r["arm"] == name]
                 tpr[f"{m} | {name}"] = f"{sum(hits)}/{len(hits)}"
         tpr[f"{m} | null min p"] = floor
     out["real_radioactivity_tpr_at_fpr0"] = tpr
     out["times"]["real radioactivity"] = time.perf_counter() - t_start
-    print("\n| arm | seeds | open p | open p, filtered (pairs) | API p | API p, filtered |\n|---|---|---|---|---|---|")
-    for name, _ in arms:
+    print("\n| arm | seeds | open p | open p, filtered (pairs) | open distribution p, filtered (contexts) | API p | API p, filtered |"
+          "\n|---|---|---|---|---|---|---|")
+    for _, name, _ in arms:
         rs = [x for x in rows if x["arm"] == name]
+        if not rs:
+            continue
         f = lambda k: ", ".join(f"{x[k]:.2g}" for x in rs)  # noqa: E731
-        print(f"| {name} | {len(rs)} | {f('open_p')} | {f('open_filtered_p')} ({rs[0]['open_filtered_pairs']}) | {f('api_p')} | {f('api_filtered_p')} |")
+        print(f"| {name} | {len(rs)} | {f('open_p')} | {f('open_filtered_p')} ({rs[0]['open_filtered_pairs']}) | "
+              f"{f('dist_filtered_p')} ({rs[0]['dist_filtered_contexts']}) | {f('api_p')} | {f('api_filtered_p')} |")
     print(f"\nTPR at FPR 0 over {n_keys} random keys for each of {len(preds)} students (and the controls under the true key):")
     print(json.dumps(tpr, indent=1))
 
@@ -612,6 +689,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="the setting that runs in minutes on a shared 2-core machine")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--setting", choices=sorted(SETTINGS), help="small, medium (a larger real-model radioactivity section) or full")
+    ap.add_argument("--cache", type=Path, help="real-model section: keep teacher answers and each student's results here (resume; --arms)")
+    ap.add_argument("--arms", default="", help="real-model section: run only these arm ids (wm100,para,plain,wm50,wm25,base,teacher,"
+                    "other; 'cached': none), reading the others from --cache; without it every arm runs and all are summarised")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,realradio,prov,real")
     ap.add_argument("--doses", default="", help="comma-separated watermarked shares overriding the setting's, e.g. 0.25,0.5")
     ap.add_argument("--delta", type=float, default=wm.DELTA, help="the watermark's logit bias in the cost section")
@@ -627,13 +708,16 @@ def main() -> None:
             merged.update(json.loads(f.read_text()))
         picture(merged, args.picture)
         return
-    setting = "smoke" if args.smoke else "small" if args.small else "full"
+    setting = args.setting or ("smoke" if args.smoke else "small" if args.small else "full")
     cfg = dict(SETTINGS[setting])
+    cfg["cache"], cfg["arms"] = args.cache, set(filter(None, args.arms.split(",")))
+    if cfg["arms"] and not args.cache:
+        ap.error("--arms needs --cache (the other arms' results are read from it)")
     cfg["delta"], cfg["confident"] = args.delta, args.confident
     if args.doses:
         cfg["doses"] = [float(d) for d in args.doses.split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    out: dict = {"setting": setting, "config": cfg, "times": {}}
+    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms")}, "times": {}}
     start = time.perf_counter()
 
     def section(name, fn, *a):
@@ -664,6 +748,7 @@ def main() -> None:
         section("radioactivity (SmolLM2-135M teacher, pruned students)", real_radioactivity, cfg, out)
         rows.append(calibration_row("real students, open weights, random keys", out["_null_real"]["open"]))
         rows.append(calibration_row("real students, open weights filtered, random keys", out["_null_real"]["open_filtered"]))
+        rows.append(calibration_row("real students, open weights distribution filtered, random keys", out["_null_real"]["dist_filtered"]))
         rows.append(calibration_row("real students, API only, random keys", out["_null_real"]["api"]))
     if "prov" not in skip:
         section("provenance (tiny scale)", provenance_pairs, cfg, ctx, out)
