@@ -119,10 +119,38 @@ def test_serve_with_antidistill(tiny_model_dir, tmp_path):
         assert r.status_code == 200, r.text
 
 
+@pytest.mark.parametrize("scheme", ["greenlist", "gumbel"])
+def test_serve_with_antidistill_and_a_watermark(tiny_model_dir, tmp_path, monkeypatch, scheme):
+    """Both at once: answers differ from the watermark alone (the poison acts) and are still
+    detected under the key (the watermark is applied last), not under another key."""
+    import httpx
+
+    from stillhouse import models
+    from stillhouse.guard import watermark as wm
+    from stillhouse.serve import ServerThread, build_app
+
+    key, other = "cd" * 32, "ef" * 32
+    monkeypatch.setenv("WMK", key)
+    cfg = tmp_path / "ad.yaml"
+    cfg.write_text(f"proxy: {tiny_model_dir}\nlam: 3.0\ndownstream: {{problems: 4}}\n")
+    answers = {}
+    for arm, extra in [("both", {"antidistill": str(cfg)}), ("watermark", {})]:
+        app = build_app(str(tiny_model_dir), watermark_key_env="WMK", watermark_scheme=scheme, **extra)
+        with ServerThread(app) as url:
+            answers[arm] = [httpx.post(f"{url}/chat/completions", timeout=60, json={
+                "model": str(tiny_model_dir), "messages": [{"role": "user", "content": f"say {i}"}],
+                "max_tokens": 48, "temperature": 1.0, "seed": i}).json()["choices"][0]["message"]["content"]
+                for i in range(6)]
+    assert answers["both"] != answers["watermark"]
+    tok = models.load(str(tiny_model_dir)).tokenizer
+    assert wm.detect_text(key, answers["both"], tok, scheme).p_value < 1e-6
+    assert wm.detect_text(other, answers["both"], tok, scheme).p_value > 1e-3
+
+
 @pytest.mark.parametrize("args,message", [
     (["--antidistill", "{cfg}"], "lamda"),
     (["--watermark-key-env", "WMK", "--watermark-scheme", "kgw"], "unknown watermark scheme 'kgw'"),
-    (["--watermark-key-env", "WMK", "--antidistill", "{good}"], "cannot be combined"),
+    (["--watermark-key-env", "WMK_UNSET", "--antidistill", "{good}"], "WMK_UNSET"),
 ])
 def test_serve_cli_bad_settings_exit_2(tiny_model_dir, tmp_path, capsys, monkeypatch, args, message):
     from stillhouse.cli import main

@@ -50,23 +50,25 @@ def build_app(model: str, *, max_batch: int = 16, faults: str | None = None, see
         from ..guard.watermark import processor_from_env
 
         watermark = processor_from_env(watermark_key_env, scheme=watermark_scheme)
-    if antidistill and watermark is not None:
-        raise StillhouseError("--antidistill and --watermark-key-env cannot be combined yet: choose one")
     ad_cfg = None
     if antidistill:
         from ..guard.antidistill import load_config
 
         ad_cfg = load_config(antidistill)  # checked before the model loads
     lm = models.load(model)
+    processor = watermark
     if ad_cfg is not None:
         from ..guard.antidistill import build
+        from ..teachers.decode import ProcessorChain
 
-        watermark = build(ad_cfg, lm.tokenizer)
+        poison = build(ad_cfg, lm.tokenizer)
+        # the watermark goes last: it marks the distribution that is sampled
+        processor = poison if watermark is None else ProcessorChain(poison, watermark)
     context = context_length(lm.model)
     if max_context is not None:
         context = min(context, max_context)
     engine = Engine(lm.model, lm.tokenizer, HFTeacher(lm.model, lm.tokenizer)._stop_ids(), max_batch=max_batch)
-    engine.logits_processor = watermark  # the watermark or the antidistillation processor
+    engine.logits_processor = processor  # the watermark, antidistillation, or both
     cfg = ServeConfig(served_name or model, context, default_max_tokens=default_max_tokens, max_concurrent=max_concurrent)
     app = create_app(engine, cfg, fault_cfg, keys)
     app.state.faults = fault_cfg  # tests and bench/chaos.py change the rates of a running server

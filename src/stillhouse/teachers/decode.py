@@ -43,6 +43,28 @@ def gumbel_sample(logits: torch.Tensor, temperature: float, top_p: float, genera
     return (scores + noise).argmax(-1)
 
 
+class ProcessorChain:
+    """Logits processors applied in order, e.g. antidistillation and then the watermark (last, so
+    it marks the distribution that is actually sampled and detection is unchanged). At most one
+    may be a keyed sampler (a `gumbels` method): its noise is the chain's."""
+
+    def __init__(self, *processors):
+        keyed = [p for p in processors if getattr(p, "gumbels", None) is not None]
+        if len(keyed) > 1:
+            raise ValueError("a processor chain takes at most one keyed sampler")
+        self.processors = processors
+        if keyed:
+            self.gumbels = keyed[0].gumbels
+
+    def __call__(self, input_ids, scores):
+        for p in self.processors:
+            scores = p(input_ids, scores)
+        return scores
+
+    def __repr__(self) -> str:
+        return f"ProcessorChain({', '.join(map(repr, self.processors))})"
+
+
 def keyed_noise(processor, ids: torch.Tensor, vocab: int, streams=None, generated=None):
     """The processor's own sampling noise, if it is a keyed sampler (guard.watermark.GumbelWatermark);
     `streams` [rows]: each row's sample index among its prompt's n samples (None: all 0);
