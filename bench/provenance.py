@@ -53,27 +53,30 @@ from stillhouse.teachers.base import SamplingParams  # noqa: E402
 from stillhouse.teachers.hf import HFTeacher, encode_prompt, render_chat  # noqa: E402
 
 KEY = "5eed" * 16  # the provider's key in these experiments (not secret: a benchmark)
+# real provenance section: prompts and sampled tokens per training answer, probe prompts, SFT epochs
+# and learning rates (pruned students, LoRA, full fine-tuning)
+REAL_PROV = dict(train=128, tokens=64, probes=60, epochs=3, lr=3e-4, lora_lr=1e-3, ft_lr=5e-5)
 SETTINGS = {
     # problems: chain_sum problems for pass@1; ppl_texts: held-out paragraphs; long: 200-token answers;
     # keys: random keys for calibration; tiny_prompts/seeds/doses: radioactivity; prov_seeds: provenance pairs
     "small": dict(problems=300, ppl_texts=30, long=10, keys=200, tiny_prompts=192, tiny_probes=256, seeds=2,
-                  doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_provenance=True,
+                  doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_prov=REAL_PROV,
                   real_radio=dict(train=64, probes=24, probe_texts=60, tokens=40, doses=[0.25, 1.0], seeds=1, epochs=3,
                                   lr=3e-4, keys=200, paraphrase=True, other_teacher=False)),
     # `small` with a real-model radioactivity section large enough to detect something: 256
     # training answers of 96 tokens (4x the answers, 10x the watermarked tokens of `small`)
     "medium": dict(problems=300, ppl_texts=30, long=10, keys=200, tiny_prompts=192, tiny_probes=256, seeds=2,
-                   doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_provenance=True,
+                   doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_prov=REAL_PROV,
                    real_radio=dict(train=256, probes=64, probe_texts=200, probe_answers=True, tokens=96, doses=[0.25, 0.5, 1.0],
                                    seeds=1, epochs=3, lr=3e-4, keys=200, paraphrase=True, paraphraser="gemma3-270m",
                                    other_teacher=True)),
     # a seconds-long run of every code path (not a measurement)
     "smoke": dict(problems=10, ppl_texts=2, long=2, keys=100, tiny_prompts=48, seeds=1, doses=[1.0],
-                  prov_tune=[1], prov_report=[2], real_provenance=True,
+                  prov_tune=[1], prov_report=[2], real_prov=dict(train=8, tokens=8, probes=4, epochs=1, lr=3e-4, lora_lr=1e-3, ft_lr=5e-5),
                   real_radio=dict(train=16, probes=8, probe_texts=8, tokens=16, doses=[1.0], seeds=1, epochs=1, lr=3e-4, keys=100,
                                   paraphrase=True, other_teacher=False)),
     "full": dict(problems=2000, ppl_texts=200, long=50, keys=1000, tiny_prompts=1024, tiny_probes=512, seeds=5,
-                 doses=[0.05, 0.1, 0.25, 0.5, 1.0], prov_tune=[1, 2], prov_report=[3, 4, 5, 6, 7, 8], real_provenance=True,
+                 doses=[0.05, 0.1, 0.25, 0.5, 1.0], prov_tune=[1, 2], prov_report=[3, 4, 5, 6, 7, 8], real_prov=REAL_PROV,
                  real_radio=dict(train=256, probes=64, probe_texts=200, tokens=96, doses=[0.05, 0.1, 0.25, 1.0], seeds=3, epochs=3, lr=3e-4,
                                  keys=1000, paraphrase=True, other_teacher=True)),
 }
@@ -447,7 +450,7 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
                 "dists": {str(a): {str(v): q for v, q in row.items()} for a, row in dists.items()}}
 
     for arm_id, name, dose in arms:
-        for s in range(rc["seeds"] if dose not in ("base", "teacher") else 1):
+        for s in (rc.get("seed_list") or range(rc["seeds"])) if dose not in ("base", "teacher") else [0]:
             tag = f"student-{arm_id}-{s}"
             if only and arm_id not in only and not cache.has(tag):
                 continue
@@ -601,36 +604,140 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
               f"{np.median([p['p_value'] for p in ps]):.2g} |")
 
 
-def real_provenance(out: dict) -> None:
-    """SmolLM2 as parent; its depth-pruned versions (derived) and Gemma-3-270m (not) as suspects;
-    references: Gemma-3 pruned to 12 of 18 layers and SmolLM2-unrelated... only Gemma's family
-    is available here, which is the limit of this part (see docs/provenance.md)."""
+# Two fluent lineages ship here: SmolLM2-135M-Instruct ("S") and Gemma-3-270m ("G"). Each model
+# below is a suspect against each parent that is not itself; the truth is whether that parent is
+# in its lineage (its weights or its training data came from it). recipe: (weights, how, data);
+# data is a parent's sampled answers ("S", "G"), another suspect's ("s-sft-0": a student of a
+# student) or "gcd": reasoning-gym problems with their gold answers, text no model wrote.
+REAL_SUSPECTS = {
+    "smollm2": ("SmolLM2-135M-Instruct", {"S"}, None),
+    "gemma3": ("Gemma-3-270m", {"G"}, None),
+    "s-sft-0": ("SmolLM2 pruned to 14 blocks + SFT on its answers, seed 0", {"S"}, ("S", "prune", "S", 0)),
+    "s-sft-1": ("SmolLM2 pruned to 14 blocks + SFT on its answers, seed 1", {"S"}, ("S", "prune", "S", 1)),
+    "s-lora-gcd": ("SmolLM2 + LoRA on gcd gold answers", {"S"}, ("S", "lora", "gcd", 0)),
+    "s-ft-gcd": ("SmolLM2 fully fine-tuned on gcd gold answers", {"S"}, ("S", "full", "gcd", 0)),
+    "g-sft-0": ("Gemma pruned to 12 of 18 blocks + SFT on its answers", {"G"}, ("G", "prune", "G", 0)),
+    "g-lora-gcd": ("Gemma + LoRA on gcd gold answers", {"G"}, ("G", "lora", "gcd", 0)),
+    "s-sft-of-g": ("SmolLM2 pruned + SFT on Gemma's answers", {"S", "G"}, ("S", "prune", "G", 0)),
+    "g-sft-of-s": ("Gemma pruned + SFT on SmolLM2's answers", {"G", "S"}, ("G", "prune", "S", 0)),
+    "g-sft-of-s-student": ("Gemma pruned + SFT on the answers of s-sft-0 (student of a student)", {"G", "S"}, ("G", "prune", "s-sft-0", 0)),
+}
+REAL_PARENTS = {"S": "smollm2", "G": "gemma3"}
+# (similarity window in characters, alpha), none chosen on the real pairs: the CLI's defaults, and
+# the setting section 4 chose on its tiny tuning pairs
+REAL_PROV_SETTINGS = {"CLI default (80 chars, alpha 0.01)": (80, 0.01), "tiny-tuned (40 chars, alpha 0.001)": (40, 0.001)}
+
+
+def real_provenance(cfg: dict, out: dict) -> None:
+    """Every REAL_SUSPECTS model against each parent; references for parent P are all the other
+    models without P in their lineage. Settings (window, alpha) are the CLI's defaults and the
+    ones chosen on the tiny-scale tuning pairs: nothing is tuned on these pairs."""
     from stillhouse import models
     from stillhouse.train.students import prune_depth
+    from stillhouse.verify.reasoning_gym import problems
 
-    probes = pv.default_probes(40)
-    smol = models.load("smollm2-135m-instruct")
-    gemma = models.load("gemma3-270m")
-    ans = {}
-    t0 = time.perf_counter()
-    ans["smollm2"] = pv.answers(smol.model, smol.tokenizer, probes)
-    for keep in (26, 20):
-        kept = [i for i in range(30) if i < keep - 2 or i >= 30 - 2]  # drop blocks from the middle-late part
-        ans[f"smollm2 pruned to {keep} layers"] = pv.answers(prune_depth(smol.model, kept), smol.tokenizer, probes)
-    ans["gemma3-270m"] = pv.answers(gemma.model, gemma.tokenizer, probes)
-    n = gemma.model.config.num_hidden_layers
-    ans["gemma3-270m pruned (ref)"] = pv.answers(prune_depth(gemma.model, [i for i in range(n) if i % 3 != 1]), gemma.tokenizer, probes)
-    refs = {"gemma3-270m pruned (ref)": ans["gemma3-270m pruned (ref)"]}
-    rows = []
-    for suspect, derived in [("smollm2 pruned to 26 layers", True), ("smollm2 pruned to 20 layers", True), ("gemma3-270m", False)]:
-        v = pv.test(ans[suspect], ans["smollm2"], refs)
-        rows.append({"suspect": suspect, "derived": derived, "verdict": v.derived, "p_value": v.p_value,
-                     "parent_similarity": v.parent_similarity, "reference_similarity": v.reference_similarity})
-    out["real_provenance"] = {"rows": rows, "seconds": time.perf_counter() - t0}
-    print("\n| suspect (parent SmolLM2-135M-Instruct) | truly derived | verdict | p | similarity to parent / to reference |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['suspect']} | {'yes' if r['derived'] else 'no'} | {'derived' if r['verdict'] else 'not derived'} | {r['p_value']:.2g} | "
-              f"{r['parent_similarity']:.2f} / {list(r['reference_similarity'].values())[0]:.2f} |")
+    rp = cfg["real_prov"]
+    cache = Cache(cfg.get("cache"))
+    only = cfg.get("models")
+    t_start = time.perf_counter()
+    loaded = {}
+
+    def load(parent):
+        if parent not in loaded:
+            loaded[parent] = models.load({"S": "smollm2-135m-instruct", "G": "gemma3-270m"}[parent])
+        return loaded[parent]
+
+    train_p = real_prompts()[: rp["train"]]
+    gen = dict(max_new_tokens=rp["tokens"], temperature=0.8)
+    probes = pv.default_probes(rp["probes"])
+
+    def texts_of(source):  # (prompts, answer texts) a suspect trains on
+        if source == "gcd":
+            ps = problems("gcd", {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 50}, rp["train"], 77)
+            return [q["question"] for q in ps], [q["answer"] for q in ps]
+        if source in REAL_PARENTS:
+            lm = load(source)
+            texts = cache.get(f"prov-train-{source}", lambda: [c.text for c in generate(lm.model, lm.tokenizer, train_p, None, seed=1, **gen)])
+        else:  # another suspect's answers: built with it
+            texts = build(source)["train_answers"]
+        return train_p, texts
+
+    def build(mid):
+        def make():
+            t0 = time.perf_counter()
+            _, _, recipe = REAL_SUSPECTS[mid]
+            if recipe is None:
+                lm = load("S" if mid == "smollm2" else "G")
+                return {"answers": pv.answers(lm.model, lm.tokenizer, probes), "train_seconds": 0.0, "seconds": time.perf_counter() - t0}
+            weights, how, source = recipe[:3]
+            lm = load(weights)
+            tok = lm.tokenizer
+            prompts, texts = texts_of(source)
+            comps = [Ids(tok(t, add_special_tokens=False)["input_ids"][: rp["tokens"]]) for t in texts]
+            torch.manual_seed(recipe[3])
+            t1 = time.perf_counter()
+            if how == "prune":
+                n = lm.model.config.num_hidden_layers
+                kept = list(range(12)) + [n - 2, n - 1] if weights == "S" else [i for i in range(n) if i % 3 != 1]
+                m = sft(prune_depth(lm.model, kept), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["lr"])
+            elif how == "lora":
+                m = sft(copy.deepcopy(lm.model), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["lora_lr"], lora=True)
+            else:
+                m = sft(copy.deepcopy(lm.model), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["ft_lr"])
+            t_train = time.perf_counter() - t1
+            res = {"answers": pv.answers(m, tok, probes), "train_seconds": t_train}
+            if any(r and r[2] == mid for _, _, r in REAL_SUSPECTS.values()):  # a teacher of another suspect
+                res["train_answers"] = [c.text for c in generate(m, tok, train_p, None, seed=2, **gen)]
+            res["seconds"] = time.perf_counter() - t0
+            print(f"  built {mid}: {res['seconds']:.0f} s (training {t_train:.0f} s); first answer: {res['answers'][0][:70]!r}", flush=True)
+            return res
+
+        return cache.get(f"prov-{mid}", make)
+
+    ans, secs = {}, {}
+    for mid in REAL_SUSPECTS:
+        if only and mid not in only and not cache.has(f"prov-{mid}"):
+            continue
+        r = build(mid)
+        ans[mid], secs[mid] = r["answers"], r["seconds"]
+    if only:
+        print(f"  --models {','.join(sorted(only))}: done; run without --models to test every cached model", flush=True)
+    settings = REAL_PROV_SETTINGS
+    pairs = []
+    for mid in ans:
+        for pk, pid in REAL_PARENTS.items():
+            if mid == pid or pid not in ans:
+                continue
+            refs = {r: ans[r] for r in ans if r != mid and pk not in REAL_SUSPECTS[r][1]}
+            row = {"suspect": mid, "description": REAL_SUSPECTS[mid][0], "parent": pid, "derived": pk in REAL_SUSPECTS[mid][1],
+                   "references": sorted(refs)}
+            for name, (chars, alpha) in settings.items():
+                v = pv.test(ans[mid], ans[pid], refs, alpha, chars)
+                row[name] = {"p_value": v.p_value, "derived": v.derived, "parent_similarity": v.parent_similarity,
+                             "closest_reference": max(v.reference_similarity, key=v.reference_similarity.get) if refs else None,
+                             "closest_reference_similarity": max(v.reference_similarity.values()) if refs else None}
+            pairs.append(row)
+    summary = {}
+    for name in settings:
+        tp = sum(r[name]["derived"] and r["derived"] for r in pairs)
+        fp = sum(r[name]["derived"] and not r["derived"] for r in pairs)
+        fn = sum(not r[name]["derived"] and r["derived"] for r in pairs)
+        tn = len(pairs) - tp - fp - fn
+        summary[name] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn)}
+    out["real_provenance"] = {"pairs": pairs, "summary": summary, "model_seconds": secs, "config": rp,
+                              "seconds": time.perf_counter() - t_start}
+    key = next(iter(settings))
+    print(f"\n| suspect | parent | truly derived | p ({key}) | verdict | p (tiny-tuned) | verdict | sim. to parent / closest reference |"
+          "\n|---|---|---|---|---|---|---|---|")
+    tuned = list(settings)[1]
+    for r in pairs:
+        a, b = r[key], r[tuned]
+        print(f"| {r['suspect']} | {r['parent']} | {'yes' if r['derived'] else 'no'} | {a['p_value']:.2g} | "
+              f"{'derived' if a['derived'] else 'not'} | {b['p_value']:.2g} | {'derived' if b['derived'] else 'not'} | "
+              f"{a['parent_similarity']:.2f} / {a['closest_reference_similarity'] or 0:.2f} ({a['closest_reference']}) |")
+    for name, s_ in summary.items():
+        print(f"\n{name}: {len(pairs)} pairs; | truly derived | {s_['tp']} | {s_['fn']} |  | not derived | {s_['fp']} | {s_['tn']} |; "
+              f"precision {100 * s_['precision']:.0f}%, recall {100 * s_['recall']:.0f}%")
 
 
 def _arm_panel(ax, rows: list[dict], modes: list[tuple[str, str]], title: str) -> None:
@@ -662,25 +769,34 @@ def picture(out: dict, path: Path) -> None:
     if out.get("real_radioactivity"):
         _arm_panel(m, out["real_radioactivity"], [("open_p", "open weights"), ("open_filtered_p", "open weights, filtered"),
                                                   ("api_p", "API only")], "Radioactivity, SmolLM2 teacher / pruned students")
-    prov = out.get("provenance", {}).get("pairs", [])
-    rep = [p for p in prov if p["split"] == "report"]
+    curves = []  # (label, [(p-value, truly derived)], p-value threshold marked)
+    prov = out.get("provenance", {})
+    rep = [(p["p_value"], p["derived"]) for p in prov.get("pairs", []) if p["split"] == "report"]
     if rep:
-        ts = sorted({p["p_value"] for p in rep} | {1.0})
+        curves.append((f"tiny scale, {len(rep)} reported pairs", rep, prov["chosen"]["alpha"]))
+    real = out.get("real_provenance", {}).get("pairs", [])
+    if real:
+        key = next(iter(REAL_PROV_SETTINGS))
+        curves.append((f"SmolLM2 / Gemma-3 lineages, {len(real)} pairs", [(r[key]["p_value"], r["derived"]) for r in real], 0.01))
+    for i, (label, pts, alpha) in enumerate(curves):
         prec, rec = [], []
-        for t in ts:
-            tp = sum(p["p_value"] <= t and p["derived"] for p in rep)
-            fp = sum(p["p_value"] <= t and not p["derived"] for p in rep)
+        for t in sorted({pv_ for pv_, _ in pts} | {1.0}):
+            tp = sum(q <= t and d for q, d in pts)
+            fp = sum(q <= t and not d for q, d in pts)
             prec.append(tp / max(1, tp + fp))
-            rec.append(tp / max(1, sum(p["derived"] for p in rep)))
-        b.plot(rec, prec, marker=".")
-        ch = out["provenance"]["chosen"]["alpha"]
-        b.scatter([out["provenance"]["recall"]], [out["provenance"]["precision"]], color="red", zorder=3, label=f"alpha = {ch}")
+            rec.append(tp / max(1, sum(d for _, d in pts)))
+        b.plot(rec, prec, marker=".", color=f"C{i}", label=label)
+        tp = sum(q < alpha and d for q, d in pts)
+        fp = sum(q < alpha and not d for q, d in pts)
+        b.scatter([tp / max(1, sum(d for _, d in pts))], [tp / max(1, tp + fp)], color=f"C{i}", edgecolor="red", s=60, zorder=3,
+                  label=f"alpha = {alpha}")
+    if curves:
         b.set_xlabel("recall")
         b.set_ylabel("precision")
         b.set_ylim(0, 1.05)
         b.set_xlim(0, 1.05)
-        b.legend(fontsize=8)
-        b.set_title("Provenance test (tiny scale): reported pairs, threshold on p", fontsize=9)
+        b.legend(fontsize=7)
+        b.set_title("Provenance test: precision/recall over the threshold on p", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -693,6 +809,10 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="real-model section: keep teacher answers and each student's results here (resume; --arms)")
     ap.add_argument("--arms", default="", help="real-model section: run only these arm ids (wm100,para,plain,wm50,wm25,base,teacher,"
                     "other; 'cached': none), reading the others from --cache; without it every arm runs and all are summarised")
+    ap.add_argument("--models", default="", help="real provenance section: build only these suspects (REAL_SUSPECTS ids), "
+                    "reading the others from --cache; without it every suspect is built and all pairs are tested")
+    ap.add_argument("--real-seeds", default="", help="real radioactivity section: train these student seeds (e.g. 1,2) "
+                    "instead of the setting's 0..seeds-1")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,realradio,prov,real")
     ap.add_argument("--doses", default="", help="comma-separated watermarked shares overriding the setting's, e.g. 0.25,0.5")
     ap.add_argument("--delta", type=float, default=wm.DELTA, help="the watermark's logit bias in the cost section")
@@ -711,13 +831,18 @@ def main() -> None:
     setting = args.setting or ("smoke" if args.smoke else "small" if args.small else "full")
     cfg = dict(SETTINGS[setting])
     cfg["cache"], cfg["arms"] = args.cache, set(filter(None, args.arms.split(",")))
-    if cfg["arms"] and not args.cache:
-        ap.error("--arms needs --cache (the other arms' results are read from it)")
+    cfg["models"] = set(filter(None, args.models.split(",")))
+    if (cfg["arms"] or cfg["models"]) and not args.cache:
+        ap.error("--arms and --models need --cache (the other arms' or models' results are read from it)")
+    if cfg["models"] - set(REAL_SUSPECTS):
+        ap.error(f"--models: unknown {sorted(cfg['models'] - set(REAL_SUSPECTS))}; choose from {sorted(REAL_SUSPECTS)}")
     cfg["delta"], cfg["confident"] = args.delta, args.confident
+    if args.real_seeds:
+        cfg["real_radio"] = {**cfg["real_radio"], "seed_list": [int(x) for x in args.real_seeds.split(",")]}
     if args.doses:
         cfg["doses"] = [float(d) for d in args.doses.split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms")}, "times": {}}
+    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms", "models")}, "times": {}}
     start = time.perf_counter()
 
     def section(name, fn, *a):
@@ -752,8 +877,8 @@ def main() -> None:
         rows.append(calibration_row("real students, API only, random keys", out["_null_real"]["api"]))
     if "prov" not in skip:
         section("provenance (tiny scale)", provenance_pairs, cfg, ctx, out)
-    if "real" not in skip and cfg["real_provenance"]:
-        section("provenance (SmolLM2 / Gemma-3)", real_provenance, out)
+    if "real" not in skip:
+        section("provenance (SmolLM2 / Gemma-3 lineages)", real_provenance, cfg, out)
     out["times"]["total"] = time.perf_counter() - start
     print(f"\ntotal {out['times']['total']:.0f} s (setting {out['setting']}; machine shared with other jobs)")
     picture(out, args.picture)
