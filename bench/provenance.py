@@ -810,7 +810,7 @@ def main() -> None:
     ap.add_argument("--arms", default="", help="real-model section: run only these arm ids (wm100,para,plain,wm50,wm25,base,teacher,"
                     "other; 'cached': none), reading the others from --cache; without it every arm runs and all are summarised")
     ap.add_argument("--models", default="", help="real provenance section: build only these suspects (REAL_SUSPECTS ids), "
-                    "reading the others from --cache; without it every suspect is built and all pairs are tested")
+                    "reading the others from --cache ('cached': none); without it every suspect is built and all pairs are tested")
     ap.add_argument("--real-seeds", default="", help="real radioactivity section: train these student seeds (e.g. 1,2) "
                     "instead of the setting's 0..seeds-1")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,realradio,prov,real")
@@ -834,7 +834,7 @@ def main() -> None:
     cfg["models"] = set(filter(None, args.models.split(",")))
     if (cfg["arms"] or cfg["models"]) and not args.cache:
         ap.error("--arms and --models need --cache (the other arms' or models' results are read from it)")
-    if cfg["models"] - set(REAL_SUSPECTS):
+    if cfg["models"] - set(REAL_SUSPECTS) - {"cached"}:
         ap.error(f"--models: unknown {sorted(cfg['models'] - set(REAL_SUSPECTS))}; choose from {sorted(REAL_SUSPECTS)}")
     cfg["delta"], cfg["confident"] = args.delta, args.confident
     if args.real_seeds:
