@@ -21,7 +21,9 @@ Sections (each prints a Markdown table; all of them go to --out as JSON, plus th
    under the true key and many random keys (TPR at FPR 0).
 4. Provenance without a watermark: pairs derived / not derived from a parent, tuning pairs
    (choose alpha and the similarity window) kept apart from reported pairs; confusion table and
-   precision/recall; plus the real SmolLM2 / Gemma-3 pairs.
+   precision/recall.
+5. Provenance at real scale (`real`): models derived from SmolLM2-135M-Instruct and Gemma-3-270m
+   (REAL_SUSPECTS), each tested against each parent, references from the other lineage.
 """
 
 from __future__ import annotations
