@@ -55,6 +55,13 @@ from stillhouse.teachers.base import SamplingParams  # noqa: E402
 from stillhouse.teachers.hf import HFTeacher, encode_prompt, render_chat  # noqa: E402
 
 KEY = "5eed" * 16  # the provider's key in these experiments (not secret: a benchmark)
+
+
+def smol_student_blocks(n: int) -> list[int]:
+    """The blocks quickstart's student keeps of SmolLM2's n: the first 12 and the last 2 (14 of 30)."""
+    return list(range(12)) + [n - 2, n - 1]
+
+
 # real provenance section: prompts and sampled tokens per training answer, probe prompts, SFT epochs
 # and learning rates (pruned students, LoRA, full fine-tuning)
 REAL_PROV = dict(train=128, tokens=64, probes=60, epochs=3, lr=3e-4, lora_lr=1e-3, ft_lr=5e-5)
@@ -74,7 +81,7 @@ SETTINGS = {
                                    other_teacher=True)),
     # a seconds-long run of every code path (not a measurement)
     "smoke": dict(problems=10, ppl_texts=2, long=2, keys=100, tiny_prompts=48, seeds=1, doses=[1.0],
-                  prov_tune=[1], prov_report=[2], real_prov=dict(train=8, tokens=8, probes=4, epochs=1, lr=3e-4, lora_lr=1e-3, ft_lr=5e-5),
+                  prov_tune=[1], prov_report=[2], real_prov=dict(REAL_PROV, train=8, tokens=8, probes=4, epochs=1),
                   real_radio=dict(train=16, probes=8, probe_texts=8, tokens=16, doses=[1.0], seeds=1, epochs=1, lr=3e-4, keys=100,
                                   paraphrase=True, other_teacher=False)),
     "full": dict(problems=2000, ppl_texts=200, long=50, keys=1000, tiny_prompts=1024, tiny_probes=512, seeds=5,
@@ -401,7 +408,7 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
         probe_ids += [encode_prompt(tok, render_chat(tok, msgs(q))) + c["token_ids"] for q, c in zip(probe_p, ans)]
     arms = real_arms(rc)
     n = smol.model.config.num_hidden_layers
-    kept = list(range(12)) + [n - 2, n - 1]  # 14 of 30 blocks, as quickstart's student
+    kept = smol_student_blocks(n)
     rows, preds = [], {}
     n_keys = rc["keys"]  # random keys per student for the nulls
     seed_key = wm.key_seed(KEY)
@@ -514,6 +521,15 @@ def real_radioactivity(cfg: dict, out: dict) -> None:
 
 
 # -- 4. provenance -----------------------------------------------------------------------------
+def confusion(verdicts: list[tuple[bool, bool]]) -> dict:
+    """Counts, precision, recall and F1 of (called derived, truly derived) verdicts."""
+    tp = sum(c and d for c, d in verdicts)
+    fp = sum(c and not d for c, d in verdicts)
+    fn = sum(d and not c for c, d in verdicts)
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": len(verdicts) - tp - fp - fn, "precision": tp / max(1, tp + fp),
+            "recall": tp / max(1, tp + fn), "f1": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
 def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
     """Tiny families: parents A (the teacher) and B (another teacher); for each seed, models
     derived from each parent in several ways and models unrelated to it."""
@@ -569,15 +585,8 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
     best = None
     for chars in (40, 80, 160):
         for alpha in (0.001, 0.01, 0.05):
-            tp = fp = fn = 0
-            for p in pairs:
-                if p["split"] != "tune":
-                    continue
-                v = pv.test(p["answers"], p["parent_answers"], ref_ans, alpha, chars)
-                tp += v.derived and p["derived"]
-                fp += v.derived and not p["derived"]
-                fn += (not v.derived) and p["derived"]
-            f1 = 2 * tp / max(1, 2 * tp + fp + fn)
+            f1 = confusion([(pv.test(p["answers"], p["parent_answers"], ref_ans, alpha, chars).derived, p["derived"])
+                            for p in pairs if p["split"] == "tune"])["f1"]
             if best is None or f1 > best[0]:
                 best = (f1, chars, alpha)
     _, chars, alpha = best
@@ -587,12 +596,10 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
         p.update(p_value=v.p_value, verdict=v.derived)
         if p["split"] == "report":
             report.append(p)
-    tp = sum(p["verdict"] and p["derived"] for p in report)
-    fp = sum(p["verdict"] and not p["derived"] for p in report)
-    fn = sum((not p["verdict"]) and p["derived"] for p in report)
-    tn = sum((not p["verdict"]) and not p["derived"] for p in report)
+    c = confusion([(p["verdict"], p["derived"]) for p in report])
+    tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
     out["provenance"] = {"chosen": {"chars": chars, "alpha": alpha, "tune_f1": best[0]}, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-                         "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn),
+                         "precision": c["precision"], "recall": c["recall"],
                          "pairs": [{k: v for k, v in p.items() if "answers" not in k} for p in pairs]}
     r = out["provenance"]
     print(f"\nchosen on {sum(p['split'] == 'tune' for p in pairs)} tuning pairs: window {chars} chars, alpha {alpha}")
@@ -625,6 +632,7 @@ REAL_SUSPECTS = {
     "g-sft-of-s-student": ("Gemma pruned + SFT on the answers of s-sft-0 (student of a student)", {"G", "S"}, ("G", "prune", "s-sft-0", 0)),
 }
 REAL_PARENTS = {"S": "smollm2", "G": "gemma3"}
+REAL_BUILTINS = {"S": "smollm2-135m-instruct", "G": "gemma3-270m"}  # what models.load reads for each parent
 # (similarity window in characters, alpha), none chosen on the real pairs: the CLI's defaults, and
 # the setting section 4 chose on its tiny tuning pairs
 REAL_PROV_SETTINGS = {"CLI default (80 chars, alpha 0.01)": (80, 0.01), "tiny-tuned (40 chars, alpha 0.001)": (40, 0.001)}
@@ -646,7 +654,7 @@ def real_provenance(cfg: dict, out: dict) -> None:
 
     def load(parent):
         if parent not in loaded:
-            loaded[parent] = models.load({"S": "smollm2-135m-instruct", "G": "gemma3-270m"}[parent])
+            loaded[parent] = models.load(REAL_BUILTINS[parent])
         return loaded[parent]
 
     train_p = real_prompts()[: rp["train"]]
@@ -669,7 +677,8 @@ def real_provenance(cfg: dict, out: dict) -> None:
             t0 = time.perf_counter()
             _, _, recipe = REAL_SUSPECTS[mid]
             if recipe is None:
-                lm = load("S" if mid == "smollm2" else "G")
+                (lineage,) = REAL_SUSPECTS[mid][1]  # a parent's lineage is itself
+                lm = load(lineage)
                 return {"answers": pv.answers(lm.model, lm.tokenizer, probes), "train_seconds": 0.0, "seconds": time.perf_counter() - t0}
             weights, how, source = recipe[:3]
             lm = load(weights)
@@ -680,7 +689,7 @@ def real_provenance(cfg: dict, out: dict) -> None:
             t1 = time.perf_counter()
             if how == "prune":
                 n = lm.model.config.num_hidden_layers
-                kept = list(range(12)) + [n - 2, n - 1] if weights == "S" else [i for i in range(n) if i % 3 != 1]
+                kept = smol_student_blocks(n) if weights == "S" else [i for i in range(n) if i % 3 != 1]
                 m = sft(prune_depth(lm.model, kept), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["lr"])
             elif how == "lora":
                 m = sft(copy.deepcopy(lm.model), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["lora_lr"], lora=True)
@@ -719,13 +728,8 @@ def real_provenance(cfg: dict, out: dict) -> None:
                              "closest_reference": max(v.reference_similarity, key=v.reference_similarity.get) if refs else None,
                              "closest_reference_similarity": max(v.reference_similarity.values()) if refs else None}
             pairs.append(row)
-    summary = {}
-    for name in settings:
-        tp = sum(r[name]["derived"] and r["derived"] for r in pairs)
-        fp = sum(r[name]["derived"] and not r["derived"] for r in pairs)
-        fn = sum(not r[name]["derived"] and r["derived"] for r in pairs)
-        tn = len(pairs) - tp - fp - fn
-        summary[name] = {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": tp / max(1, tp + fp), "recall": tp / max(1, tp + fn)}
+    summary = {name: {k: v for k, v in confusion([(r[name]["derived"], r["derived"]) for r in pairs]).items() if k != "f1"}
+               for name in settings}
     out["real_provenance"] = {"pairs": pairs, "summary": summary, "model_seconds": secs, "config": rp,
                               "seconds": time.perf_counter() - t_start}
     key = next(iter(settings))
@@ -778,20 +782,13 @@ def picture(out: dict, path: Path) -> None:
         curves.append((f"tiny scale, {len(rep)} reported pairs", rep, prov["chosen"]["alpha"]))
     real = out.get("real_provenance", {}).get("pairs", [])
     if real:
-        key = next(iter(REAL_PROV_SETTINGS))
-        curves.append((f"SmolLM2 / Gemma-3 lineages, {len(real)} pairs", [(r[key]["p_value"], r["derived"]) for r in real], 0.01))
+        key, (_, alpha) = next(iter(REAL_PROV_SETTINGS.items()))
+        curves.append((f"SmolLM2 / Gemma-3 lineages, {len(real)} pairs", [(r[key]["p_value"], r["derived"]) for r in real], alpha))
     for i, (label, pts, alpha) in enumerate(curves):
-        prec, rec = [], []
-        for t in sorted({pv_ for pv_, _ in pts} | {1.0}):
-            tp = sum(q <= t and d for q, d in pts)
-            fp = sum(q <= t and not d for q, d in pts)
-            prec.append(tp / max(1, tp + fp))
-            rec.append(tp / max(1, sum(d for _, d in pts)))
-        b.plot(rec, prec, marker=".", color=f"C{i}", label=label)
-        tp = sum(q < alpha and d for q, d in pts)
-        fp = sum(q < alpha and not d for q, d in pts)
-        b.scatter([tp / max(1, sum(d for _, d in pts))], [tp / max(1, tp + fp)], color=f"C{i}", edgecolor="red", s=60, zorder=3,
-                  label=f"alpha = {alpha}")
+        curve = [confusion([(q <= t, d) for q, d in pts]) for t in sorted({q for q, _ in pts} | {1.0})]
+        b.plot([c["recall"] for c in curve], [c["precision"] for c in curve], marker=".", color=f"C{i}", label=label)
+        at = confusion([(q < alpha, d) for q, d in pts])
+        b.scatter([at["recall"]], [at["precision"]], color=f"C{i}", edgecolor="red", s=60, zorder=3, label=f"alpha = {alpha}")
     if curves:
         b.set_xlabel("recall")
         b.set_ylabel("precision")
