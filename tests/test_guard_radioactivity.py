@@ -133,6 +133,43 @@ def test_provenance_statistics_known_answers():
     assert pv.paired_p(pv.similarities(parent, parent) - pv.similarities(parent, parent)) == 1.0
 
 
+def test_likelihood_statistic_known_answers():
+    rng = np.random.default_rng(0)
+    parent = rng.normal(-1.0, 0.3, 40)  # the suspect predicts the parent's answers better ...
+    v = pv.test_likelihood(parent, {"r1": parent - 0.5, "r2": parent - 0.2 + rng.normal(0, 0.05, 40)})
+    assert v.derived and v.p_value < 1e-6 and v.statistic == "likelihood"
+    v = pv.test_likelihood(parent, {"r1": parent - 0.5, "r2": parent + 0.1})  # ... but one reference's better still
+    assert not v.derived and v.p_value > 0.5
+    gaps = np.full(40, np.nan)
+    gaps[:30] = parent[:30] - 0.5  # empty answers (no likelihood) drop out of the comparison
+    assert pv.test_likelihood(parent, {"r": gaps}).derived
+    # zlib calibration: an answer that repeats the prompt is cheap to any model and to a compressor alike
+    probe = "Write one sentence about a library."
+    assert pv.zlib_nats(probe, probe) < 1.0 < pv.zlib_nats(probe, "Libraries keep the memory of a city in quiet rows.")
+    probes, fluent, echo = [probe] * 40, ["Libraries keep the memory of a city in quiet rows."] * 40, [probe] * 40
+    # raw likelihood prefers the echo (the reference's answers); calibrated, the suspect is closer to the parent
+    raw = pv.test_likelihood(np.full(40, -2.0) + rng.normal(0, 0.1, 40), {"echo": np.full(40, -0.5)})
+    cal = pv.test_likelihood(np.full(40, -2.0) + rng.normal(0, 0.1, 40), {"echo": np.full(40, -0.5)},
+                             calibrate=(probes, fluent, {"echo": echo}, 80))
+    assert not raw.derived and cal.derived and cal.statistic == "likelihood-zlib"
+
+
+def test_loglik_scores_each_text_alone_and_as_its_answer():
+    from conftest import build_tiny_model, build_tokenizer
+    from stillhouse import models
+
+    tok = build_tokenizer()
+    models.prepare_tokenizer(tok)
+    m = build_tiny_model(tok).eval()
+    own = pv.answers(m, tok, PROBES[:6], max_new_tokens=20)
+    texts = own[:3] + ["zq" * 10] * 2 + [""]
+    batched = pv.loglik(m, tok, PROBES[:6], texts, batch_size=4)
+    alone = np.array([pv.loglik(m, tok, [p], [t], batch_size=1)[0] for p, t in zip(PROBES[:6], texts)])
+    np.testing.assert_allclose(batched[:5], alone[:5], atol=1e-4)  # padding changes nothing
+    assert np.isnan(batched[5]) and np.isnan(alone[5])
+    assert batched[:3].min() > batched[3:5].max()  # its own greedy answers are likelier than noise
+
+
 @dataclass
 class Run:
     returncode: int
@@ -202,6 +239,16 @@ def test_cli_provenance(family, cli):
     r = cli(["provenance", str(d["r7"]), "--parent", str(d["teacher"]), "-r", str(d["r5"]), "-r", str(d["r6"]), "--json"])
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["derived"] is False
+    for statistic in ("likelihood", "likelihood-zlib"):  # the suspect's weights score the others' answers
+        r = cli(["provenance", str(d["plain"]), "--parent", str(d["teacher"]), "-r", str(d["r5"]), "-r", str(d["r6"]),
+                 "--statistic", statistic, "--json"])
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["derived"] is True and out["statistic"] == statistic, out
+        r = cli(["provenance", str(d["r7"]), "--parent", str(d["teacher"]), "-r", str(d["r5"]), "-r", str(d["r6"]),
+                 "--statistic", statistic, "--json"])
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["derived"] is False
 
 
 def _one_line_error(r) -> str:
@@ -234,3 +281,6 @@ def test_cli_bad_inputs_are_one_line(family, cli):
     assert "NOPE_UNSET is not set" in err
     err = _one_line_error(cli(["provenance", str(broken), "--parent", str(d["teacher"]), "-r", str(d["plain"])]))
     assert "does not load" in err
+    err = _one_line_error(cli(["provenance", str(d["plain"]), "--parent", str(d["teacher"]), "-r", str(d["marked"]),
+                               "--statistic", "vibes"]))
+    assert "--statistic must be one of agreement, likelihood, likelihood-zlib" in err

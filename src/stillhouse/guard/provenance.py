@@ -11,11 +11,24 @@ p-value is the largest of the per-reference p-values (an intersection-union test
 without any correction). Null hypothesis: the parent is, to the suspect, just one more
 unrelated model.
 
-Everything here is pure given the answers; generating them is `answers()`.
+Two statistics measure "answers like" per probe:
+- `agreement` (black box: the suspect's answers only): character similarity of the suspect's
+  greedy answer to the parent's and to each reference's.
+- `likelihood` (the suspect's weights, or an API that scores given text): the suspect's
+  log-likelihood per character of the parent's answer and of each reference's answer to that
+  probe. A derivative keeps its parent's distribution even where its greedy answers drifted
+  (a LoRA on other data answers tersely but still finds its parent's sentences likely).
+  Repetitive text is likely under any model, so each text's zlib-compressed size (nats per
+  character) is added back: the score is how much better than zlib the suspect predicts it.
+
+Everything here is pure given the answers and scores; generating them is `answers()` and
+`loglik()`.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 
@@ -46,17 +59,40 @@ def similarities(suspect: list[str], other: list[str], chars: int = 80) -> np.nd
     return np.array([similarity(a, b, chars) for a, b in zip(suspect, other, strict=True)])
 
 
+def zlib_nats(probe: str, text: str) -> float:
+    """A model-free estimate of how predictable a text is as the answer to a probe: the extra
+    zlib-compressed size (nats per character) of the text after the probe. Repeating itself or
+    the prompt costs a compressor little, as it costs any language model little. NaN if empty."""
+    if not text:
+        return math.nan
+    head = (probe + "\n").encode()
+    extra = len(zlib.compress(head + text.encode(), 9)) - len(zlib.compress(head, 9))
+    return 8 * math.log(2) * extra / len(text)
+
+
+def calibrated(logliks: np.ndarray, probes: list[str], texts: list[str], chars: int = 80) -> np.ndarray:
+    """Per-character log-likelihoods (from `loglik`) plus each text's `zlib_nats`: how much better
+    than a compressor the model predicts the text."""
+    return np.asarray(logliks, dtype=float) + np.array([zlib_nats(p, t[:chars]) for p, t in zip(probes, texts, strict=True)])
+
+
+# agreement: the suspect's answers only; likelihood: the suspect scores the others' answers (raw
+# per-character log-likelihood, or calibrated by zlib)
+STATISTICS = ("agreement", "likelihood", "likelihood-zlib")
+
+
 @dataclass
 class Verdict:
     p_value: float
     derived: bool
     alpha: float
-    parent_similarity: float  # mean over probes
+    parent_similarity: float  # mean over probes (of the statistic's per-probe score)
     reference_similarity: dict[str, float]
     reference_p: dict[str, float] = field(default_factory=dict)
+    statistic: str = "agreement"
 
     def to_dict(self) -> dict:
-        return {"p_value": self.p_value, "derived": self.derived, "alpha": self.alpha,
+        return {"statistic": self.statistic, "p_value": self.p_value, "derived": self.derived, "alpha": self.alpha,
                 "parent_similarity": self.parent_similarity, "reference_similarity": self.reference_similarity,
                 "reference_p": self.reference_p}
 
@@ -70,17 +106,39 @@ def paired_p(closer: np.ndarray) -> float:
     return float(wilcoxon(closer, alternative="greater", zero_method="zsplit").pvalue)
 
 
+def closer_test(to_parent: np.ndarray, to_refs: dict[str, np.ndarray], alpha: float = 0.01,
+                statistic: str = "agreement") -> Verdict:
+    """The intersection-union test on per-probe scores (higher: the suspect is closer): the
+    suspect must be closer to the parent than to every reference. Probes where a score is NaN
+    (an empty answer has no likelihood) drop out of that comparison."""
+    to_parent = np.asarray(to_parent, dtype=float)
+    ref_sim, ref_p = {}, {}
+    for name, to_ref in to_refs.items():
+        d = to_parent - np.asarray(to_ref, dtype=float)
+        ref_sim[name] = float(np.nanmean(to_ref)) if np.isfinite(to_ref).any() else math.nan
+        ref_p[name] = paired_p(d[np.isfinite(d)])
+    p = max(ref_p.values()) if ref_p else 1.0
+    mean_parent = float(np.nanmean(to_parent)) if np.isfinite(to_parent).any() else math.nan
+    return Verdict(p, p < alpha, alpha, mean_parent, ref_sim, ref_p, statistic)
+
+
 def test(suspect: list[str], parent: list[str], references: dict[str, list[str]], alpha: float = 0.01,
          chars: int = 80) -> Verdict:
-    """The provenance test on answers to the same probes, in the same order."""
-    to_parent = similarities(suspect, parent, chars)
-    ref_sim, ref_p = {}, {}
-    for name, answers in references.items():
-        to_ref = similarities(suspect, answers, chars)
-        ref_sim[name] = float(to_ref.mean())
-        ref_p[name] = paired_p(to_parent - to_ref)
-    p = max(ref_p.values()) if ref_p else 1.0
-    return Verdict(p, p < alpha, alpha, float(to_parent.mean()), ref_sim, ref_p)
+    """The agreement test on the suspect's answers to the same probes, in the same order."""
+    return closer_test(similarities(suspect, parent, chars),
+                       {name: similarities(suspect, answers, chars) for name, answers in references.items()}, alpha)
+
+
+def test_likelihood(parent: np.ndarray, references: dict[str, np.ndarray], alpha: float = 0.01,
+                    calibrate: tuple[list[str], list[str], dict[str, list[str]], int] | None = None) -> Verdict:
+    """The likelihood test on the suspect's `loglik` of the parent's answers and of each
+    reference's, to the same probes in the same order. `calibrate` = (probes, parent answers,
+    reference answers, chars) adds each text's zlib_nats (the calibrated statistic)."""
+    if calibrate is None:
+        return closer_test(parent, references, alpha, "likelihood")
+    probes, p_texts, r_texts, chars = calibrate
+    return closer_test(calibrated(parent, probes, p_texts, chars),
+                       {n: calibrated(r, probes, r_texts[n], chars) for n, r in references.items()}, alpha, "likelihood-zlib")
 
 
 def answers(model, tokenizer, probes: list[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
@@ -92,6 +150,67 @@ def answers(model, tokenizer, probes: list[str], max_new_tokens: int = 32, batch
     outs = gen.generate([[{"role": "user", "content": p}] for p in probes], SamplingParams(max_new_tokens=max_new_tokens),
                         description="Provenance probes")
     return [o[0].text for o in outs]
+
+
+def loglik(model, tokenizer, probes: list[str], texts: list[str], chars: int = 80, batch_size: int = 16) -> np.ndarray:
+    """Log-likelihood per character (nats) the model gives each text, cut to `chars` characters,
+    as its answer to the probe (chat template if it has one). The text is tokenised with the
+    model's own tokenizer, so any model scores any model's answers. NaN for an empty text."""
+    import torch
+
+    from ..progress import progress
+    from ..teachers.hf import encode_prompt, render_chat
+    from ..train.preference import token_logprobs
+
+    out = np.full(len(texts), math.nan)
+    rows = []
+    for i, (probe, text) in enumerate(zip(probes, texts, strict=True)):
+        ans = tokenizer(text[:chars], add_special_tokens=False)["input_ids"] if text[:chars] else []
+        if ans:
+            rows.append((i, encode_prompt(tokenizer, render_chat(tokenizer, [{"role": "user", "content": probe}])), ans))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    with torch.no_grad(), progress("Provenance likelihoods", total=len(rows)) as advance:
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            width = max(len(p) + len(a) for _, p, a in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            scored = torch.zeros_like(ids, dtype=torch.bool)  # positions whose next token is an answer token
+            for r, (_, p, a) in enumerate(chunk):
+                ids[r, : len(p) + len(a)] = torch.tensor(p + a)
+                attn[r, : len(p) + len(a)] = 1
+                scored[r, len(p) - 1 : len(p) + len(a) - 1] = True
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            targets = ids[:, 1:][scored[:, :-1]].to(device)
+            lp = token_logprobs(logits[:, :-1][scored[:, :-1].to(device)], targets)
+            sums = torch.zeros(len(chunk), dtype=lp.dtype).index_add(0, scored[:, :-1].nonzero()[:, 0], lp.cpu())
+            for (i, _, _), total in zip(chunk, sums.tolist()):
+                out[i] = total / len(texts[i][:chars])
+            advance(len(chunk))
+    return out
+
+
+def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "agreement",
+        alpha: float = 0.01, chars: int = 80, max_new_tokens: int = 32) -> Verdict:
+    """The whole test on model specs; `load(spec, role)` returns a loaded model (models.LoadedModel).
+    Each model is loaded, used and dropped in turn, so at most one is in memory."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    others = [("parent", parent)] + [("reference", r) for r in references]
+    if statistic == "agreement":
+        others = [("suspect", suspect)] + others
+    ans = {}
+    for role, spec in others:
+        lm = load(spec, role)
+        ans[spec] = answers(lm.model, lm.tokenizer, probes, max_new_tokens)
+        del lm
+    if statistic == "agreement":
+        return test(ans[suspect], ans[parent], {r: ans[r] for r in references}, alpha, chars)
+    lm = load(suspect, "suspect")
+    ll = {spec: loglik(lm.model, lm.tokenizer, probes, ans[spec], chars) for spec in [parent, *references]}
+    calibrate = (probes, ans[parent], {r: ans[r] for r in references}, chars) if statistic == "likelihood-zlib" else None
+    return test_likelihood(ll[parent], {r: ll[r] for r in references}, alpha, calibrate)
 
 
 def lineage_says(suspect_dir, parent_spec: str) -> bool | None:

@@ -160,25 +160,28 @@ def provenance(
     parent: str = typer.Option(..., "--parent", help="The model it may derive from."),
     reference: list[str] = typer.Option(..., "--reference", "-r", help="A model unrelated to the parent; repeatable (more is stricter)."),
     probes: Optional[Path] = typer.Option(None, "--probes", help="Probe prompts (.txt or .jsonl); default: 60 built-in ones."),
+    statistic: str = typer.Option("agreement", help="agreement (the suspect's answers only), likelihood or likelihood-zlib "
+                                  "(the suspect's weights score the parent's and references' answers; docs/provenance.md)."),
+    chars: int = typer.Option(80, help="Compare answers on their first CHARS characters."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     alpha: float = typer.Option(0.01, help="Significance level of the verdict."),
     as_json: bool = JsonOpt,
 ):
-    """Does SUSPECT derive from PARENT? Black-box agreement on probes vs unrelated references, p-value."""
+    """Does SUSPECT derive from PARENT? Closer to it than to unrelated references on probe prompts, with a p-value."""
     from . import provenance as pv
 
+    if statistic not in pv.STATISTICS:
+        raise StillhouseError(f"--statistic must be one of {', '.join(pv.STATISTICS)}, got {statistic!r}")
+    if chars < 1:
+        raise StillhouseError(f"--chars must be at least 1, got {chars}")
     prompts = _read_texts(probes) if probes else pv.default_probes()
-    out = {}
-    for role, spec in [("suspect", suspect), ("parent", parent)] + [("reference", r) for r in reference]:
-        lm = _load(spec, role)
-        out[(role, spec)] = pv.answers(lm.model, lm.tokenizer, prompts, max_new_tokens)
-        del lm
-    v = pv.test(out[("suspect", suspect)], out[("parent", parent)], {r: out[("reference", r)] for r in reference}, alpha)
+    v = pv.run(_load, suspect, parent, reference, prompts, statistic, alpha, chars, max_new_tokens)
     result = v.to_dict()
     lineage = pv.lineage_says(suspect, parent) if Path(suspect).is_dir() else None
     result["lineage_says_derived"] = lineage
     verdict = "derived from" if v.derived else "no evidence it derives from"
-    line = f"{verdict} {parent}: p = {v.p_value:.3g} (similarity to parent {v.parent_similarity:.2f}, " + \
+    what = "similarity to" if statistic == "agreement" else "score of"
+    line = f"{verdict} {parent} ({statistic}): p = {v.p_value:.3g} ({what} the parent's answers {v.parent_similarity:.2f}, " + \
         ", ".join(f"{n}: {s:.2f}" for n, s in v.reference_similarity.items()) + ")"
     if lineage is not None:
         line += f"; lineage graph: {'derived' if lineage else 'not derived'} ({'agrees' if lineage == v.derived else 'DISAGREES'})"
