@@ -64,7 +64,7 @@ def smol_student_blocks(n: int) -> list[int]:
 
 # real provenance section: prompts and sampled tokens per training answer, probe prompts, SFT epochs
 # and learning rates (pruned students, LoRA, full fine-tuning)
-REAL_PROV = dict(train=128, tokens=64, probes=60, epochs=3, lr=3e-4, lora_lr=1e-3, ft_lr=5e-5)
+REAL_PROV = dict(train=128, tokens=64, probes=100, epochs=3, lr=3e-4, lora_lr=1e-3, ft_lr=5e-5)
 SETTINGS = {
     # problems: chain_sum problems for pass@1; ppl_texts: held-out paragraphs; long: 200-token answers;
     # keys: random keys for calibration; tiny_prompts/seeds/doses: radioactivity; prov_seeds: provenance pairs
@@ -359,6 +359,23 @@ class Cache:
     def has(self, name: str) -> bool:
         return bool(self.root) and (self.root / f"{name}.json").exists()
 
+    def model_dir(self, name: str) -> Path | None:
+        return self.root / "models" / name if self.root else None
+
+    def save_model(self, name: str, model, tok) -> None:
+        """A trained model's weights (safetensors) and tokenizer, written to a temporary directory first."""
+        import shutil
+
+        if not self.root:
+            return
+        final = self.model_dir(name)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+
 
 def real_arms(rc: dict) -> list[tuple[str, str, object]]:
     """(arm id for --arms, arm name, dose) in run order: the strongest arm first, so a cut-off run
@@ -553,6 +570,12 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
 
     parent_ans = {n: answers(m) for n, m in parents.items()}
     ref_ans = {n: answers(m) for n, m in refs.items()}
+    windows = (40, 80, 160)
+
+    def scores(m, pname):  # the suspect's log-likelihoods of the parent's and every reference's answers, per window
+        srcs = {"parent": parent_ans[pname], **ref_ans}
+        return {c: {n: pv.loglik(m, tok, probes, a, c) for n, a in srcs.items()} for c in windows}
+
     pairs = []
     for seed in cfg["prov_tune"] + cfg["prov_report"]:
         split = "tune" if seed in cfg["prov_tune"] else "report"
@@ -571,46 +594,65 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
             }
             for label, (kind, make) in [(k, (True, v)) for k, v in derived.items()] + [(k, (False, v)) for k, v in unrelated.items()]:
                 m = make()
-                ans = answers(m)
                 pairs.append({"split": split, "seed": seed, "parent": pname, "suspect": label, "derived": kind,
-                              "answers": ans, "parent_answers": parent_ans[pname]})
+                              "answers": answers(m), "parent_answers": parent_ans[pname], "logliks": scores(m, pname)})
             # a student of a student (two-stage pipeline)
             s1 = sft(tiny_student(tok, seed), tok, prompts, outs[pname], seed)
             s1_out = generate(s1, tok, prompts, None, max_new_tokens=64, temperature=1.0, seed=12)
             s2 = sft(tiny_student(tok, seed + 50), tok, prompts, s1_out, seed)
             pairs.append({"split": split, "seed": seed, "parent": pname, "suspect": "student of a student", "derived": True,
-                          "answers": answers(s2), "parent_answers": parent_ans[pname]})
+                          "answers": answers(s2), "parent_answers": parent_ans[pname], "logliks": scores(s2, pname)})
             print(f"  provenance pairs: seed {seed} parent {pname} built", flush=True)
-    # Tuning: the similarity window and alpha that maximise F1 on the tuning pairs only
-    best = None
-    for chars in (40, 80, 160):
-        for alpha in (0.001, 0.01, 0.05):
-            f1 = confusion([(pv.test(p["answers"], p["parent_answers"], ref_ans, alpha, chars).derived, p["derived"])
-                            for p in pairs if p["split"] == "tune"])["f1"]
-            if best is None or f1 > best[0]:
-                best = (f1, chars, alpha)
-    _, chars, alpha = best
+
+    def verdict(p, statistic, chars, alpha):
+        if statistic == "agreement":
+            return pv.test(p["answers"], p["parent_answers"], ref_ans, alpha, chars)
+        ll = p["logliks"][chars]
+        cal = (probes, p["parent_answers"], ref_ans, chars) if statistic == "likelihood-zlib" else None
+        return pv.test_likelihood(ll["parent"], {n: ll[n] for n in ref_ans}, alpha, cal)
+
+    # Tuning: per statistic, the window and alpha that maximise F1 on the tuning pairs only; the
+    # statistic with the best tuning F1 is the chosen one (ties: the earlier in pv.STATISTICS)
+    per_stat = {}
+    for statistic in pv.STATISTICS:
+        best = None
+        for chars in windows:
+            for alpha in (0.001, 0.01, 0.05):
+                f1 = confusion([(verdict(p, statistic, chars, alpha).derived, p["derived"]) for p in pairs if p["split"] == "tune"])["f1"]
+                if best is None or f1 > best[0]:
+                    best = (f1, chars, alpha)
+        f1, chars, alpha = best
+        c = confusion([(verdict(p, statistic, chars, alpha).derived, p["derived"]) for p in pairs if p["split"] == "report"])
+        per_stat[statistic] = {"chars": chars, "alpha": alpha, "tune_f1": f1, **c}
+    statistic = max(pv.STATISTICS, key=lambda st: (per_stat[st]["tune_f1"], -pv.STATISTICS.index(st)))
+    chars, alpha = per_stat[statistic]["chars"], per_stat[statistic]["alpha"]
     report = []
     for p in pairs:
-        v = pv.test(p["answers"], p["parent_answers"], ref_ans, alpha, chars)
+        v = verdict(p, statistic, chars, alpha)
         p.update(p_value=v.p_value, verdict=v.derived)
+        p["p_values"] = {st: verdict(p, st, per_stat[st]["chars"], per_stat[st]["alpha"]).p_value for st in pv.STATISTICS}
         if p["split"] == "report":
             report.append(p)
     c = confusion([(p["verdict"], p["derived"]) for p in report])
     tp, fp, fn, tn = c["tp"], c["fp"], c["fn"], c["tn"]
-    out["provenance"] = {"chosen": {"chars": chars, "alpha": alpha, "tune_f1": best[0]}, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+    out["provenance"] = {"chosen": {"statistic": statistic, "chars": chars, "alpha": alpha, "tune_f1": per_stat[statistic]["tune_f1"]},
+                         "per_statistic": per_stat, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
                          "precision": c["precision"], "recall": c["recall"],
-                         "pairs": [{k: v for k, v in p.items() if "answers" not in k} for p in pairs]}
+                         "pairs": [{k: v for k, v in p.items() if "answers" not in k and k != "logliks"} for p in pairs]}
     r = out["provenance"]
-    print(f"\nchosen on {sum(p['split'] == 'tune' for p in pairs)} tuning pairs: window {chars} chars, alpha {alpha}")
+    print("\n| statistic | chosen window, alpha | tuning F1 | reported: precision | recall |\n|---|---|---|---|---|")
+    for st, x in per_stat.items():
+        print(f"| {st} | {x['chars']}, {x['alpha']} | {x['tune_f1']:.2f} | {100 * x['precision']:.0f}% | {100 * x['recall']:.0f}% |")
+    print(f"\nchosen on {sum(p['split'] == 'tune' for p in pairs)} tuning pairs: {statistic}, window {chars} chars, alpha {alpha}")
     print(f"\n| reported pairs ({len(report)}) | verdict derived | verdict not derived |\n|---|---|---|")
     print(f"| truly derived | {tp} | {fn} |\n| not derived | {fp} | {tn} |")
     print(f"precision {100 * r['precision']:.0f}%, recall {100 * r['recall']:.0f}%")
-    print("\n| suspect kind | derived? | reported pairs | called derived | median p |\n|---|---|---|---|---|")
+    print("\n| suspect kind | derived? | reported pairs | called derived | median p | " + " | ".join(f"median p, {st}" for st in pv.STATISTICS)
+          + " |\n|---|---|---|---|---|" + "---|" * len(pv.STATISTICS))
     for kind in dict.fromkeys(p["suspect"] for p in report):
         ps = [p for p in report if p["suspect"] == kind]
         print(f"| {kind} | {'yes' if ps[0]['derived'] else 'no'} | {len(ps)} | {sum(p['verdict'] for p in ps)} | "
-              f"{np.median([p['p_value'] for p in ps]):.2g} |")
+              f"{np.median([p['p_value'] for p in ps]):.2g} | " + " | ".join(f"{np.median([p['p_values'][st] for p in ps]):.2g}" for st in pv.STATISTICS) + " |")
 
 
 # Two fluent lineages ship here: SmolLM2-135M-Instruct ("S") and Gemma-3-270m ("G"). Each model
@@ -627,15 +669,22 @@ REAL_SUSPECTS = {
     "s-ft-gcd": ("SmolLM2 fully fine-tuned on gcd gold answers", {"S"}, ("S", "full", "gcd", 0)),
     "g-sft-0": ("Gemma pruned to 12 of 18 blocks + SFT on its answers", {"G"}, ("G", "prune", "G", 0)),
     "g-lora-gcd": ("Gemma + LoRA on gcd gold answers", {"G"}, ("G", "lora", "gcd", 0)),
+    "g-lora-0": ("Gemma + LoRA on its own answers", {"G"}, ("G", "lora", "G", 0)),
     "s-sft-of-g": ("SmolLM2 pruned + SFT on Gemma's answers", {"S", "G"}, ("S", "prune", "G", 0)),
     "g-sft-of-s": ("Gemma pruned + SFT on SmolLM2's answers", {"G", "S"}, ("G", "prune", "S", 0)),
     "g-sft-of-s-student": ("Gemma pruned + SFT on the answers of s-sft-0 (student of a student)", {"G", "S"}, ("G", "prune", "s-sft-0", 0)),
 }
 REAL_PARENTS = {"S": "smollm2", "G": "gemma3"}
 REAL_BUILTINS = {"S": "smollm2-135m-instruct", "G": "gemma3-270m"}  # what models.load reads for each parent
-# (similarity window in characters, alpha), none chosen on the real pairs: the CLI's defaults, and
-# the setting section 4 chose on its tiny tuning pairs
-REAL_PROV_SETTINGS = {"CLI default (80 chars, alpha 0.01)": (80, 0.01), "tiny-tuned (40 chars, alpha 0.001)": (40, 0.001)}
+# (statistic, window in characters, alpha), none chosen on the real pairs. The first is the
+# headline, declared before any real pair was scored with it: the calibrated likelihood at the
+# CLI's defaults (the tiny pairs cannot choose a likelihood setting: their parents are random
+# networks whose near-uniform distributions carry no likelihood signal). Then the raw likelihood,
+# and the agreement statistic at the CLI's defaults and at the setting section 4 chose.
+REAL_PROV_SETTINGS = {"likelihood-zlib, CLI defaults (80 chars, alpha 0.01)": ("likelihood-zlib", 80, 0.01),
+                      "likelihood, CLI defaults (80 chars, alpha 0.01)": ("likelihood", 80, 0.01),
+                      "agreement, CLI defaults (80 chars, alpha 0.01)": ("agreement", 80, 0.01),
+                      "agreement, tiny-tuned (40 chars, alpha 0.001)": ("agreement", 40, 0.001)}
 
 
 def real_provenance(cfg: dict, out: dict) -> None:
@@ -696,6 +745,7 @@ def real_provenance(cfg: dict, out: dict) -> None:
             else:
                 m = sft(copy.deepcopy(lm.model), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["ft_lr"])
             t_train = time.perf_counter() - t1
+            cache.save_model(mid, m, tok)  # the likelihood statistic scores answers with the suspect's weights
             res = {"answers": pv.answers(m, tok, probes), "train_seconds": t_train}
             if any(r and r[2] == mid for _, _, r in REAL_SUSPECTS.values()):  # a teacher of another suspect
                 res["train_answers"] = [c.text for c in generate(m, tok, train_p, None, seed=2, **gen)]
@@ -714,6 +764,20 @@ def real_provenance(cfg: dict, out: dict) -> None:
     if only:
         print(f"  --models {','.join(sorted(only))}: done; run without --models to test every cached model", flush=True)
     settings = REAL_PROV_SETTINGS
+
+    def logliks(mid, chars):
+        """Suspect mid's per-character log-likelihood of every other model's answers (its weights:
+        a parent's from the package, a built model's from --cache; None if they were not kept)."""
+        weights = cache.model_dir(mid)
+        if REAL_SUSPECTS[mid][2] is not None and not (weights and weights.is_dir()) and not cache.has(f"prov-ll-{mid}-{chars}"):
+            return None
+
+        def make():
+            lm = load(next(iter(REAL_SUSPECTS[mid][1]))) if REAL_SUSPECTS[mid][2] is None else models.load(str(weights))
+            return {src: pv.loglik(lm.model, lm.tokenizer, probes, ans[src], chars).tolist() for src in ans if src != mid}
+
+        return cache.get(f"prov-ll-{mid}-{chars}", make)
+
     pairs = []
     for mid in ans:
         for pk, pid in REAL_PARENTS.items():
@@ -722,27 +786,37 @@ def real_provenance(cfg: dict, out: dict) -> None:
             refs = {r: ans[r] for r in ans if r != mid and pk not in REAL_SUSPECTS[r][1]}
             row = {"suspect": mid, "description": REAL_SUSPECTS[mid][0], "parent": pid, "derived": pk in REAL_SUSPECTS[mid][1],
                    "references": sorted(refs)}
-            for name, (chars, alpha) in settings.items():
-                v = pv.test(ans[mid], ans[pid], refs, alpha, chars)
+            for name, (statistic, chars, alpha) in settings.items():
+                if statistic == "agreement":
+                    v = pv.test(ans[mid], ans[pid], refs, alpha, chars)
+                else:
+                    ll = logliks(mid, chars)
+                    if ll is None:
+                        continue
+                    ll = {k: np.array(x, dtype=float) for k, x in ll.items()}
+                    cal = (probes, ans[pid], refs, chars) if statistic == "likelihood-zlib" else None
+                    v = pv.test_likelihood(ll[pid], {r: ll[r] for r in refs}, alpha, cal)
+                closest = max(v.reference_similarity, key=v.reference_similarity.get) if refs else None
                 row[name] = {"p_value": v.p_value, "derived": v.derived, "parent_similarity": v.parent_similarity,
-                             "closest_reference": max(v.reference_similarity, key=v.reference_similarity.get) if refs else None,
-                             "closest_reference_similarity": max(v.reference_similarity.values()) if refs else None}
+                             "closest_reference": closest, "closest_reference_similarity": v.reference_similarity.get(closest)}
             pairs.append(row)
-    summary = {name: {k: v for k, v in confusion([(r[name]["derived"], r["derived"]) for r in pairs]).items() if k != "f1"}
+    summary = {name: {"pairs": sum(name in r for r in pairs),
+                      **{k: v for k, v in confusion([(r[name]["derived"], r["derived"]) for r in pairs if name in r]).items() if k != "f1"}}
                for name in settings}
-    out["real_provenance"] = {"pairs": pairs, "summary": summary, "model_seconds": secs, "config": rp,
+    out["real_provenance"] = {"pairs": pairs, "summary": summary, "model_seconds": secs, "config": rp, "settings": settings,
                               "seconds": time.perf_counter() - t_start}
-    key = next(iter(settings))
-    print(f"\n| suspect | parent | truly derived | p ({key}) | verdict | p (tiny-tuned) | verdict | sim. to parent / closest reference |"
-          "\n|---|---|---|---|---|---|---|---|")
-    tuned = list(settings)[1]
+    names = list(settings)
+    print("\nsettings: " + "; ".join(f"[{i + 1}] {n}" for i, n in enumerate(names)))
+    print("\n| suspect | parent | truly derived | " + " | ".join(f"p [{i + 1}]" for i in range(len(names)))
+          + " | similarity to parent / closest reference [1] |\n|---|---|---|" + "---|" * len(names) + "---|")
     for r in pairs:
-        a, b = r[key], r[tuned]
-        print(f"| {r['suspect']} | {r['parent']} | {'yes' if r['derived'] else 'no'} | {a['p_value']:.2g} | "
-              f"{'derived' if a['derived'] else 'not'} | {b['p_value']:.2g} | {'derived' if b['derived'] else 'not'} | "
-              f"{a['parent_similarity']:.2f} / {a['closest_reference_similarity'] or 0:.2f} ({a['closest_reference']}) |")
+        cells = [f"{r[n]['p_value']:.2g} {'D' if r[n]['derived'] else '-'}" if n in r else "n/a" for n in names]
+        a = r[names[0]]
+        print(f"| {r['suspect']} | {r['parent']} | {'yes' if r['derived'] else 'no'} | " + " | ".join(cells) +
+              f" | {a['parent_similarity']:.2f} / {a['closest_reference_similarity'] or 0:.2f} ({a['closest_reference']}) |")
+    print("(D: called derived at that setting's alpha)")
     for name, s_ in summary.items():
-        print(f"\n{name}: {len(pairs)} pairs; | truly derived | {s_['tp']} | {s_['fn']} |  | not derived | {s_['fp']} | {s_['tn']} |; "
+        print(f"\n{name}: {s_['pairs']} pairs; | truly derived | {s_['tp']} | {s_['fn']} |  | not derived | {s_['fp']} | {s_['tn']} |; "
               f"precision {100 * s_['precision']:.0f}%, recall {100 * s_['recall']:.0f}%")
 
 
@@ -782,7 +856,7 @@ def picture(out: dict, path: Path) -> None:
         curves.append((f"tiny scale, {len(rep)} reported pairs", rep, prov["chosen"]["alpha"]))
     real = out.get("real_provenance", {}).get("pairs", [])
     if real:
-        key, (_, alpha) = next(iter(REAL_PROV_SETTINGS.items()))
+        key, (_, _, alpha) = next(iter(REAL_PROV_SETTINGS.items()))
         curves.append((f"SmolLM2 / Gemma-3 lineages, {len(real)} pairs", [(r[key]["p_value"], r["derived"]) for r in real], alpha))
     for i, (label, pts, alpha) in enumerate(curves):
         curve = [confusion([(q <= t, d) for q, d in pts]) for t in sorted({q for q, _ in pts} | {1.0})]
