@@ -143,6 +143,9 @@ def test_likelihood_statistic_known_answers():
     gaps = np.full(40, np.nan)
     gaps[:30] = parent[:30] - 0.5  # empty answers (no likelihood) drop out of the comparison
     assert pv.test_likelihood(parent, {"r": gaps}).derived
+    v = pv.test_likelihood(parent, {"r": parent - 0.5, "silent": np.full(40, np.nan)})  # a reference that answered nothing
+    assert v.derived and np.isnan(v.reference_p["silent"])
+    assert not pv.test_likelihood(parent, {"silent": np.full(40, np.nan)}).derived  # nothing compared: no evidence
     # zlib calibration: an answer that repeats the prompt is cheap to any model and to a compressor alike
     probe = "Write one sentence about a library."
     assert pv.zlib_nats(probe, probe) < 1.0 < pv.zlib_nats(probe, "Libraries keep the memory of a city in quiet rows.")

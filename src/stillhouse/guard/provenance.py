@@ -92,9 +92,13 @@ class Verdict:
     statistic: str = "agreement"
 
     def to_dict(self) -> dict:
+        def num(x):  # NaN (nothing to compare) is null in JSON
+            return None if isinstance(x, float) and math.isnan(x) else x
+
         return {"statistic": self.statistic, "p_value": self.p_value, "derived": self.derived, "alpha": self.alpha,
-                "parent_similarity": self.parent_similarity, "reference_similarity": self.reference_similarity,
-                "reference_p": self.reference_p}
+                "parent_similarity": num(self.parent_similarity),
+                "reference_similarity": {k: num(v) for k, v in self.reference_similarity.items()},
+                "reference_p": {k: num(v) for k, v in self.reference_p.items()}}
 
 
 def paired_p(closer: np.ndarray) -> float:
@@ -107,17 +111,21 @@ def paired_p(closer: np.ndarray) -> float:
 
 
 def closer_test(to_parent: np.ndarray, to_refs: dict[str, np.ndarray], alpha: float = 0.01,
-                statistic: str = "agreement") -> Verdict:
+                statistic: str = "agreement", min_probes: int = 5) -> Verdict:
     """The intersection-union test on per-probe scores (higher: the suspect is closer): the
     suspect must be closer to the parent than to every reference. Probes where a score is NaN
-    (an empty answer has no likelihood) drop out of that comparison."""
+    (an empty answer has no likelihood) drop out of that comparison; a reference left with
+    fewer than `min_probes` (it answered nothing) cannot be compared and is left out (p NaN)."""
     to_parent = np.asarray(to_parent, dtype=float)
     ref_sim, ref_p = {}, {}
     for name, to_ref in to_refs.items():
-        d = to_parent - np.asarray(to_ref, dtype=float)
+        to_ref = np.asarray(to_ref, dtype=float)
+        d = to_parent - to_ref
+        d = d[np.isfinite(d)]
         ref_sim[name] = float(np.nanmean(to_ref)) if np.isfinite(to_ref).any() else math.nan
-        ref_p[name] = paired_p(d[np.isfinite(d)])
-    p = max(ref_p.values()) if ref_p else 1.0
+        ref_p[name] = paired_p(d) if len(d) >= min_probes else math.nan
+    compared = [q for q in ref_p.values() if not math.isnan(q)]
+    p = max(compared) if compared else 1.0
     mean_parent = float(np.nanmean(to_parent)) if np.isfinite(to_parent).any() else math.nan
     return Verdict(p, p < alpha, alpha, mean_parent, ref_sim, ref_p, statistic)
 
