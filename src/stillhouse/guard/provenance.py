@@ -199,7 +199,7 @@ def loglik(model, tokenizer, probes: list[str], texts: list[str], chars: int = 8
     return out
 
 
-def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "agreement",
+def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood-zlib",
         alpha: float = 0.01, chars: int = 80, max_new_tokens: int = 32) -> Verdict:
     """The whole test on model specs; `load(spec, role)` returns a loaded model (models.LoadedModel).
     Each model is loaded, used and dropped in turn, so at most one is in memory."""
