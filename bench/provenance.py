@@ -765,18 +765,28 @@ def real_provenance(cfg: dict, out: dict) -> None:
         print(f"  --models {','.join(sorted(only))}: done; run without --models to test every cached model", flush=True)
     settings = REAL_PROV_SETTINGS
 
+    held: dict = {}
+
     def logliks(mid, chars):
         """Suspect mid's per-character log-likelihood of every other model's answers (its weights:
-        a parent's from the package, a built model's from --cache; None if they were not kept)."""
+        a parent's from the package, a built model's from --cache; None if they were not kept).
+        Cached per answer source, so models built later only add their own column."""
         weights = cache.model_dir(mid)
-        if REAL_SUSPECTS[mid][2] is not None and not (weights and weights.is_dir()) and not cache.has(f"prov-ll-{mid}-{chars}"):
+        srcs = [src for src in ans if src != mid]
+        if REAL_SUSPECTS[mid][2] is not None and not (weights and weights.is_dir()) and \
+                not all(cache.has(f"prov-ll-{mid}-{chars}-{src}") for src in srcs):
             return None
 
-        def make():
-            lm = load(next(iter(REAL_SUSPECTS[mid][1]))) if REAL_SUSPECTS[mid][2] is None else models.load(str(weights))
-            return {src: pv.loglik(lm.model, lm.tokenizer, probes, ans[src], chars).tolist() for src in ans if src != mid}
+        def score(src):
+            def make():
+                if held.get("id") != mid:  # one suspect in memory at a time, loaded once for every window
+                    held.clear()
+                    held.update(id=mid, lm=load(next(iter(REAL_SUSPECTS[mid][1]))) if REAL_SUSPECTS[mid][2] is None
+                                else models.load(str(weights)))
+                return pv.loglik(held["lm"].model, held["lm"].tokenizer, probes, ans[src], chars).tolist()
+            return make
 
-        return cache.get(f"prov-ll-{mid}-{chars}", make)
+        return {src: cache.get(f"prov-ll-{mid}-{chars}-{src}", score(src)) for src in srcs}
 
     pairs = []
     for mid in ans:
