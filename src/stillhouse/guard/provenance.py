@@ -11,15 +11,16 @@ p-value is the largest of the per-reference p-values (an intersection-union test
 without any correction). Null hypothesis: the parent is, to the suspect, just one more
 unrelated model.
 
-Two statistics measure "answers like" per probe:
+Three statistics (STATISTICS) measure "answers like" per probe:
 - `agreement` (black box: the suspect's answers only): character similarity of the suspect's
   greedy answer to the parent's and to each reference's.
 - `likelihood` (the suspect's weights, or an API that scores given text): the suspect's
   log-likelihood per character of the parent's answer and of each reference's answer to that
   probe. A derivative keeps its parent's distribution even where its greedy answers drifted
   (a LoRA on other data answers tersely but still finds its parent's sentences likely).
-  Repetitive text is likely under any model, so each text's zlib-compressed size (nats per
-  character) is added back: the score is how much better than zlib the suspect predicts it.
+- `likelihood-zlib`: repetitive text (echoing the prompt, looping) is likely under any model,
+  so each text's conditional zlib size (nats per character) is added back: the score is how
+  much better than a compressor the suspect predicts it.
 
 Everything here is pure given the answers and scores; generating them is `answers()` and
 `loglik()`.
@@ -202,21 +203,22 @@ def loglik(model, tokenizer, probes: list[str], texts: list[str], chars: int = 8
 def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood-zlib",
         alpha: float = 0.01, chars: int = 80, max_new_tokens: int = 32) -> Verdict:
     """The whole test on model specs; `load(spec, role)` returns a loaded model (models.LoadedModel).
-    Each model is loaded, used and dropped in turn, so at most one is in memory."""
+    Models answer in turn and are dropped; for the likelihood statistics the suspect is loaded
+    first (a suspect that does not load fails before any work) and kept to score the answers."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
     others = [("parent", parent)] + [("reference", r) for r in references]
-    if statistic == "agreement":
+    held = None if statistic == "agreement" else load(suspect, "suspect")
+    if held is None:
         others = [("suspect", suspect)] + others
     ans = {}
     for role, spec in others:
         lm = load(spec, role)
         ans[spec] = answers(lm.model, lm.tokenizer, probes, max_new_tokens)
         del lm
-    if statistic == "agreement":
+    if held is None:
         return test(ans[suspect], ans[parent], {r: ans[r] for r in references}, alpha, chars)
-    lm = load(suspect, "suspect")
-    ll = {spec: loglik(lm.model, lm.tokenizer, probes, ans[spec], chars) for spec in [parent, *references]}
+    ll = {spec: loglik(held.model, held.tokenizer, probes, ans[spec], chars) for spec in [parent, *references]}
     calibrate = (probes, ans[parent], {r: ans[r] for r in references}, chars) if statistic == "likelihood-zlib" else None
     return test_likelihood(ll[parent], {r: ll[r] for r in references}, alpha, calibrate)
 
