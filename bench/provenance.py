@@ -790,6 +790,8 @@ def real_provenance(cfg: dict, out: dict) -> None:
 
     pairs = []
     for mid in ans:
+        if cfg.get("suspects") and mid not in cfg["suspects"]:
+            continue
         for pk, pid in REAL_PARENTS.items():
             if mid == pid or pid not in ans:
                 continue
@@ -894,6 +896,8 @@ def main() -> None:
                     "other; 'cached': none), reading the others from --cache; without it every arm runs and all are summarised")
     ap.add_argument("--models", default="", help="real provenance section: build only these suspects (REAL_SUSPECTS ids), "
                     "reading the others from --cache ('cached': none); without it every suspect is built and all pairs are tested")
+    ap.add_argument("--suspects", default="", help="real provenance section: test (and score with the likelihood "
+                    "statistics) only these suspects' pairs, so processes can share the scoring; the others are summarised later")
     ap.add_argument("--real-seeds", default="", help="real radioactivity section: train these student seeds (e.g. 1,2) "
                     "instead of the setting's 0..seeds-1")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,realradio,prov,real")
@@ -915,17 +919,20 @@ def main() -> None:
     cfg = dict(SETTINGS[setting])
     cfg["cache"], cfg["arms"] = args.cache, set(filter(None, args.arms.split(",")))
     cfg["models"] = set(filter(None, args.models.split(",")))
+    cfg["suspects"] = set(filter(None, args.suspects.split(",")))
     if (cfg["arms"] or cfg["models"]) and not args.cache:
         ap.error("--arms and --models need --cache (the other arms' or models' results are read from it)")
-    if cfg["models"] - set(REAL_SUSPECTS) - {"cached"}:
-        ap.error(f"--models: unknown {sorted(cfg['models'] - set(REAL_SUSPECTS))}; choose from {sorted(REAL_SUSPECTS)}")
+    for flag in ("models", "suspects"):
+        if cfg[flag] - set(REAL_SUSPECTS) - {"cached"}:
+            ap.error(f"--{flag}: unknown {sorted(cfg[flag] - set(REAL_SUSPECTS))}; choose from {sorted(REAL_SUSPECTS)}")
     cfg["delta"], cfg["confident"] = args.delta, args.confident
     if args.real_seeds:
         cfg["real_radio"] = {**cfg["real_radio"], "seed_list": [int(x) for x in args.real_seeds.split(",")]}
     if args.doses:
         cfg["doses"] = [float(d) for d in args.doses.split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms", "models")}, "times": {}}
+    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms", "models", "suspects")},
+                 "times": {}}
     start = time.perf_counter()
 
     def section(name, fn, *a):
