@@ -20,7 +20,9 @@ Three statistics (STATISTICS) measure "answers like" per probe:
   (a LoRA on other data answers tersely but still finds its parent's sentences likely).
 - `likelihood-zlib`: repetitive text (echoing the prompt, looping) is likely under any model,
   so each text's conditional zlib size (nats per character) is added back: the score is how
-  much better than a compressor the suspect predicts it.
+  much better than a compressor the suspect predicts it. The added term does not depend on the
+  suspect, so it shifts every suspect towards the lineage whose answers compress worst: at real
+  scale it called three Gemma models derived from SmolLM2 (docs/provenance.md). Not the default.
 
 Everything here is pure given the answers and scores; generating them is `answers()` and
 `loglik()`.
@@ -200,7 +202,7 @@ def loglik(model, tokenizer, probes: list[str], texts: list[str], chars: int = 8
     return out
 
 
-def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood-zlib",
+def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood",
         alpha: float = 0.01, chars: int = 80, max_new_tokens: int = 32) -> Verdict:
     """The whole test on model specs; `load(spec, role)` returns a loaded model (models.LoadedModel).
     Models answer in turn and are dropped; for the likelihood statistics the suspect is loaded

@@ -160,7 +160,7 @@ def provenance(
     parent: str = typer.Option(..., "--parent", help="The model it may derive from."),
     reference: list[str] = typer.Option(..., "--reference", "-r", help="A model unrelated to the parent; repeatable (more is stricter)."),
     probes: Optional[Path] = typer.Option(None, "--probes", help="Probe prompts (.txt or .jsonl); default: 60 built-in ones."),
-    statistic: str = typer.Option("likelihood-zlib", help="likelihood-zlib or likelihood (the suspect's weights score the "
+    statistic: str = typer.Option("likelihood", help="likelihood or likelihood-zlib (the suspect's weights score the "
                                   "parent's and references' answers) or agreement (the suspect's answers only); docs/provenance.md."),
     chars: int = typer.Option(80, help="Compare answers on their first CHARS characters."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
