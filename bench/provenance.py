@@ -20,10 +20,11 @@ Sections (each prints a Markdown table; all of them go to --out as JSON, plus th
    without the watermark (the known attack); both modes, with and without the context filter,
    under the true key and many random keys (TPR at FPR 0).
 4. Provenance without a watermark: pairs derived / not derived from a parent, tuning pairs
-   (choose alpha and the similarity window) kept apart from reported pairs; confusion table and
-   precision/recall.
+   (choose the statistic, alpha and the window) kept apart from reported pairs; confusion table
+   and precision/recall for each statistic (agreement, likelihood, likelihood-zlib).
 5. Provenance at real scale (`real`): models derived from SmolLM2-135M-Instruct and Gemma-3-270m
-   (REAL_SUSPECTS), each tested against each parent, references from the other lineage.
+   (REAL_SUSPECTS), each tested against each parent, references from the other lineage, at the
+   settings in REAL_PROV_SETTINGS (the likelihood statistics score with the weights kept in --cache).
 """
 
 from __future__ import annotations
