@@ -606,11 +606,8 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
             print(f"  provenance pairs: seed {seed} parent {pname} built", flush=True)
 
     def verdict(p, statistic, chars, alpha):
-        if statistic == "agreement":
-            return pv.test(p["answers"], p["parent_answers"], ref_ans, alpha, chars)
-        ll = p["logliks"][chars]
-        cal = (probes, p["parent_answers"], ref_ans, chars) if statistic == "likelihood-zlib" else None
-        return pv.test_likelihood(ll["parent"], {n: ll[n] for n in ref_ans}, alpha, cal)
+        return pv.decide(statistic, {"parent": p["parent_answers"], **ref_ans}, "parent", list(ref_ans), alpha, chars,
+                         suspect_answers=p["answers"], logliks=p["logliks"][chars], probes=probes)
 
     # Tuning: per statistic, the window and alpha that maximise F1 on the tuning pairs only; the
     # statistic with the best tuning F1 is the chosen one (ties: the earlier in pv.STATISTICS)
@@ -629,9 +626,8 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
     chars, alpha = per_stat[statistic]["chars"], per_stat[statistic]["alpha"]
     report = []
     for p in pairs:
-        v = verdict(p, statistic, chars, alpha)
-        p.update(p_value=v.p_value, verdict=v.derived)
         p["p_values"] = {st: verdict(p, st, per_stat[st]["chars"], per_stat[st]["alpha"]).p_value for st in pv.STATISTICS}
+        p.update(p_value=p["p_values"][statistic], verdict=p["p_values"][statistic] < alpha)
         if p["split"] == "report":
             report.append(p)
     c = confusion([(p["verdict"], p["derived"]) for p in report])
@@ -800,15 +796,10 @@ def real_provenance(cfg: dict, out: dict) -> None:
             row = {"suspect": mid, "description": REAL_SUSPECTS[mid][0], "parent": pid, "derived": pk in REAL_SUSPECTS[mid][1],
                    "references": sorted(refs)}
             for name, (statistic, chars, alpha) in settings.items():
-                if statistic == "agreement":
-                    v = pv.test(ans[mid], ans[pid], refs, alpha, chars)
-                else:
-                    ll = logliks(mid, chars)
-                    if ll is None:
-                        continue
-                    ll = {k: np.array(x, dtype=float) for k, x in ll.items()}
-                    cal = (probes, ans[pid], refs, chars) if statistic == "likelihood-zlib" else None
-                    v = pv.test_likelihood(ll[pid], {r: ll[r] for r in refs}, alpha, cal)
+                ll = None if statistic == "agreement" else logliks(mid, chars)
+                if statistic != "agreement" and ll is None:
+                    continue  # the suspect's weights were not kept
+                v = pv.decide(statistic, ans, pid, list(refs), alpha, chars, suspect_answers=ans[mid], logliks=ll, probes=probes)
                 closest = max(v.reference_similarity, key=v.reference_similarity.get) if refs else None
                 row[name] = {"p_value": v.p_value, "derived": v.derived, "parent_similarity": v.parent_similarity,
                              "closest_reference": closest, "closest_reference_similarity": v.reference_similarity.get(closest)}

@@ -170,36 +170,44 @@ def loglik(model, tokenizer, probes: list[str], texts: list[str], chars: int = 8
     import torch
 
     from ..progress import progress
+    from ..scoring import selected_logits
     from ..teachers.hf import encode_prompt, render_chat
-    from ..train.preference import token_logprobs
+    from ..train.loop import Example, collate
+    from ..train.preference import sequence_logprobs
 
     out = np.full(len(texts), math.nan)
-    rows = []
+    rows = []  # (index, the probe's prompt + the answer's tokens) for every non-empty answer
     for i, (probe, text) in enumerate(zip(probes, texts, strict=True)):
         ans = tokenizer(text[:chars], add_special_tokens=False)["input_ids"] if text[:chars] else []
         if ans:
-            rows.append((i, encode_prompt(tokenizer, render_chat(tokenizer, [{"role": "user", "content": probe}])), ans))
+            prompt = encode_prompt(tokenizer, render_chat(tokenizer, [{"role": "user", "content": probe}]))
+            rows.append((i, Example(prompt + ans, len(prompt))))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     with torch.no_grad(), progress("Provenance likelihoods", total=len(rows)) as advance:
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
-            width = max(len(p) + len(a) for _, p, a in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            attn = torch.zeros_like(ids)
-            scored = torch.zeros_like(ids, dtype=torch.bool)  # positions whose next token is an answer token
-            for r, (_, p, a) in enumerate(chunk):
-                ids[r, : len(p) + len(a)] = torch.tensor(p + a)
-                attn[r, : len(p) + len(a)] = 1
-                scored[r, len(p) - 1 : len(p) + len(a) - 1] = True
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-            targets = ids[:, 1:][scored[:, :-1]].to(device)
-            lp = token_logprobs(logits[:, :-1][scored[:, :-1].to(device)], targets)
-            sums = torch.zeros(len(chunk), dtype=lp.dtype).index_add(0, scored[:, :-1].nonzero()[:, 0], lp.cpu())
-            for (i, _, _), total in zip(chunk, sums.tolist()):
+            ids, attn, predict, targets, _ = collate([e for _, e in chunk], pad)
+            predict = predict.to(device)
+            sums = sequence_logprobs(selected_logits(model, ids.to(device), attn.to(device), predict), targets.to(device), predict)
+            for (i, _), total in zip(chunk, sums.tolist()):
                 out[i] = total / len(texts[i][:chars])
             advance(len(chunk))
     return out
+
+
+def decide(statistic: str, answers_of: dict[str, list[str]], parent: str, references: list[str], alpha: float = 0.01,
+           chars: int = 80, *, suspect_answers: list[str] | None = None, logliks: dict | None = None,
+           probes: list[str] | None = None) -> Verdict:
+    """The test by statistic name. `answers_of` holds the parent's and every reference's answers;
+    `agreement` needs the suspect's answers, the likelihood statistics the suspect's `loglik` of
+    each of those (keyed like `answers_of`), and `likelihood-zlib` also the probes."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    if statistic == "agreement":
+        return test(suspect_answers, answers_of[parent], {r: answers_of[r] for r in references}, alpha, chars)
+    calibrate = (probes, answers_of[parent], {r: answers_of[r] for r in references}, chars) if statistic == "likelihood-zlib" else None
+    return test_likelihood(logliks[parent], {r: logliks[r] for r in references}, alpha, calibrate)
 
 
 def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood",
@@ -218,11 +226,8 @@ def run(load, suspect: str, parent: str, references: list[str], probes: list[str
         lm = load(spec, role)
         ans[spec] = answers(lm.model, lm.tokenizer, probes, max_new_tokens)
         del lm
-    if held is None:
-        return test(ans[suspect], ans[parent], {r: ans[r] for r in references}, alpha, chars)
-    ll = {spec: loglik(held.model, held.tokenizer, probes, ans[spec], chars) for spec in [parent, *references]}
-    calibrate = (probes, ans[parent], {r: ans[r] for r in references}, chars) if statistic == "likelihood-zlib" else None
-    return test_likelihood(ll[parent], {r: ll[r] for r in references}, alpha, calibrate)
+    ll = None if held is None else {spec: loglik(held.model, held.tokenizer, probes, ans[spec], chars) for spec in [parent, *references]}
+    return decide(statistic, ans, parent, references, alpha, chars, suspect_answers=ans.get(suspect), logliks=ll, probes=probes)
 
 
 def lineage_says(suspect_dir, parent_spec: str) -> bool | None:
