@@ -242,7 +242,9 @@ def _distill_terms(scorer, teacher, batch: list[Example], pad_id: int, cfg: Trai
     ids, attn, predict, targets, cached = collate(batch, pad_id)
     ids, attn, predict, targets = ids.to(device), attn.to(device), predict.to(device), targets.to(device)
     n = targets.numel()
-    s_logits = scorer(ids, attn, predict)[:, : cfg.vocab_size]
+    s_logits = scorer(ids, attn, predict)
+    if cfg.vocab_size and s_logits.size(-1) > cfg.vocab_size:  # (a slice's backward costs a full zero tensor)
+        s_logits = s_logits[:, : cfg.vocab_size]
     terms = cfg.terms()
     signal = None
     if needs_teacher(terms):

@@ -200,10 +200,12 @@ def divergence(
     total = s.new_zeros((), dtype=torch.float32)
     count = 0
     chunk = rows_per_chunk(s.size(-1), chunk)
-    for start in range(0, s.size(0), chunk):
-        sl = slice(start, min(s.size(0), start + chunk))
+    # split, not s[a:b]: each slice's backward writes into a zero [rows, vocab] tensor of the
+    # whole input, once per chunk; split's backward concatenates the chunks' gradients once
+    for start, piece in zip(range(0, s.size(0), chunk), s.split(chunk)):
+        sl = slice(start, start + piece.size(0))
         rows = None if keep is None else keep[sl].nonzero().squeeze(-1)
-        sc = s[sl] if rows is None else s[sl][rows]
+        sc = piece if rows is None else piece[rows]
         tc = t[sl] if rows is None else t[sl][rows]
         if sc.size(0) == 0:
             continue
@@ -235,9 +237,8 @@ def cross_entropy(
     if n == 0:
         return student_logits.sum() * 0.0
     total = s.new_zeros((), dtype=torch.float32)
-    for start in range(0, y.numel(), chunk):
-        sl = slice(start, start + chunk)
-        total = total + F.cross_entropy(s[sl].float(), y[sl], reduction="sum", ignore_index=-100)
+    for piece, yc in zip(s.split(chunk), y.split(chunk)):  # split: see `loss`
+        total = total + F.cross_entropy(piece.float(), yc, reduction="sum", ignore_index=-100)
     return total if reduction == "sum" else total / n
 
 
@@ -360,9 +361,9 @@ def sorted_wasserstein(
     total = student_logits.new_zeros((), dtype=torch.float32)
     k = teacher_top.size(-1)
     chunk = rows_per_chunk(student_logits.size(-1), chunk)
-    for start in range(0, n, chunk):
+    for start, piece in zip(range(0, n, chunk), student_logits.split(chunk)):  # split: see `loss`
         sl = slice(start, start + chunk)
-        s_top, s_rest = sorted_probs(student_logits[sl], k, temperature)
+        s_top, s_rest = sorted_probs(piece, k, temperature)
         t_top = teacher_top[sl].float()
         if s_top.size(-1) < k:  # a student vocabulary smaller than k: zero-probability tail
             s_top = F.pad(s_top, (0, k - s_top.size(-1)))
