@@ -670,14 +670,26 @@ REAL_SUSPECTS = {
     "s-sft-of-g": ("SmolLM2 pruned + SFT on Gemma's answers", {"S", "G"}, ("S", "prune", "G", 0)),
     "g-sft-of-s": ("Gemma pruned + SFT on SmolLM2's answers", {"G", "S"}, ("G", "prune", "S", 0)),
     "g-sft-of-s-student": ("Gemma pruned + SFT on the answers of s-sft-0 (student of a student)", {"G", "S"}, ("G", "prune", "s-sft-0", 0)),
+    "s-sft-2": ("SmolLM2 pruned to 14 blocks + SFT on its answers, seed 2", {"S"}, ("S", "prune", "S", 2)),
+    "s-lora-0": ("SmolLM2 + LoRA on its own answers", {"S"}, ("S", "lora", "S", 0)),
+    "g-ft-gcd": ("Gemma fully fine-tuned on gcd gold answers", {"G"}, ("G", "full", "gcd", 0)),
+    "s-sft-of-s-student": ("SmolLM2 pruned + SFT on the answers of s-sft-0 (student of a student)", {"S"}, ("S", "prune", "s-sft-0", 1)),
 }
+# The real pairs in two splits. "seen": the pairs of the first ten models, whose results were
+# read (stop 27) before the headline setting below was chosen on them. "fresh": the pairs whose
+# suspect is one of these models, built and scored only after that choice was committed; they
+# are the ones reported (references for any pair are still every model outside the parent's
+# lineage, so fresh models also serve as references for seen pairs and the other way round).
+REAL_FRESH = {"g-sft-0", "g-sft-of-s", "s-sft-2", "s-lora-0", "g-ft-gcd", "s-sft-of-s-student"}
 REAL_PARENTS = {"S": "smollm2", "G": "gemma3"}
 REAL_BUILTINS = {"S": "smollm2-135m-instruct", "G": "gemma3-270m"}  # what models.load reads for each parent
-# (statistic, window in characters, alpha), none chosen on the real pairs. The first is the
-# headline: the statistic, window and alpha section 4 chose on its tiny tuning pairs (chosen
-# before any real pair was scored with a likelihood statistic). Then the CLI's defaults, the raw
-# likelihood at its tiny-tuned setting, and the agreement statistic (the earlier default).
-REAL_PROV_SETTINGS = {"likelihood-zlib, tiny-tuned (40 chars, alpha 0.001)": ("likelihood-zlib", 40, 0.001),
+# (statistic, window in characters, alpha). The first is the headline: of every statistic,
+# window (40, 80) and alpha (0.001, 0.01, 0.05), the best F1 on the seen pairs (likelihood at 80
+# characters: 7 of 10 derived pairs called, no false call, F1 0.82 at alpha 0.001 and 0.01;
+# the tie goes to the CLI's default alpha). It is also the CLI's default setting. Then what
+# section 4 chose on its tiny tuning pairs (the stop-27 headline), and the others reported then.
+REAL_PROV_SETTINGS = {"likelihood, CLI defaults (80 chars, alpha 0.01)": ("likelihood", 80, 0.01),
+                      "likelihood-zlib, tiny-tuned (40 chars, alpha 0.001)": ("likelihood-zlib", 40, 0.001),
                       "likelihood-zlib, CLI defaults (80 chars, alpha 0.01)": ("likelihood-zlib", 80, 0.01),
                       "likelihood, tiny-tuned (40 chars, alpha 0.001)": ("likelihood", 40, 0.001),
                       "agreement (80 chars, alpha 0.01)": ("agreement", 80, 0.01),
@@ -794,7 +806,7 @@ def real_provenance(cfg: dict, out: dict) -> None:
                 continue
             refs = {r: ans[r] for r in ans if r != mid and pk not in REAL_SUSPECTS[r][1]}
             row = {"suspect": mid, "description": REAL_SUSPECTS[mid][0], "parent": pid, "derived": pk in REAL_SUSPECTS[mid][1],
-                   "references": sorted(refs)}
+                   "split": "fresh" if mid in REAL_FRESH else "seen", "references": sorted(refs)}
             for name, (statistic, chars, alpha) in settings.items():
                 ll = None if statistic == "agreement" else logliks(mid, chars)
                 if statistic != "agreement" and ll is None:
@@ -804,24 +816,28 @@ def real_provenance(cfg: dict, out: dict) -> None:
                 row[name] = {"p_value": v.p_value, "derived": v.derived, "parent_similarity": v.parent_similarity,
                              "closest_reference": closest, "closest_reference_similarity": v.reference_similarity.get(closest)}
             pairs.append(row)
-    summary = {name: {"pairs": sum(name in r for r in pairs),
-                      **{k: v for k, v in confusion([(r[name]["derived"], r["derived"]) for r in pairs if name in r]).items() if k != "f1"}}
-               for name in settings}
+    def summarise(rows):
+        return {name: {"pairs": sum(name in r for r in rows),
+                       **{k: v for k, v in confusion([(r[name]["derived"], r["derived"]) for r in rows if name in r]).items() if k != "f1"}}
+                for name in settings}
+
+    summary = {split: summarise([r for r in pairs if r["split"] == split]) for split in ("fresh", "seen")}
     out["real_provenance"] = {"pairs": pairs, "summary": summary, "model_seconds": secs, "config": rp, "settings": settings,
                               "seconds": time.perf_counter() - t_start}
     names = list(settings)
     print("\nsettings: " + "; ".join(f"[{i + 1}] {n}" for i, n in enumerate(names)))
-    print("\n| suspect | parent | truly derived | " + " | ".join(f"p [{i + 1}]" for i in range(len(names)))
-          + " | similarity to parent / closest reference [1] |\n|---|---|---|" + "---|" * len(names) + "---|")
+    print("\n| split | suspect | parent | truly derived | " + " | ".join(f"p [{i + 1}]" for i in range(len(names)))
+          + " | similarity to parent / closest reference [1] |\n|---|---|---|---|" + "---|" * len(names) + "---|")
     for r in pairs:
         cells = [f"{r[n]['p_value']:.2g} {'D' if r[n]['derived'] else '-'}" if n in r else "n/a" for n in names]
         a = r[names[0]]
-        print(f"| {r['suspect']} | {r['parent']} | {'yes' if r['derived'] else 'no'} | " + " | ".join(cells) +
+        print(f"| {r['split']} | {r['suspect']} | {r['parent']} | {'yes' if r['derived'] else 'no'} | " + " | ".join(cells) +
               f" | {a['parent_similarity']:.2f} / {a['closest_reference_similarity'] or 0:.2f} ({a['closest_reference']}) |")
     print("(D: called derived at that setting's alpha)")
-    for name, s_ in summary.items():
-        print(f"\n{name}: {s_['pairs']} pairs; | truly derived | {s_['tp']} | {s_['fn']} |  | not derived | {s_['fp']} | {s_['tn']} |; "
-              f"precision {100 * s_['precision']:.0f}%, recall {100 * s_['recall']:.0f}%")
+    for split, per in summary.items():
+        for name, s_ in per.items():
+            print(f"\n{split} pairs, {name}: {s_['pairs']} pairs; | truly derived | {s_['tp']} | {s_['fn']} |  | not derived | {s_['fp']} | {s_['tn']} |; "
+                  f"precision {100 * s_['precision']:.0f}%, recall {100 * s_['recall']:.0f}%")
 
 
 def _arm_panel(ax, rows: list[dict], modes: list[tuple[str, str]], title: str) -> None:
@@ -858,10 +874,11 @@ def picture(out: dict, path: Path) -> None:
     rep = [(p["p_value"], p["derived"]) for p in prov.get("pairs", []) if p["split"] == "report"]
     if rep:
         curves.append((f"tiny scale, {len(rep)} reported pairs", rep, prov["chosen"]["alpha"]))
-    real = out.get("real_provenance", {}).get("pairs", [])
-    if real:
-        key, (_, _, alpha) = next(iter(REAL_PROV_SETTINGS.items()))
-        curves.append((f"SmolLM2 / Gemma-3 lineages, {len(real)} pairs", [(r[key]["p_value"], r["derived"]) for r in real], alpha))
+    key, (_, _, alpha) = next(iter(REAL_PROV_SETTINGS.items()))
+    for split in ("fresh", "seen"):
+        real = [r for r in out.get("real_provenance", {}).get("pairs", []) if r.get("split", "seen") == split and key in r]
+        if real:
+            curves.append((f"SmolLM2 / Gemma-3, {len(real)} {split} pairs", [(r[key]["p_value"], r["derived"]) for r in real], alpha))
     for i, (label, pts, alpha) in enumerate(curves):
         curve = [confusion([(q <= t, d) for q, d in pts]) for t in sorted({q for q, _ in pts} | {1.0})]
         b.plot([c["recall"] for c in curve], [c["precision"] for c in curve], marker=".", color=f"C{i}", label=label)
