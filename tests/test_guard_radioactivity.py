@@ -157,6 +157,27 @@ def test_likelihood_statistic_known_answers():
     assert not raw.derived and cal.derived and cal.statistic == "likelihood-zlib"
 
 
+def test_reverse_and_both_way_statistics_known_answers():
+    rng = np.random.default_rng(1)
+    ans = {"P": ["a"] * 40, "r1": ["b"] * 40, "r2": ["c"] * 40}
+    own = rng.normal(-1.0, 0.3, 40)
+    # the suspect prefers r1's answers (it learnt r1's text) ...
+    logliks = {"P": own - 0.4, "r1": own, "r2": own - 0.6}
+    # ... but the parent finds the suspect's answers likelier than either reference does (its weights)
+    scored_by = {"P": own, "r1": own - 0.3 + rng.normal(0, 0.05, 40), "r2": own - 0.5}
+    kw = dict(suspect_answers=["x"] * 40, logliks=logliks, scored_by=scored_by)
+    fwd = pv.decide("likelihood", ans, "P", ["r1", "r2"], **kw)
+    rev = pv.decide("likelihood-reverse", ans, "P", ["r1", "r2"], **kw)
+    both = pv.decide("likelihood-both", ans, "P", ["r1", "r2"], **kw)
+    assert not fwd.derived and rev.derived and rev.statistic == "likelihood-reverse"
+    assert both.derived and both.p_value == pytest.approx(2 * rev.p_value) and both.statistic == "likelihood-both"
+    assert both.to_dict()["parts"] == {"likelihood": fwd.p_value, "likelihood-reverse": rev.p_value}
+    # neither direction: no evidence; and the doubled p is capped at 1
+    none = pv.decide("likelihood-both", ans, "P", ["r1"], suspect_answers=["x"] * 40,
+                     logliks={"P": own - 0.4, "r1": own}, scored_by={"P": own - 0.4, "r1": own})
+    assert not none.derived and none.p_value == 1.0
+
+
 def test_loglik_scores_each_text_alone_and_as_its_answer():
     from conftest import build_tiny_model, build_tokenizer
     from stillhouse import models
@@ -236,7 +257,7 @@ def test_cli_provenance(family, cli):
         d[f"r{s}"] = family["root"] / f"r{s}"
         if not d[f"r{s}"].exists():
             models.save(build_tiny_model(family["tok"], seed=s), family["tok"], d[f"r{s}"])
-    for statistic in pv.STATISTICS:  # agreement: the suspect's answers; the others: its weights score the others' answers
+    for statistic in pv.STATISTICS:  # every statistic: the suspect's answers, its weights, or both
         r = cli(["provenance", str(d["plain"]), "--parent", str(d["teacher"]), "-r", str(d["r5"]), "-r", str(d["r6"]),
                  "--statistic", statistic, "--json"])
         assert r.returncode == 0, r.stderr
@@ -280,4 +301,4 @@ def test_cli_bad_inputs_are_one_line(family, cli):
     assert "does not load" in err
     err = _one_line_error(cli(["provenance", str(d["plain"]), "--parent", str(d["teacher"]), "-r", str(d["marked"]),
                                "--statistic", "vibes"]))
-    assert "--statistic must be one of agreement, likelihood, likelihood-zlib" in err
+    assert "--statistic must be one of agreement, likelihood, likelihood-zlib, likelihood-reverse, likelihood-both" in err

@@ -18,6 +18,12 @@ Three statistics (STATISTICS) measure "answers like" per probe:
   log-likelihood per character of the parent's answer and of each reference's answer to that
   probe. A derivative keeps its parent's distribution even where its greedy answers drifted
   (a LoRA on other data answers tersely but still finds its parent's sentences likely).
+- `likelihood-reverse` (the suspect's answers only: an API that returns text is enough): the
+  parent and every reference score the *suspect's* answers; a derivative writes text its parent
+  finds likelier than unrelated models do. It finds the lineage a model's weights came from
+  even after it was trained on another model's text, where `likelihood` finds the text's.
+- `likelihood-both` (the default): both directions, the smaller p doubled (Bonferroni over the
+  two tests). Chosen on the seen real pairs (docs/provenance.md), before the fresh ones were scored.
 - `likelihood-zlib`: repetitive text (echoing the prompt, looping) is likely under any model,
   so each text's conditional zlib size (nats per character) is added back: the score is how
   much better than a compressor the suspect predicts it. The added term does not depend on the
@@ -80,8 +86,10 @@ def calibrated(logliks: np.ndarray, probes: list[str], texts: list[str], chars: 
 
 
 # agreement: the suspect's answers only; likelihood: the suspect scores the others' answers (raw
-# per-character log-likelihood, or calibrated by zlib)
-STATISTICS = ("agreement", "likelihood", "likelihood-zlib")
+# per-character log-likelihood, or calibrated by zlib); reverse: the others score the suspect's
+STATISTICS = ("agreement", "likelihood", "likelihood-zlib", "likelihood-reverse", "likelihood-both")
+NEEDS_SUSPECT_WEIGHTS = {"likelihood", "likelihood-zlib", "likelihood-both"}
+NEEDS_SUSPECT_ANSWERS = {"agreement", "likelihood-reverse", "likelihood-both"}
 
 
 @dataclass
@@ -93,6 +101,7 @@ class Verdict:
     reference_similarity: dict[str, float]
     reference_p: dict[str, float] = field(default_factory=dict)
     statistic: str = "agreement"
+    parts: dict[str, float] = field(default_factory=dict)  # likelihood-both: each direction's p
 
     def to_dict(self) -> dict:
         def num(x):  # NaN (nothing to compare) is null in JSON
@@ -101,7 +110,8 @@ class Verdict:
         return {"statistic": self.statistic, "p_value": self.p_value, "derived": self.derived, "alpha": self.alpha,
                 "parent_similarity": num(self.parent_similarity),
                 "reference_similarity": {k: num(v) for k, v in self.reference_similarity.items()},
-                "reference_p": {k: num(v) for k, v in self.reference_p.items()}}
+                "reference_p": {k: num(v) for k, v in self.reference_p.items()},
+                **({"parts": self.parts} if self.parts else {})}
 
 
 def paired_p(closer: np.ndarray) -> float:
@@ -152,6 +162,14 @@ def test_likelihood(parent: np.ndarray, references: dict[str, np.ndarray], alpha
                        {n: calibrated(r, probes, r_texts[n], chars) for n, r in references.items()}, alpha, "likelihood-zlib")
 
 
+def both_ways(forward: Verdict, reverse: Verdict, alpha: float = 0.01) -> Verdict:
+    """`likelihood-both`: derived if either direction is, at alpha over the pair of tests
+    (p = 2 x the smaller p, capped at 1). Scores and per-reference p-values are the forward test's."""
+    p = min(1.0, 2 * min(forward.p_value, reverse.p_value))
+    return Verdict(p, p < alpha, alpha, forward.parent_similarity, forward.reference_similarity, forward.reference_p,
+                   "likelihood-both", {"likelihood": forward.p_value, "likelihood-reverse": reverse.p_value})
+
+
 def answers(model, tokenizer, probes: list[str], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
     """Greedy answers of a loaded model to the probes (chat template if the model has one)."""
     from ..teachers.base import SamplingParams
@@ -198,36 +216,49 @@ def loglik(model, tokenizer, probes: list[str], texts: list[str], chars: int = 8
 
 def decide(statistic: str, answers_of: dict[str, list[str]], parent: str, references: list[str], alpha: float = 0.01,
            chars: int = 80, *, suspect_answers: list[str] | None = None, logliks: dict | None = None,
-           probes: list[str] | None = None) -> Verdict:
+           scored_by: dict | None = None, probes: list[str] | None = None) -> Verdict:
     """The test by statistic name. `answers_of` holds the parent's and every reference's answers;
-    `agreement` needs the suspect's answers, the likelihood statistics the suspect's `loglik` of
-    each of those (keyed like `answers_of`), and `likelihood-zlib` also the probes."""
+    `agreement` needs the suspect's answers; `likelihood` and `likelihood-zlib` the suspect's
+    `loglik` of each of those (`logliks`, keyed like `answers_of`; zlib also the probes);
+    `likelihood-reverse` the parent's and every reference's `loglik` of the suspect's answers
+    (`scored_by`, keyed the same); `likelihood-both` both."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
     if statistic == "agreement":
         return test(suspect_answers, answers_of[parent], {r: answers_of[r] for r in references}, alpha, chars)
+    if statistic in ("likelihood-reverse", "likelihood-both"):
+        reverse = closer_test(scored_by[parent], {r: scored_by[r] for r in references}, alpha, "likelihood-reverse")
+        if statistic == "likelihood-reverse":
+            return reverse
+        return both_ways(test_likelihood(logliks[parent], {r: logliks[r] for r in references}, alpha), reverse, alpha)
     calibrate = (probes, answers_of[parent], {r: answers_of[r] for r in references}, chars) if statistic == "likelihood-zlib" else None
     return test_likelihood(logliks[parent], {r: logliks[r] for r in references}, alpha, calibrate)
 
 
-def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood",
+def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood-both",
         alpha: float = 0.01, chars: int = 80, max_new_tokens: int = 32) -> Verdict:
     """The whole test on model specs; `load(spec, role)` returns a loaded model (models.LoadedModel).
-    Models answer in turn and are dropped; for the likelihood statistics the suspect is loaded
-    first (a suspect that does not load fails before any work) and kept to score the answers."""
+    The suspect is loaded first (one that does not load fails before any work): it answers the
+    probes if the statistic needs its answers, and is kept to score the others' answers if it
+    needs its weights. Then the parent and each reference in turn answer (and score the
+    suspect's answers, for the reverse direction) and are dropped."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
-    others = [("parent", parent)] + [("reference", r) for r in references]
-    held = None if statistic == "agreement" else load(suspect, "suspect")
-    if held is None:
-        others = [("suspect", suspect)] + others
-    ans = {}
-    for role, spec in others:
+    lm = load(suspect, "suspect")
+    mine = answers(lm.model, lm.tokenizer, probes, max_new_tokens) if statistic in NEEDS_SUSPECT_ANSWERS else None
+    held = lm if statistic in NEEDS_SUSPECT_WEIGHTS else None
+    del lm
+    reverse = statistic in ("likelihood-reverse", "likelihood-both")
+    ans, scored_by = {}, {}
+    for role, spec in [("parent", parent)] + [("reference", r) for r in references]:
         lm = load(spec, role)
         ans[spec] = answers(lm.model, lm.tokenizer, probes, max_new_tokens)
+        if reverse:
+            scored_by[spec] = loglik(lm.model, lm.tokenizer, probes, mine, chars)
         del lm
     ll = None if held is None else {spec: loglik(held.model, held.tokenizer, probes, ans[spec], chars) for spec in [parent, *references]}
-    return decide(statistic, ans, parent, references, alpha, chars, suspect_answers=ans.get(suspect), logliks=ll, probes=probes)
+    return decide(statistic, ans, parent, references, alpha, chars, suspect_answers=mine, logliks=ll, scored_by=scored_by,
+                  probes=probes)
 
 
 def lineage_says(suspect_dir, parent_spec: str) -> bool | None:

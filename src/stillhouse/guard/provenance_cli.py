@@ -160,8 +160,10 @@ def provenance(
     parent: str = typer.Option(..., "--parent", help="The model it may derive from."),
     reference: list[str] = typer.Option(..., "--reference", "-r", help="A model unrelated to the parent; repeatable (more is stricter)."),
     probes: Optional[Path] = typer.Option(None, "--probes", help="Probe prompts (.txt or .jsonl); default: 60 built-in ones."),
-    statistic: str = typer.Option("likelihood", help="likelihood or likelihood-zlib (the suspect's weights score the "
-                                  "parent's and references' answers) or agreement (the suspect's answers only); docs/provenance.md."),
+    statistic: str = typer.Option("likelihood-both", help="likelihood-both (both directions below), likelihood or "
+                                  "likelihood-zlib (the suspect's weights score the parent's and references' answers), "
+                                  "likelihood-reverse (they score the suspect's answers) or agreement (the suspect's "
+                                  "answers only); docs/provenance.md."),
     chars: int = typer.Option(80, help="Compare answers on their first CHARS characters."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     alpha: float = typer.Option(0.01, help="Significance level of the verdict."),
