@@ -21,10 +21,12 @@ Sections (each prints a Markdown table; all of them go to --out as JSON, plus th
    under the true key and many random keys (TPR at FPR 0).
 4. Provenance without a watermark: pairs derived / not derived from a parent, tuning pairs
    (choose the statistic, alpha and the window) kept apart from reported pairs; confusion table
-   and precision/recall for each statistic (agreement, likelihood, likelihood-zlib).
+   and precision/recall for each statistic (guard.provenance.STATISTICS).
 5. Provenance at real scale (`real`): models derived from SmolLM2-135M-Instruct and Gemma-3-270m
    (REAL_SUSPECTS), each tested against each parent, references from the other lineage, at the
-   settings in REAL_PROV_SETTINGS (the likelihood statistics score with the weights kept in --cache).
+   settings in REAL_PROV_SETTINGS (the likelihood statistics score with the weights kept in
+   --cache: every model scores every other model's answers, which serves both directions). The
+   headline setting is chosen on the "seen" pairs and reported on the "fresh" ones (REAL_FRESH).
 """
 
 from __future__ import annotations
@@ -577,6 +579,14 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
         srcs = {"parent": parent_ans[pname], **ref_ans}
         return {c: {n: pv.loglik(m, tok, probes, a, c) for n, a in srcs.items()} for c in windows}
 
+    def scored_by(ans, pname):  # the parent's and every reference's log-likelihoods of the suspect's answers
+        return {c: {n: pv.loglik(x, tok, probes, ans, c) for n, x in [("parent", parents[pname]), *refs.items()]} for c in windows}
+
+    def pair(split, seed, pname, label, derived, m):
+        a = answers(m)
+        return {"split": split, "seed": seed, "parent": pname, "suspect": label, "derived": derived, "answers": a,
+                "parent_answers": parent_ans[pname], "logliks": scores(m, pname), "scored_by": scored_by(a, pname)}
+
     pairs = []
     for seed in cfg["prov_tune"] + cfg["prov_report"]:
         split = "tune" if seed in cfg["prov_tune"] else "report"
@@ -594,20 +604,17 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
                 "trained from scratch on a third model": lambda: sft(tiny_student(tok, seed), tok, prompts, ref_outs["R0"], seed + 1, epochs=3),
             }
             for label, (kind, make) in [(k, (True, v)) for k, v in derived.items()] + [(k, (False, v)) for k, v in unrelated.items()]:
-                m = make()
-                pairs.append({"split": split, "seed": seed, "parent": pname, "suspect": label, "derived": kind,
-                              "answers": answers(m), "parent_answers": parent_ans[pname], "logliks": scores(m, pname)})
+                pairs.append(pair(split, seed, pname, label, kind, make()))
             # a student of a student (two-stage pipeline)
             s1 = sft(tiny_student(tok, seed), tok, prompts, outs[pname], seed)
             s1_out = generate(s1, tok, prompts, None, max_new_tokens=64, temperature=1.0, seed=12)
             s2 = sft(tiny_student(tok, seed + 50), tok, prompts, s1_out, seed)
-            pairs.append({"split": split, "seed": seed, "parent": pname, "suspect": "student of a student", "derived": True,
-                          "answers": answers(s2), "parent_answers": parent_ans[pname], "logliks": scores(s2, pname)})
+            pairs.append(pair(split, seed, pname, "student of a student", True, s2))
             print(f"  provenance pairs: seed {seed} parent {pname} built", flush=True)
 
     def verdict(p, statistic, chars, alpha):
         return pv.decide(statistic, {"parent": p["parent_answers"], **ref_ans}, "parent", list(ref_ans), alpha, chars,
-                         suspect_answers=p["answers"], logliks=p["logliks"][chars], probes=probes)
+                         suspect_answers=p["answers"], logliks=p["logliks"][chars], scored_by=p["scored_by"][chars], probes=probes)
 
     # Tuning: per statistic, the window and alpha that maximise F1 on the tuning pairs only; the
     # statistic with the best tuning F1 is the chosen one (ties: the earlier in pv.STATISTICS)
@@ -635,7 +642,7 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
     out["provenance"] = {"chosen": {"statistic": statistic, "chars": chars, "alpha": alpha, "tune_f1": per_stat[statistic]["tune_f1"]},
                          "per_statistic": per_stat, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
                          "precision": c["precision"], "recall": c["recall"],
-                         "pairs": [{k: v for k, v in p.items() if "answers" not in k and k != "logliks"} for p in pairs]}
+                         "pairs": [{k: v for k, v in p.items() if "answers" not in k and k not in ("logliks", "scored_by")} for p in pairs]}
     r = out["provenance"]
     print("\n| statistic | chosen window, alpha | tuning F1 | reported: precision | recall |\n|---|---|---|---|---|")
     for st, x in per_stat.items():
