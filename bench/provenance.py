@@ -825,9 +825,9 @@ def real_provenance(cfg: dict, out: dict) -> None:
     def decide(mid, pid, refs, statistic, chars, alpha):
         """The verdict from the cache: the suspect's scores of the others' answers (forward) and
         the parent's and references' scores of the suspect's answers (reverse)."""
-        ll = None if statistic in ("agreement", "likelihood-reverse") else logliks(mid, chars, [pid, *refs])
-        by = {x: logliks(x, chars, [mid]) for x in [pid, *refs]} if statistic in ("likelihood-reverse", "likelihood-both") else None
-        if (ll is None and statistic not in ("agreement", "likelihood-reverse")) or (by and None in by.values()):
+        ll = logliks(mid, chars, [pid, *refs]) if statistic in pv.SCORED_BY_SUSPECT else None
+        by = {x: logliks(x, chars, [mid]) for x in [pid, *refs]} if statistic in pv.SCORED_BY_OTHERS else None
+        if (ll is None and statistic in pv.SCORED_BY_SUSPECT) or (by and None in by.values()):
             return None  # some model's weights were not kept
         by = by and {x: row[mid] for x, row in by.items()}
         return pv.decide(statistic, ans, pid, list(refs), alpha, chars, suspect_answers=ans[mid], logliks=ll, scored_by=by,
@@ -850,8 +850,8 @@ def real_provenance(cfg: dict, out: dict) -> None:
                              "closest_reference": closest, "closest_reference_similarity": v.reference_similarity.get(closest)}
             if row["split"] == "seen":  # every statistic and window as the headline was chosen: seen pairs, seen references
                 seen_refs = [r for r in refs if r not in REAL_FRESH]
-                row["grid"] = {f"{st} {chars}": v.p_value for st in pv.STATISTICS for chars in (40, 80)
-                               if (v := decide(mid, pid, seen_refs, st, chars, 1.0)) is not None}
+                row["grid"] = {f"{st} {chars}": g.p_value for st in pv.STATISTICS for chars in (40, 80)
+                               if (g := decide(mid, pid, seen_refs, st, chars, 1.0)) is not None}
             pairs.append(row)
 
     def summarise(rows):

@@ -11,7 +11,7 @@ p-value is the largest of the per-reference p-values (an intersection-union test
 without any correction). Null hypothesis: the parent is, to the suspect, just one more
 unrelated model.
 
-Three statistics (STATISTICS) measure "answers like" per probe:
+Five statistics (STATISTICS) measure "answers like" per probe:
 - `agreement` (black box: the suspect's answers only): character similarity of the suspect's
   greedy answer to the parent's and to each reference's.
 - `likelihood` (the suspect's weights, or an API that scores given text): the suspect's
@@ -88,8 +88,9 @@ def calibrated(logliks: np.ndarray, probes: list[str], texts: list[str], chars: 
 # agreement: the suspect's answers only; likelihood: the suspect scores the others' answers (raw
 # per-character log-likelihood, or calibrated by zlib); reverse: the others score the suspect's
 STATISTICS = ("agreement", "likelihood", "likelihood-zlib", "likelihood-reverse", "likelihood-both")
-NEEDS_SUSPECT_WEIGHTS = {"likelihood", "likelihood-zlib", "likelihood-both"}
-NEEDS_SUSPECT_ANSWERS = {"agreement", "likelihood-reverse", "likelihood-both"}
+SCORED_BY_SUSPECT = {"likelihood", "likelihood-zlib", "likelihood-both"}  # the suspect's weights score the others' answers
+SCORED_BY_OTHERS = {"likelihood-reverse", "likelihood-both"}  # the parent and references score the suspect's answers
+NEEDS_SUSPECT_ANSWERS = {"agreement"} | SCORED_BY_OTHERS
 
 
 @dataclass
@@ -226,7 +227,7 @@ def decide(statistic: str, answers_of: dict[str, list[str]], parent: str, refere
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
     if statistic == "agreement":
         return test(suspect_answers, answers_of[parent], {r: answers_of[r] for r in references}, alpha, chars)
-    if statistic in ("likelihood-reverse", "likelihood-both"):
+    if statistic in SCORED_BY_OTHERS:
         reverse = closer_test(scored_by[parent], {r: scored_by[r] for r in references}, alpha, "likelihood-reverse")
         if statistic == "likelihood-reverse":
             return reverse
@@ -246,14 +247,13 @@ def run(load, suspect: str, parent: str, references: list[str], probes: list[str
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
     lm = load(suspect, "suspect")
     mine = answers(lm.model, lm.tokenizer, probes, max_new_tokens) if statistic in NEEDS_SUSPECT_ANSWERS else None
-    held = lm if statistic in NEEDS_SUSPECT_WEIGHTS else None
+    held = lm if statistic in SCORED_BY_SUSPECT else None
     del lm
-    reverse = statistic in ("likelihood-reverse", "likelihood-both")
     ans, scored_by = {}, {}
     for role, spec in [("parent", parent)] + [("reference", r) for r in references]:
         lm = load(spec, role)
         ans[spec] = answers(lm.model, lm.tokenizer, probes, max_new_tokens)
-        if reverse:
+        if statistic in SCORED_BY_OTHERS:
             scored_by[spec] = loglik(lm.model, lm.tokenizer, probes, mine, chars)
         del lm
     ll = None if held is None else {spec: loglik(held.model, held.tokenizer, probes, ans[spec], chars) for spec in [parent, *references]}

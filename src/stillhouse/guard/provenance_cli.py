@@ -182,9 +182,12 @@ def provenance(
     lineage = pv.lineage_says(suspect, parent) if Path(suspect).is_dir() else None
     result["lineage_says_derived"] = lineage
     verdict = "derived from" if v.derived else "no evidence it derives from"
-    what = "similarity to" if statistic == "agreement" else "score of"
-    line = f"{verdict} {parent} ({statistic}): p = {v.p_value:.3g} ({what} the parent's answers {v.parent_similarity:.2f}, " + \
+    what = {"agreement": "similarity to the parent's answers", "likelihood-reverse": "the parent's score of its answers"}.get(
+        statistic, "its score of the parent's answers")
+    line = f"{verdict} {parent} ({statistic}): p = {v.p_value:.3g} ({what} {v.parent_similarity:.2f}, " + \
         ", ".join(f"{n}: {s:.2f}" for n, s in v.reference_similarity.items()) + ")"
+    if v.parts:
+        line += "; " + ", ".join(f"{k} p = {q:.3g}" for k, q in v.parts.items())
     if lineage is not None:
         line += f"; lineage graph: {'derived' if lineage else 'not derived'} ({'agrees' if lineage == v.derived else 'DISAGREES'})"
     _print(result, as_json, line)

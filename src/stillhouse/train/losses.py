@@ -237,7 +237,7 @@ def cross_entropy(
     if n == 0:
         return student_logits.sum() * 0.0
     total = s.new_zeros((), dtype=torch.float32)
-    for piece, yc in zip(s.split(chunk), y.split(chunk)):  # split: see `loss`
+    for piece, yc in zip(s.split(chunk), y.split(chunk)):  # split: see `divergence`
         total = total + F.cross_entropy(piece.float(), yc, reduction="sum", ignore_index=-100)
     return total if reduction == "sum" else total / n
 
@@ -361,7 +361,7 @@ def sorted_wasserstein(
     total = student_logits.new_zeros((), dtype=torch.float32)
     k = teacher_top.size(-1)
     chunk = rows_per_chunk(student_logits.size(-1), chunk)
-    for start, piece in zip(range(0, n, chunk), student_logits.split(chunk)):  # split: see `loss`
+    for start, piece in zip(range(0, n, chunk), student_logits.split(chunk)):  # split: see `divergence`
         sl = slice(start, start + chunk)
         s_top, s_rest = sorted_probs(piece, k, temperature)
         t_top = teacher_top[sl].float()
