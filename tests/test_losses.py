@@ -237,7 +237,7 @@ def _backward_nodes(loss) -> list[str]:
 def test_chunked_losses_split_the_logits_once(masked):
     """The backward pass of a chunked loss must not cost a zero-filled [rows, vocab] tensor per
     chunk (what slicing the logits per chunk does: at Gemma's 262k vocabulary and 4-row chunks
-    that made a pruned-Gemma SFT step 7x slower): the logits are split once."""
+    that made a pruned-Gemma SFT step 8x slower: bench/large_vocab_step.py): the logits are split once."""
     from stillhouse.train.losses import sorted_wasserstein
 
     g = torch.Generator().manual_seed(3)

@@ -227,13 +227,13 @@ def decide(statistic: str, answers_of: dict[str, list[str]], parent: str, refere
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
     if statistic == "agreement":
         return test(suspect_answers, answers_of[parent], {r: answers_of[r] for r in references}, alpha, chars)
+    forward = reverse = None
+    if statistic in SCORED_BY_SUSPECT:
+        calibrate = (probes, answers_of[parent], {r: answers_of[r] for r in references}, chars) if statistic == "likelihood-zlib" else None
+        forward = test_likelihood(logliks[parent], {r: logliks[r] for r in references}, alpha, calibrate)
     if statistic in SCORED_BY_OTHERS:
         reverse = closer_test(scored_by[parent], {r: scored_by[r] for r in references}, alpha, "likelihood-reverse")
-        if statistic == "likelihood-reverse":
-            return reverse
-        return both_ways(test_likelihood(logliks[parent], {r: logliks[r] for r in references}, alpha), reverse, alpha)
-    calibrate = (probes, answers_of[parent], {r: answers_of[r] for r in references}, chars) if statistic == "likelihood-zlib" else None
-    return test_likelihood(logliks[parent], {r: logliks[r] for r in references}, alpha, calibrate)
+    return both_ways(forward, reverse, alpha) if forward and reverse else forward or reverse
 
 
 def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood-both",

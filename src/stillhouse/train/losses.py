@@ -361,11 +361,9 @@ def sorted_wasserstein(
     total = student_logits.new_zeros((), dtype=torch.float32)
     k = teacher_top.size(-1)
     chunk = rows_per_chunk(student_logits.size(-1), chunk)
-    for start, piece in zip(range(0, n, chunk), student_logits.split(chunk)):  # split: see `divergence`
-        sl = slice(start, start + chunk)
+    for piece, t_top, t_rest in zip(student_logits.split(chunk), teacher_top.split(chunk), teacher_rest.split(chunk)):  # split: see `divergence`
         s_top, s_rest = sorted_probs(piece, k, temperature)
-        t_top = teacher_top[sl].float()
         if s_top.size(-1) < k:  # a student vocabulary smaller than k: zero-probability tail
             s_top = F.pad(s_top, (0, k - s_top.size(-1)))
-        total = total + (s_top - t_top).abs().sum() + (s_rest - teacher_rest[sl].float()).abs().sum()
+        total = total + (s_top - t_top.float()).abs().sum() + (s_rest - t_rest.float()).abs().sum()
     return total if reduction == "sum" else total / n
