@@ -663,7 +663,9 @@ def provenance_pairs(cfg: dict, ctx: dict, out: dict) -> None:
 # below is a suspect against each parent that is not itself; the truth is whether that parent is
 # in its lineage (its weights or its training data came from it). recipe: (weights, how, data);
 # data is a parent's sampled answers ("S", "G"), another suspect's ("s-sft-0": a student of a
-# student) or "gcd": reasoning-gym problems with their gold answers, text no model wrote.
+# student) or reasoning-gym problems with their gold answers, text no model wrote (GOLD_SOURCES).
+GOLD_SOURCES = {"gcd": ("gcd", {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 50}, 77),
+                "csum": ("chain_sum", {}, 78)}
 REAL_SUSPECTS = {
     "smollm2": ("SmolLM2-135M-Instruct", {"S"}, None),
     "gemma3": ("Gemma-3-270m", {"G"}, None),
@@ -681,13 +683,23 @@ REAL_SUSPECTS = {
     "s-lora-0": ("SmolLM2 + LoRA on its own answers", {"S"}, ("S", "lora", "S", 0)),
     "g-ft-gcd": ("Gemma fully fine-tuned on gcd gold answers", {"G"}, ("G", "full", "gcd", 0)),
     "s-sft-of-s-student": ("SmolLM2 pruned + SFT on the answers of s-sft-0 (student of a student)", {"S"}, ("S", "prune", "s-sft-0", 1)),
+    # the second fresh batch (stop 29): recipes fixed and committed before any was built
+    "s-sft-3": ("SmolLM2 pruned to 14 blocks + SFT on its answers, seed 3", {"S"}, ("S", "prune", "S", 3)),
+    "s-ft-0": ("SmolLM2 fully fine-tuned on its own answers", {"S"}, ("S", "full", "S", 0)),
+    "g-ft-0": ("Gemma fully fine-tuned on its own answers", {"G"}, ("G", "full", "G", 0)),
+    "s-lora-of-g": ("SmolLM2 + LoRA on Gemma's answers", {"S", "G"}, ("S", "lora", "G", 0)),
+    "g-lora-of-s": ("Gemma + LoRA on SmolLM2's answers", {"G", "S"}, ("G", "lora", "S", 0)),
+    "s-ft-csum": ("SmolLM2 fully fine-tuned on chain_sum gold answers", {"S"}, ("S", "full", "csum", 0)),
+    "g-lora-csum": ("Gemma + LoRA on chain_sum gold answers", {"G"}, ("G", "lora", "csum", 0)),
 }
 # The real pairs in two splits. "seen": the pairs of the first ten models, whose results were
 # read (stop 27) before the headline setting below was chosen on them. "fresh": the pairs whose
 # suspect is one of these models, built and scored only after that choice was committed; they
 # are the ones reported (references for any pair are still every model outside the parent's
 # lineage, so fresh models also serve as references for seen pairs and the other way round).
-REAL_FRESH = {"g-sft-0", "g-sft-of-s", "s-sft-2", "s-lora-0", "g-ft-gcd", "s-sft-of-s-student"}
+# The first six fresh models came in stop 28, the last seven (REAL_FRESH_2) in stop 29.
+REAL_FRESH_2 = {"s-sft-3", "s-ft-0", "g-ft-0", "s-lora-of-g", "g-lora-of-s", "s-ft-csum", "g-lora-csum"}
+REAL_FRESH = {"g-sft-0", "g-sft-of-s", "s-sft-2", "s-lora-0", "g-ft-gcd", "s-sft-of-s-student"} | REAL_FRESH_2
 REAL_PARENTS = {"S": "smollm2", "G": "gemma3"}
 REAL_BUILTINS = {"S": "smollm2-135m-instruct", "G": "gemma3-270m"}  # what models.load reads for each parent
 # (statistic, window in characters, alpha). The first is the headline: of every statistic,
@@ -731,8 +743,9 @@ def real_provenance(cfg: dict, out: dict) -> None:
     probes = pv.default_probes(rp["probes"])
 
     def texts_of(source):  # (prompts, answer texts) a suspect trains on
-        if source == "gcd":
-            ps = problems("gcd", {"min_numbers": 2, "max_numbers": 2, "min_value": 1, "max_value": 50}, rp["train"], 77)
+        if source in GOLD_SOURCES:
+            task, task_cfg, seed = GOLD_SOURCES[source]
+            ps = problems(task, task_cfg, rp["train"], seed)
             return [q["question"] for q in ps], [q["answer"] for q in ps]
         if source in REAL_PARENTS:
             lm = load(source)
