@@ -248,15 +248,21 @@ def test_cli_detect_and_radioactivity(family, cli):
     assert json.loads(r.stdout)["p_value"] > 1e-3
 
 
-def test_cli_provenance(family, cli):
+def _with_unrelated(family) -> dict:
+    """The family's models and three unrelated ones (other random initialisations), r5-r7."""
     from conftest import build_tiny_model
     from stillhouse import models
 
     d = dict(family["dirs"])
-    for s in (5, 6, 7):  # unrelated models: other random initialisations
+    for s in (5, 6, 7):
         d[f"r{s}"] = family["root"] / f"r{s}"
         if not d[f"r{s}"].exists():
             models.save(build_tiny_model(family["tok"], seed=s), family["tok"], d[f"r{s}"])
+    return d
+
+
+def test_cli_provenance(family, cli):
+    d = _with_unrelated(family)
     for statistic in pv.STATISTICS:  # every statistic: the suspect's answers, its weights, or both
         r = cli(["provenance", str(d["plain"]), "--parent", str(d["teacher"]), "-r", str(d["r5"]), "-r", str(d["r6"]),
                  "--statistic", statistic, "--json"])
@@ -267,6 +273,50 @@ def test_cli_provenance(family, cli):
                  "--statistic", statistic, "--json"])
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["derived"] is False
+
+
+def test_cli_provenance_from_answers_collected_from_an_api(family, cli):
+    """A suspect known only by its answers (a .jsonl from its API): the reverse test needs no
+    weights, and gives the same p-value as on the model itself."""
+    from stillhouse import models
+
+    d = _with_unrelated(family)
+    r = cli(["probes", "-n", "60"])
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["prompt"] for row in rows] == pv.default_probes(60)
+    refs = ["-r", str(d["r5"]), "-r", str(d["r6"])]
+    for name, derived in (("plain", True), ("r7", False)):
+        lm = models.load(str(d[name]))
+        file = family["root"] / f"{name}-api.jsonl"
+        file.write_text("".join(json.dumps({**row, "completion": a}) + "\n"
+                                for row, a in zip(rows, pv.answers(lm.model, lm.tokenizer, pv.default_probes(60), 32))))
+        r = cli(["provenance", str(file), "--parent", str(d["teacher"]), *refs, "--json"])
+        assert r.returncode == 0, r.stderr
+        from_file = json.loads(r.stdout)
+        assert from_file["statistic"] == "likelihood-reverse" and from_file["derived"] is derived, from_file
+        r = cli(["provenance", str(d[name]), "--parent", str(d["teacher"]), *refs, "--statistic", "likelihood-reverse", "--json"])
+        assert json.loads(r.stdout)["p_value"] == pytest.approx(from_file["p_value"], rel=1e-6)
+    r = cli(["provenance", str(family["root"] / "plain-api.jsonl"), "--parent", str(d["teacher"]), *refs,
+             "--statistic", "agreement", "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)["derived"] is True, r.stderr
+
+
+def test_cli_provenance_bad_answer_files(family, cli):
+    d, root = family["dirs"], family["root"]
+    refs = ["--parent", str(d["teacher"]), "-r", str(d["marked"])]
+    short = root / "short.jsonl"
+    short.write_text(json.dumps({"completion": "an answer"}) + "\n")
+    assert "holds 1 answers for 60 probes" in _one_line_error(cli(["provenance", str(short), *refs]))
+    assert "needs the suspect's weights" in _one_line_error(cli(["provenance", str(short), *refs, "--statistic", "likelihood"]))
+    nofield = root / "nofield.jsonl"
+    nofield.write_text(json.dumps({"prompt": "p", "output": "x"}) + "\n")
+    assert f"{nofield}:1: no string field completion" in _one_line_error(cli(["provenance", str(nofield), *refs]))
+    other = root / "other.jsonl"
+    other.write_text(json.dumps({"prompt": "not a probe", "completion": "x"}) + "\n")
+    assert "answer 1 is to another prompt" in _one_line_error(cli(["provenance", str(other), *refs, "--probes", str(other)]))
+    assert "file not found" in _one_line_error(cli(["provenance", str(root / "missing.jsonl"), *refs]))
+    assert "-n must be 1-100" in _one_line_error(cli(["probes", "-n", "0"]))
 
 
 def _one_line_error(r) -> str:

@@ -9,11 +9,11 @@ from typing import Optional
 import typer
 
 from .analyze_cli import analyze
-from .provenance_cli import detect, keygen, provenance, radioactivity
+from .provenance_cli import detect, keygen, probes, provenance, radioactivity
 
 app = typer.Typer(help="Provider guard: a gateway that enforces keys and quotas, logs requests and withholds reasoning; analysis of its log for extraction campaigns; watermark, radioactivity and provenance tests.", no_args_is_help=True)
 app.command("analyze")(analyze)
-for _command in (keygen, detect, radioactivity, provenance):  # was this model distilled from mine? (docs/provenance.md)
+for _command in (keygen, detect, radioactivity, probes, provenance):  # was this model distilled from mine? (docs/provenance.md)
     app.command()(_command)
 keys_app = typer.Typer(help="API keys for the gateway and `stillhouse serve --api-keys` (stored hashed; a key is shown once); also `stillhouse keys`.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

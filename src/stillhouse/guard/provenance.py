@@ -236,19 +236,29 @@ def decide(statistic: str, answers_of: dict[str, list[str]], parent: str, refere
     return both_ways(forward, reverse, alpha) if forward and reverse else forward or reverse
 
 
-def run(load, suspect: str, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood-both",
-        alpha: float = 0.01, chars: int = 80, max_new_tokens: int = 32) -> Verdict:
+def run(load, suspect: str | None, parent: str, references: list[str], probes: list[str], statistic: str = "likelihood-both",
+        alpha: float = 0.01, chars: int = 80, max_new_tokens: int = 32, suspect_answers: list[str] | None = None) -> Verdict:
     """The whole test on model specs; `load(spec, role)` returns a loaded model (models.LoadedModel).
     The suspect is loaded first (one that does not load fails before any work): it answers the
     probes if the statistic needs its answers, and is kept to score the others' answers if it
     needs its weights. Then the parent and each reference in turn answer (and score the
-    suspect's answers, for the reverse direction) and are dropped."""
+    suspect's answers, for the reverse direction) and are dropped. A suspect known only by its
+    answers to `probes` (collected from its API) comes as `suspect_answers`, with `suspect`
+    None; only the statistics that need no suspect weights apply to it."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
-    lm = load(suspect, "suspect")
-    mine = answers(lm.model, lm.tokenizer, probes, max_new_tokens) if statistic in NEEDS_SUSPECT_ANSWERS else None
-    held = lm if statistic in SCORED_BY_SUSPECT else None
-    del lm
+    if suspect_answers is not None:
+        if statistic in SCORED_BY_SUSPECT:
+            raise ValueError(f"statistic {statistic} needs the suspect's weights; with its answers only use "
+                             f"{' or '.join(sorted(NEEDS_SUSPECT_ANSWERS - SCORED_BY_SUSPECT))}")
+        if len(suspect_answers) != len(probes):
+            raise ValueError(f"{len(suspect_answers)} suspect answers for {len(probes)} probes")
+        mine, held = list(suspect_answers), None
+    else:
+        lm = load(suspect, "suspect")
+        mine = answers(lm.model, lm.tokenizer, probes, max_new_tokens) if statistic in NEEDS_SUSPECT_ANSWERS else None
+        held = lm if statistic in SCORED_BY_SUSPECT else None
+        del lm
     ans, scored_by = {}, {}
     for role, spec in [("parent", parent)] + [("reference", r) for r in references]:
         lm = load(spec, role)

@@ -155,15 +155,80 @@ def radioactivity(
            f"{mode}: z = {s.z:.2f}, p = {s.p_value:.3g} ({s.green} green of {s.scored} distinct pairs)")
 
 
+ANSWER_FIELDS = ("completion", "answer", "response", "text")
+
+
+def _suspect_answers(path: Path, probes: list[str] | None) -> tuple[list[str], list[str]]:
+    """(probes, answers) from a file of a suspect's answers collected from its API: .jsonl rows
+    {"prompt": ..., "completion": ...} (the prompts are the probes; without prompts the rows
+    answer --probes or the built-in probes in order) or .txt, blank-line separated, in order."""
+    if not path.is_file():
+        raise StillhouseError(f"file not found: {path}")
+    if path.suffix != ".jsonl":
+        texts = _read_texts(path)
+        return _match(path, probes, [None] * len(texts), texts)
+    prompts, texts = [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise StillhouseError(f"{path}:{n}: not a JSON line") from None
+        text = next((row[k] for k in ANSWER_FIELDS if isinstance(row, dict) and k in row), None)
+        if not isinstance(text, str):
+            raise StillhouseError(f"{path}:{n}: no string field {' / '.join(ANSWER_FIELDS)} (the suspect's answer)")
+        prompt = row.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise StillhouseError(f"{path}:{n}: prompt is not a string")
+        prompts.append(prompt)
+        texts.append(text)
+    if not texts:
+        raise StillhouseError(f"{path} holds no answers")
+    return _match(path, probes, prompts, texts)
+
+
+def _match(path: Path, probes: list[str] | None, prompts: list, texts: list[str]) -> tuple[list[str], list[str]]:
+    from . import provenance as pv
+
+    if all(p is not None for p in prompts):
+        if probes is not None and probes != prompts:
+            if len(probes) != len(prompts):
+                raise StillhouseError(f"{path} holds {len(prompts)} answers for {len(probes)} probes of --probes")
+            bad = next(i for i, (a, b) in enumerate(zip(probes, prompts)) if a != b)
+            raise StillhouseError(f"{path}: answer {bad + 1} is to another prompt than probe {bad + 1} of --probes")
+        return prompts, texts
+    if any(p is not None for p in prompts):
+        raise StillhouseError(f"{path}: some rows have a prompt and some not")
+    probes = probes if probes is not None else pv.default_probes()
+    if len(texts) != len(probes):
+        raise StillhouseError(f"{path} holds {len(texts)} answers for {len(probes)} probes (answer them in order; "
+                              "`stillhouse guard probes` prints the built-in ones)")
+    return probes, texts
+
+
+def probes(n: int = typer.Option(60, "-n", help="How many of the built-in probes (at most 100).")):
+    """Print the built-in provenance probes as JSON lines {"prompt": ...}: send them to a suspect's API
+    (greedy, about 32 tokens each), add each answer as "completion", and give the file to `guard provenance`."""
+    from . import provenance as pv
+
+    if not 1 <= n <= 100:
+        raise StillhouseError(f"-n must be 1-100, got {n}")
+    for p in pv.default_probes(n):
+        typer.echo(json.dumps({"prompt": p}))
+
+
 def provenance(
-    suspect: str = typer.Argument(..., help="Suspect model spec."),
+    suspect: str = typer.Argument(..., help="Suspect model spec, or a .jsonl/.txt of its answers to the probes collected "
+                                  "from its API (`stillhouse guard probes`); then the default statistic is likelihood-reverse."),
     parent: str = typer.Option(..., "--parent", help="The model it may derive from."),
     reference: list[str] = typer.Option(..., "--reference", "-r", help="A model unrelated to the parent; repeatable (more is stricter)."),
     probes: Optional[Path] = typer.Option(None, "--probes", help="Probe prompts (.txt or .jsonl); default: 60 built-in ones."),
-    statistic: str = typer.Option("likelihood-both", help="likelihood-both (both directions below), likelihood or "
-                                  "likelihood-zlib (the suspect's weights score the parent's and references' answers), "
-                                  "likelihood-reverse (they score the suspect's answers) or agreement (the suspect's "
-                                  "answers only); docs/provenance.md."),
+    statistic: Optional[str] = typer.Option(None, help="likelihood-both (both directions below; the default for a "
+                                            "model), likelihood or likelihood-zlib (the suspect's weights score the parent's "
+                                            "and references' answers), likelihood-reverse (they score the suspect's answers; "
+                                            "the default for an answers file) or agreement (the suspect's answers only); "
+                                            "docs/provenance.md."),
     chars: int = typer.Option(80, help="Compare answers on their first CHARS characters."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     alpha: float = typer.Option(0.01, help="Significance level of the verdict."),
@@ -172,12 +237,21 @@ def provenance(
     """Does SUSPECT derive from PARENT? Closer to it than to unrelated references on probe prompts, with a p-value."""
     from . import provenance as pv
 
+    answers_file = Path(suspect).suffix in (".jsonl", ".txt")
+    statistic = statistic or ("likelihood-reverse" if answers_file else "likelihood-both")
     if statistic not in pv.STATISTICS:
         raise StillhouseError(f"--statistic must be one of {', '.join(pv.STATISTICS)}, got {statistic!r}")
     if chars < 1:
         raise StillhouseError(f"--chars must be at least 1, got {chars}")
-    prompts = _read_texts(probes) if probes else pv.default_probes()
-    v = pv.run(_load, suspect, parent, reference, prompts, statistic, alpha, chars, max_new_tokens)
+    prompts = _read_texts(probes) if probes else None
+    if answers_file:
+        if statistic in pv.SCORED_BY_SUSPECT:
+            raise StillhouseError(f"--statistic {statistic} needs the suspect's weights; for answers from its API use "
+                                  "likelihood-reverse or agreement")
+        prompts, mine = _suspect_answers(Path(suspect), prompts)
+        v = pv.run(_load, None, parent, reference, prompts, statistic, alpha, chars, max_new_tokens, suspect_answers=mine)
+    else:
+        v = pv.run(_load, suspect, parent, reference, prompts or pv.default_probes(), statistic, alpha, chars, max_new_tokens)
     result = v.to_dict()
     lineage = pv.lineage_says(suspect, parent) if Path(suspect).is_dir() else None
     result["lineage_says_derived"] = lineage
