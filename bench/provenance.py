@@ -719,153 +719,237 @@ REAL_PROV_SETTINGS = {"likelihood-both, CLI defaults (80 chars, alpha 0.01)": ("
                       "agreement, tiny-tuned (40 chars, alpha 0.001)": ("agreement", 40, 0.001)}
 
 
-def real_provenance(cfg: dict, out: dict) -> None:
-    """Every REAL_SUSPECTS model against each parent; references for parent P are all the other
-    models without P in their lineage. Settings (window, alpha) are the CLI's defaults and the
-    ones chosen on the tiny-scale tuning pairs: nothing is tuned on these pairs."""
-    from stillhouse import models
-    from stillhouse.train.students import prune_depth
-    from stillhouse.verify.reasoning_gym import problems
+class RealModels:
+    """The real provenance section's models over one --cache. Each is built once with
+    stillhouse's loop (weights kept there, since the likelihood statistics score with them), its
+    greedy answers to the probes are cached, and so is every (scorer, window, answer source)
+    likelihood on its own: a model built later only adds its own row and column."""
 
-    rp = cfg["real_prov"]
-    cache = Cache(cfg.get("cache"))
-    only = cfg.get("models")
-    t_start = time.perf_counter()
-    loaded = {}
+    def __init__(self, rp: dict, cache: Cache):
+        self.rp, self.cache = rp, cache
+        self.probes = pv.default_probes(rp["probes"])
+        self.train_prompts = real_prompts()[: rp["train"]]
+        self.gen = dict(max_new_tokens=rp["tokens"], temperature=0.8)
+        self.parents: dict = {}  # lineage -> the packaged model, loaded once
+        self.held: dict = {}  # the one scorer in memory ({"id", "lm"}), loaded once for every window
+        self.scores: dict = {}  # (scorer, window, answer source) -> per-probe scores, read from the cache once
+        self.answers: dict[str, list[str]] = {}  # model id -> greedy answers to the probes
+        self.seconds: dict[str, float] = {}
 
-    def load(parent):
-        if parent not in loaded:
-            loaded[parent] = models.load(REAL_BUILTINS[parent])
-        return loaded[parent]
+    def parent(self, lineage: str):
+        from stillhouse import models
 
-    train_p = real_prompts()[: rp["train"]]
-    gen = dict(max_new_tokens=rp["tokens"], temperature=0.8)
-    probes = pv.default_probes(rp["probes"])
+        if lineage not in self.parents:
+            self.parents[lineage] = models.load(REAL_BUILTINS[lineage])
+        return self.parents[lineage]
 
-    def texts_of(source):  # (prompts, answer texts) a suspect trains on
+    def texts_of(self, source: str) -> tuple[list[str], list[str]]:
+        """(prompts, answer texts) a suspect trains on."""
+        from stillhouse.verify.reasoning_gym import problems
+
+        n = self.rp["train"]
         if source in GOLD_SOURCES:
             task, task_cfg, seed = GOLD_SOURCES[source]
-            ps = problems(task, task_cfg, rp["train"], seed)
+            ps = problems(task, task_cfg, n, seed)
             return [q["question"] for q in ps], [q["answer"] for q in ps]
         if source in REAL_PARENTS:
-            lm = load(source)
-            texts = cache.get(f"prov-train-{source}", lambda: [c.text for c in generate(lm.model, lm.tokenizer, train_p, None, seed=1, **gen)])
+            lm = self.parent(source)
+            texts = self.cache.get(f"prov-train-{source}", lambda: [
+                c.text for c in generate(lm.model, lm.tokenizer, self.train_prompts, None, seed=1, **self.gen)])
         else:  # another suspect's answers: built with it
-            texts = build(source)["train_answers"]
-        return train_p, texts
+            texts = self.build(source)["train_answers"]
+        return self.train_prompts, texts
 
-    def build(mid):
+    def build(self, mid: str) -> dict:
+        """Model `mid` trained by its recipe (a parent: the packaged model), with its answers."""
+        from stillhouse.train.students import prune_depth
+
+        rp = self.rp
+
         def make():
             t0 = time.perf_counter()
-            _, _, recipe = REAL_SUSPECTS[mid]
+            _, lineages, recipe = REAL_SUSPECTS[mid]
             if recipe is None:
-                (lineage,) = REAL_SUSPECTS[mid][1]  # a parent's lineage is itself
-                lm = load(lineage)
-                return {"answers": pv.answers(lm.model, lm.tokenizer, probes), "train_seconds": 0.0, "seconds": time.perf_counter() - t0}
-            weights, how, source = recipe[:3]
-            lm = load(weights)
+                (lineage,) = lineages  # a parent's lineage is itself
+                lm = self.parent(lineage)
+                return {"answers": pv.answers(lm.model, lm.tokenizer, self.probes), "train_seconds": 0.0, "seconds": time.perf_counter() - t0}
+            weights, how, source, seed = recipe
+            lm = self.parent(weights)
             tok = lm.tokenizer
-            prompts, texts = texts_of(source)
+            prompts, texts = self.texts_of(source)
             comps = [Ids(tok(t, add_special_tokens=False)["input_ids"][: rp["tokens"]]) for t in texts]
-            torch.manual_seed(recipe[3])
+            torch.manual_seed(seed)
             t1 = time.perf_counter()
             if how == "prune":
                 n = lm.model.config.num_hidden_layers
                 kept = smol_student_blocks(n) if weights == "S" else [i for i in range(n) if i % 3 != 1]
-                m = sft(prune_depth(lm.model, kept), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["lr"])
+                m = sft(prune_depth(lm.model, kept), tok, prompts, comps, seed=seed, epochs=rp["epochs"], lr=rp["lr"])
             elif how == "lora":
-                m = sft(copy.deepcopy(lm.model), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["lora_lr"], lora=True)
+                m = sft(copy.deepcopy(lm.model), tok, prompts, comps, seed=seed, epochs=rp["epochs"], lr=rp["lora_lr"], lora=True)
             else:
-                m = sft(copy.deepcopy(lm.model), tok, prompts, comps, seed=recipe[3], epochs=rp["epochs"], lr=rp["ft_lr"])
+                m = sft(copy.deepcopy(lm.model), tok, prompts, comps, seed=seed, epochs=rp["epochs"], lr=rp["ft_lr"])
             t_train = time.perf_counter() - t1
-            cache.save_model(mid, m, tok)  # the likelihood statistic scores answers with the suspect's weights
-            res = {"answers": pv.answers(m, tok, probes), "train_seconds": t_train}
+            self.cache.save_model(mid, m, tok)
+            res = {"answers": pv.answers(m, tok, self.probes), "train_seconds": t_train}
             if any(r and r[2] == mid for _, _, r in REAL_SUSPECTS.values()):  # a teacher of another suspect
-                res["train_answers"] = [c.text for c in generate(m, tok, train_p, None, seed=2, **gen)]
+                res["train_answers"] = [c.text for c in generate(m, tok, self.train_prompts, None, seed=2, **self.gen)]
             res["seconds"] = time.perf_counter() - t0
             print(f"  built {mid}: {res['seconds']:.0f} s (training {t_train:.0f} s); first answer: {res['answers'][0][:70]!r}", flush=True)
             return res
 
-        return cache.get(f"prov-{mid}", make)
+        return self.cache.get(f"prov-{mid}", make)
 
-    ans, secs = {}, {}
-    for mid in REAL_SUSPECTS:
-        if only and mid not in only and not cache.has(f"prov-{mid}"):
-            continue
-        r = build(mid)
-        ans[mid], secs[mid] = r["answers"], r["seconds"]
-    if only:
-        print(f"  --models {','.join(sorted(only))}: done; run without --models to test every cached model", flush=True)
-    settings = REAL_PROV_SETTINGS
+    def build_all(self, only: set) -> None:
+        """Build `only` (every model if empty) and read every other model already in the cache."""
+        for mid in REAL_SUSPECTS:
+            if only and mid not in only and not self.cache.has(f"prov-{mid}"):
+                continue
+            r = self.build(mid)
+            self.answers[mid], self.seconds[mid] = r["answers"], r["seconds"]
 
-    held: dict = {}
+    def _scorer(self, mid: str):
+        """Model `mid` loaded to score (one in memory at a time)."""
+        from stillhouse import models
 
-    def logliks(mid, chars, srcs=None):
-        """Suspect mid's per-character log-likelihoods of the answers of `srcs` (default: every
-        other model) with its weights (a parent's from the package, a built model's from --cache);
-        None if its weights were not kept and some are not cached. Cached per answer source, so
-        models built later only add their own column."""
-        srcs = [src for src in ans if src != mid] if srcs is None else srcs
-        weights = cache.model_dir(mid)
-        todo = [src for src in srcs if (mid, chars, src) not in scored]
+        if self.held.get("id") != mid:
+            self.held.clear()
+            recipe = REAL_SUSPECTS[mid][2]
+            self.held.update(id=mid, lm=self.parent(next(iter(REAL_SUSPECTS[mid][1]))) if recipe is None
+                             else models.load(str(self.cache.model_dir(mid))))
+        return self.held["lm"]
+
+    def logliks(self, mid: str, chars: int, srcs: list[str] | None = None) -> dict | None:
+        """Model mid's per-character log-likelihoods of the answers of `srcs` (default: every other
+        model). None if its weights were not kept and some scores are not cached."""
+        srcs = [src for src in self.answers if src != mid] if srcs is None else srcs
+        weights = self.cache.model_dir(mid)
+        todo = [src for src in srcs if (mid, chars, src) not in self.scores]
         if REAL_SUSPECTS[mid][2] is not None and not (weights and weights.is_dir()) and \
-                not all(cache.has(f"prov-ll-{mid}-{chars}-{src}") for src in todo):
+                not all(self.cache.has(f"prov-ll-{mid}-{chars}-{src}") for src in todo):
             return None
 
         def score(src):
             def make():
-                if held.get("id") != mid:  # one suspect in memory at a time, loaded once for every window
-                    held.clear()
-                    held.update(id=mid, lm=load(next(iter(REAL_SUSPECTS[mid][1]))) if REAL_SUSPECTS[mid][2] is None
-                                else models.load(str(weights)))
-                return pv.loglik(held["lm"].model, held["lm"].tokenizer, probes, ans[src], chars).tolist()
+                lm = self._scorer(mid)
+                return pv.loglik(lm.model, lm.tokenizer, self.probes, self.answers[src], chars).tolist()
             return make
 
         for src in todo:
-            scored[mid, chars, src] = cache.get(f"prov-ll-{mid}-{chars}-{src}", score(src))
-        return {src: scored[mid, chars, src] for src in srcs}
+            self.scores[mid, chars, src] = self.cache.get(f"prov-ll-{mid}-{chars}-{src}", score(src))
+        return {src: self.scores[mid, chars, src] for src in srcs}
 
-    scored: dict = {}  # (suspect, window, answer source) -> scores, read from the cache once
-    windows = sorted({chars for statistic, chars, _ in settings.values() if statistic != "agreement"})
-
-    if cfg.get("suspects"):  # score only: these suspects' likelihoods of every other model's answers
-        for mid in sorted(cfg["suspects"] & set(ans)):
-            for chars in windows:
-                logliks(mid, chars)
-        print(f"  --suspects {','.join(sorted(cfg['suspects']))}: scored; run without --suspects to test every pair", flush=True)
-        return
-
-    def decide(mid, pid, refs, statistic, chars, alpha):
+    def decide(self, mid: str, pid: str, refs: list[str], statistic: str, chars: int, alpha: float):
         """The verdict from the cache: the suspect's scores of the others' answers (forward) and
-        the parent's and references' scores of the suspect's answers (reverse)."""
-        ll = logliks(mid, chars, [pid, *refs]) if statistic in pv.SCORED_BY_SUSPECT else None
-        by = {x: logliks(x, chars, [mid]) for x in [pid, *refs]} if statistic in pv.SCORED_BY_OTHERS else None
+        the parent's and references' scores of the suspect's answers (reverse); None if some
+        model's weights were not kept."""
+        ll = self.logliks(mid, chars, [pid, *refs]) if statistic in pv.SCORED_BY_SUSPECT else None
+        by = {x: self.logliks(x, chars, [mid]) for x in [pid, *refs]} if statistic in pv.SCORED_BY_OTHERS else None
         if (ll is None and statistic in pv.SCORED_BY_SUSPECT) or (by and None in by.values()):
-            return None  # some model's weights were not kept
+            return None
         by = by and {x: row[mid] for x, row in by.items()}
-        return pv.decide(statistic, ans, pid, list(refs), alpha, chars, suspect_answers=ans[mid], logliks=ll, scored_by=by,
-                         probes=probes)
+        return pv.decide(statistic, self.answers, pid, list(refs), alpha, chars, suspect_answers=self.answers[mid], logliks=ll,
+                         scored_by=by, probes=self.probes)
 
+    def strength(self, mid: str) -> float | None:
+        """How well model mid predicts English none of these models wrote: its mean log-likelihood
+        per character of held-out paragraphs (this repository's docs, frozen in the cache on
+        first use), as answers to one neutral instruction. None if its weights were not kept."""
+        texts = self.cache.get("prov-strength-texts", lambda: [t[:STRENGTH_CHARS] for t in held_out_text(STRENGTH_TEXTS)])
+        key, weights = f"prov-strength-{mid}", self.cache.model_dir(mid)
+        if not self.cache.has(key) and REAL_SUSPECTS[mid][2] is not None and not (weights and weights.is_dir()):
+            return None
+
+        def make():
+            lm = self._scorer(mid)
+            return float(np.nanmean(pv.loglik(lm.model, lm.tokenizer, [STRENGTH_PROMPT] * len(texts), texts, STRENGTH_CHARS)))
+
+        return self.cache.get(key, make)
+
+
+# Strength (RealModels.strength): 40 held-out paragraphs, first 300 characters, as answers to this
+STRENGTH_TEXTS, STRENGTH_CHARS, STRENGTH_PROMPT = 40, 300, "Write a paragraph of technical documentation."
+
+
+def real_pairs(rm: RealModels, settings: dict) -> list[dict]:
+    """Every model against each parent that is not itself, at every setting; references for
+    parent P are all the other models without P in their lineage. Seen pairs also carry the grid
+    the headline was chosen on (every statistic and window; seen references only)."""
     pairs = []
-    for mid in ans:
+    for mid in rm.answers:
         for pk, pid in REAL_PARENTS.items():
-            if mid == pid or pid not in ans:
+            if mid == pid or pid not in rm.answers:
                 continue
-            refs = {r: ans[r] for r in ans if r != mid and pk not in REAL_SUSPECTS[r][1]}
+            refs = [r for r in rm.answers if r != mid and pk not in REAL_SUSPECTS[r][1]]
             row = {"suspect": mid, "description": REAL_SUSPECTS[mid][0], "parent": pid, "derived": pk in REAL_SUSPECTS[mid][1],
                    "split": "fresh" if mid in REAL_FRESH else "seen", "references": sorted(refs)}
             for name, (statistic, chars, alpha) in settings.items():
-                v = decide(mid, pid, refs, statistic, chars, alpha)
+                v = rm.decide(mid, pid, refs, statistic, chars, alpha)
                 if v is None:
                     continue
                 closest = max(v.reference_similarity, key=v.reference_similarity.get) if refs else None
                 row[name] = {"p_value": v.p_value, "derived": v.derived, "parent_similarity": v.parent_similarity,
                              "closest_reference": closest, "closest_reference_similarity": v.reference_similarity.get(closest)}
-            if row["split"] == "seen":  # every statistic and window as the headline was chosen: seen pairs, seen references
+            if row["split"] == "seen":
                 seen_refs = [r for r in refs if r not in REAL_FRESH]
                 row["grid"] = {f"{st} {chars}": g.p_value for st in pv.STATISTICS for chars in (40, 80)
-                               if (g := decide(mid, pid, seen_refs, st, chars, 1.0)) is not None}
+                               if (g := rm.decide(mid, pid, seen_refs, st, chars, 1.0)) is not None}
             pairs.append(row)
+    return pairs
+
+
+# The reverse direction assumes the parent is not much stronger than the references (a stronger
+# model finds any fluent text likelier). Each pair again, with only some of its references, by
+# strength: those weaker than the parent, the weakest one, the strongest one.
+REFERENCE_SUBSETS = {
+    "weaker than the parent": lambda refs, parent, s: [r for r in refs if s[r] < s[parent]],
+    "the weakest": lambda refs, parent, s: sorted(refs, key=s.get)[:1],
+    "the strongest": lambda refs, parent, s: sorted(refs, key=s.get)[-1:],
+}
+
+
+def strength_check(rm: RealModels, pairs: list[dict], chars: int = 80, alpha: float = 0.01) -> dict:
+    """Per statistic (reverse, both) and reference subset: the verdicts on every pair whose
+    subset is not empty, and the models' strengths."""
+    s = {mid: rm.strength(mid) for mid in rm.answers}
+    s = {mid: v for mid, v in s.items() if v is not None}
+    rows = []
+    for p in pairs:
+        refs = [r for r in p["references"] if r in s]
+        if p["parent"] not in s or p["suspect"] not in s:
+            continue
+        row = {"suspect": p["suspect"], "parent": p["parent"], "derived": p["derived"], "split": p["split"]}
+        for subset, pick in REFERENCE_SUBSETS.items():
+            chosen = pick(refs, p["parent"], s)
+            for statistic in ("likelihood-reverse", "likelihood-both"):
+                v = rm.decide(p["suspect"], p["parent"], chosen, statistic, chars, alpha) if chosen else None
+                if v is not None:
+                    row[f"{statistic}, {subset}"] = {"references": chosen, "p_value": v.p_value, "derived": v.derived}
+        rows.append(row)
+    return {"strength": s, "pairs": rows,
+            "summary": {k: confusion([(r[k]["derived"], r["derived"]) for r in rows if k in r])
+                        for k in dict.fromkeys(k for r in rows for k in r if k.startswith("likelihood"))}}
+
+
+def real_provenance(cfg: dict, out: dict) -> None:
+    """Build (--models), score (--suspects) or test every pair of REAL_SUSPECTS at the settings in
+    REAL_PROV_SETTINGS; nothing is tuned here (the headline was chosen on the seen pairs)."""
+    t_start = time.perf_counter()
+    rm = RealModels(cfg["real_prov"], Cache(cfg.get("cache")))
+    only = cfg.get("models")
+    rm.build_all(only)
+    if only:
+        print(f"  --models {','.join(sorted(only))}: done; run without --models to test every cached model", flush=True)
+    settings = REAL_PROV_SETTINGS
+    windows = sorted({chars for statistic, chars, _ in settings.values() if statistic != "agreement"})
+    if cfg.get("suspects"):  # score only: these suspects' likelihoods of every other model's answers, and their strength
+        for mid in sorted(cfg["suspects"] & set(rm.answers)):
+            for chars in windows:
+                rm.logliks(mid, chars)
+            rm.strength(mid)
+        print(f"  --suspects {','.join(sorted(cfg['suspects']))}: scored; run without --suspects to test every pair", flush=True)
+        return
+
+    pairs = real_pairs(rm, settings)
 
     def summarise(rows):
         return {name: {"pairs": sum(name in r for r in rows),
@@ -876,20 +960,27 @@ def real_provenance(cfg: dict, out: dict) -> None:
     seen = [r for r in pairs if "grid" in r]
     grid = {f"{key}, alpha {a}": confusion([(r["grid"][key] < a, r["derived"]) for r in seen])
             for key in (seen[0]["grid"] if seen else {}) for a in (0.001, 0.01, 0.05)}
+    strength = strength_check(rm, pairs)
+    out["real_provenance"] = {"pairs": pairs, "summary": summary, "seen_grid": grid, "strength_check": strength,
+                              "model_seconds": rm.seconds, "config": rm.rp, "settings": settings,
+                              "seconds": time.perf_counter() - t_start}
+    print_real(out["real_provenance"])
+
+
+def print_real(r: dict) -> None:
+    pairs, summary, grid, settings = r["pairs"], r["summary"], r["seen_grid"], r["settings"]
     if grid:
-        print(f"\nthe headline's choice: F1 on the {len(seen)} seen pairs per statistic, window and alpha")
+        print(f"\nthe headline's choice: F1 on the {sum('grid' in p for p in pairs)} seen pairs per statistic, window and alpha")
         for k, c in grid.items():
             print(f"  {k}: F1 {c['f1']:.2f} (tp {c['tp']}, fp {c['fp']}, fn {c['fn']})")
-    out["real_provenance"] = {"pairs": pairs, "summary": summary, "seen_grid": grid, "model_seconds": secs, "config": rp, "settings": settings,
-                              "seconds": time.perf_counter() - t_start}
     names = list(settings)
     print("\nsettings: " + "; ".join(f"[{i + 1}] {n}" for i, n in enumerate(names)))
     print("\n| split | suspect | parent | truly derived | " + " | ".join(f"p [{i + 1}]" for i in range(len(names)))
           + " | similarity to parent / closest reference [1] |\n|---|---|---|---|" + "---|" * len(names) + "---|")
-    for r in pairs:
-        cells = [f"{r[n]['p_value']:.2g} {'D' if r[n]['derived'] else '-'}" if n in r else "n/a" for n in names]
-        a = r[names[0]]
-        print(f"| {r['split']} | {r['suspect']} | {r['parent']} | {'yes' if r['derived'] else 'no'} | " + " | ".join(cells) +
+    for p in pairs:
+        cells = [f"{p[n]['p_value']:.2g} {'D' if p[n]['derived'] else '-'}" if n in p else "n/a" for n in names]
+        a = p[names[0]]
+        print(f"| {p['split']} | {p['suspect']} | {p['parent']} | {'yes' if p['derived'] else 'no'} | " + " | ".join(cells) +
               f" | {a['parent_similarity']:.2f} / {a['closest_reference_similarity'] or 0:.2f} ({a['closest_reference']}) |")
     print("(D: called derived at that setting's alpha)")
     for split, per in summary.items():
@@ -898,6 +989,15 @@ def real_provenance(cfg: dict, out: dict) -> None:
                 continue
             print(f"\n{split} pairs, {name}: {s_['pairs']} pairs; | truly derived | {s_['tp']} | {s_['fn']} |  | not derived | {s_['fp']} | {s_['tn']} |; "
                   f"precision {100 * s_['precision']:.0f}%, recall {100 * s_['recall']:.0f}%")
+    sc = r["strength_check"]
+    if sc["strength"]:
+        print(f"\nstrength: log-likelihood per character of {STRENGTH_TEXTS} held-out paragraphs (first {STRENGTH_CHARS} characters)")
+        for mid, v in sorted(sc["strength"].items(), key=lambda x: -x[1]):
+            print(f"  {mid}: {v:.3f}")
+        print("\n| statistic, references | pairs | derived called | not derived called (false) | precision | recall |\n|---|---|---|---|---|---|")
+        for k, c in sc["summary"].items():
+            print(f"| {k} | {c['tp'] + c['fp'] + c['fn'] + c['tn']} | {c['tp']} of {c['tp'] + c['fn']} | {c['fp']} of {c['fp'] + c['tn']} | "
+                  f"{100 * c['precision']:.0f}% | {100 * c['recall']:.0f}% |")
 
 
 def _arm_panel(ax, rows: list[dict], modes: list[tuple[str, str]], title: str) -> None:
