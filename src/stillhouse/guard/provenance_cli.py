@@ -54,13 +54,7 @@ def _read_texts(path: Path, field: str | None = None) -> list[str]:
         raise StillhouseError(f"file not found: {path}")
     if path.suffix == ".jsonl":
         out = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise StillhouseError(f"{path}:{n}: not a JSON line") from None
+        for n, row in _json_rows(path):
             names = [field] if field else ["text", "completion", "prompt"]
             val = next((row[k] for k in names if isinstance(row, dict) and k in row), None)
             if not isinstance(val, str):
@@ -71,6 +65,17 @@ def _read_texts(path: Path, field: str | None = None) -> list[str]:
     if not out:
         raise StillhouseError(f"{path} holds no texts")
     return out
+
+
+def _json_rows(path: Path):
+    """(line number, parsed row) for every non-blank line of a .jsonl file."""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError:
+            raise StillhouseError(f"{path}:{n}: not a JSON line") from None
 
 
 def _print(result: dict, as_json: bool, line: str) -> None:
@@ -168,17 +173,11 @@ def _suspect_answers(path: Path, probes: list[str] | None) -> tuple[list[str], l
         texts = _read_texts(path)
         return _match(path, probes, [None] * len(texts), texts)
     prompts, texts = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise StillhouseError(f"{path}:{n}: not a JSON line") from None
+    for n, row in _json_rows(path):
         text = next((row[k] for k in ANSWER_FIELDS if isinstance(row, dict) and k in row), None)
         if not isinstance(text, str):
             raise StillhouseError(f"{path}:{n}: no string field {' / '.join(ANSWER_FIELDS)} (the suspect's answer)")
-        prompt = row.get("prompt")
+        prompt = row.get("prompt")  # row is a dict: its answer field was found
         if prompt is not None and not isinstance(prompt, str):
             raise StillhouseError(f"{path}:{n}: prompt is not a string")
         prompts.append(prompt)
