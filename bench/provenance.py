@@ -79,7 +79,7 @@ SETTINGS = {
     # training answers of 96 tokens (4x the answers, 10x the watermarked tokens of `small`)
     "medium": dict(problems=300, ppl_texts=30, long=10, keys=200, tiny_prompts=192, tiny_probes=256, seeds=2,
                    doses=[0.05, 0.1, 0.25, 1.0], prov_tune=[1], prov_report=[2], real_prov=REAL_PROV,
-                   real_radio=dict(train=256, probes=64, probe_texts=200, probe_answers=True, tokens=96, doses=[0.05, 0.1, 0.25, 0.5, 1.0],
+                   real_radio=dict(train=256, probes=64, probe_texts=200, probe_answers=True, tokens=96, doses=[0.05, 0.1, 0.25, 0.5, 0.75, 1.0],
                                    seeds=1, epochs=3, lr=3e-4, keys=200, paraphrase=True, paraphraser="gemma3-270m",
                                    other_teacher=True)),
     # a seconds-long run of every code path (not a measurement)
