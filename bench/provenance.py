@@ -935,16 +935,19 @@ def real_provenance(cfg: dict, out: dict) -> None:
     REAL_PROV_SETTINGS; nothing is tuned here (the headline was chosen on the seen pairs)."""
     t_start = time.perf_counter()
     rm = RealModels(cfg["real_prov"], Cache(cfg.get("cache")))
-    only = cfg.get("models")
+    only = cfg.get("models") or set()
     rm.build_all(only)
-    if only:
-        print(f"  --models {','.join(sorted(only))}: done; run without --models to test every cached model", flush=True)
+    if only - {"cached"}:  # a build run stops here, so processes building side by side do not also test
+        print(f"  --models {','.join(sorted(only))}: done; run with --models cached to test every cached model", flush=True)
+        return
     settings = REAL_PROV_SETTINGS
     windows = sorted({chars for statistic, chars, _ in settings.values() if statistic != "agreement"})
     if cfg.get("suspects"):  # score only: these suspects' likelihoods of every other model's answers, and their strength
         for mid in sorted(cfg["suspects"] & set(rm.answers)):
             for chars in windows:
                 rm.logliks(mid, chars)
+            if mid not in REAL_FRESH:  # the seen grid's other window, over seen models only
+                rm.logliks(mid, 40, [src for src in rm.answers if src != mid and src not in REAL_FRESH])
             rm.strength(mid)
         print(f"  --suspects {','.join(sorted(cfg['suspects']))}: scored; run without --suspects to test every pair", flush=True)
         return
