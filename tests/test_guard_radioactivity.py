@@ -300,6 +300,10 @@ def test_cli_provenance_from_answers_collected_from_an_api(family, cli):
     r = cli(["provenance", str(family["root"] / "plain-api.jsonl"), "--parent", str(d["teacher"]), *refs,
              "--statistic", "agreement", "--json"])
     assert r.returncode == 0 and json.loads(r.stdout)["derived"] is True, r.stderr
+    # the answers file also serves as --probes: its rows' prompts are read, not their answers
+    r = cli(["provenance", str(family["root"] / "plain-api.jsonl"), "--parent", str(d["teacher"]), *refs,
+             "--probes", str(family["root"] / "plain-api.jsonl"), "--json"])
+    assert r.returncode == 0 and json.loads(r.stdout)["derived"] is True, r.stderr
 
 
 def test_cli_provenance_bad_answer_files(family, cli):
@@ -314,7 +318,9 @@ def test_cli_provenance_bad_answer_files(family, cli):
     assert f"{nofield}:1: no string field completion" in _one_line_error(cli(["provenance", str(nofield), *refs]))
     other = root / "other.jsonl"
     other.write_text(json.dumps({"prompt": "not a probe", "completion": "x"}) + "\n")
-    assert "answer 1 is to another prompt" in _one_line_error(cli(["provenance", str(other), *refs, "--probes", str(other)]))
+    one_probe = root / "one-probe.jsonl"
+    one_probe.write_text(json.dumps({"prompt": "a probe"}) + "\n")
+    assert "answer 1 is to another prompt" in _one_line_error(cli(["provenance", str(other), *refs, "--probes", str(one_probe)]))
     assert "file not found" in _one_line_error(cli(["provenance", str(root / "missing.jsonl"), *refs]))
     assert "-n must be 1-100" in _one_line_error(cli(["probes", "-n", "0"]))
 

@@ -48,17 +48,20 @@ def _load(spec: str, role: str):
         raise StillhouseError(f"{role} {spec} does not load: {type(e).__name__}: {msg[:200]}") from None
 
 
-def _read_texts(path: Path, field: str | None = None) -> list[str]:
-    """Texts from .txt (blank-line separated) or .jsonl (field, else text/completion/prompt)."""
+TEXT_FIELDS = ("text", "completion", "prompt")  # a file of texts to score
+PROMPT_FIELDS = ("prompt", "text")  # provenance probes: a row that also holds its answer still gives the prompt
+
+
+def _read_texts(path: Path, fields: tuple[str, ...] = TEXT_FIELDS) -> list[str]:
+    """Texts from .txt (blank-line separated) or .jsonl (the first of `fields` a row has)."""
     if not path.is_file():
         raise StillhouseError(f"file not found: {path}")
     if path.suffix == ".jsonl":
         out = []
         for n, row in _json_rows(path):
-            names = [field] if field else ["text", "completion", "prompt"]
-            val = next((row[k] for k in names if isinstance(row, dict) and k in row), None)
+            val = next((row[k] for k in fields if isinstance(row, dict) and k in row), None)
             if not isinstance(val, str):
-                raise StillhouseError(f"{path}:{n}: no string field {' / '.join(names)}")
+                raise StillhouseError(f"{path}:{n}: no string field {' / '.join(fields)}")
             out.append(val)
     else:
         out = [t.strip() for t in path.read_text().split("\n\n") if t.strip()]
@@ -242,7 +245,7 @@ def provenance(
         raise StillhouseError(f"--statistic must be one of {', '.join(pv.STATISTICS)}, got {statistic!r}")
     if chars < 1:
         raise StillhouseError(f"--chars must be at least 1, got {chars}")
-    prompts = _read_texts(probes) if probes else None
+    prompts = _read_texts(probes, PROMPT_FIELDS) if probes else None
     if answers_file:
         if statistic in pv.SCORED_BY_SUSPECT:
             raise StillhouseError(f"--statistic {statistic} needs the suspect's weights; for answers from its API use "
