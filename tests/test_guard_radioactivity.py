@@ -227,7 +227,8 @@ def test_cli_detect_and_radioactivity(family, cli):
     d = family["dirs"]
     texts = family["root"] / "answers.jsonl"
     marked = _generate(family["teacher"], family["tok"], PROBES[:8], KEY, seed=4)
-    texts.write_text("".join(json.dumps({"text": c.text}) + "\n" for c in marked))
+    # rows as a request log keeps them: the answer is read, never the (unwatermarked) prompt
+    texts.write_text("".join(json.dumps({"prompt": p, "response": c.text}) + "\n" for p, c in zip(PROBES, marked)))
     r = cli(["detect", "--file", str(texts), "--key-env", "WMK", "--tokenizer", str(d["teacher"]), "--json"], WMK=KEY)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["p_value"] < 1e-6

@@ -48,11 +48,15 @@ def _load(spec: str, role: str):
         raise StillhouseError(f"{role} {spec} does not load: {type(e).__name__}: {msg[:200]}") from None
 
 
-TEXT_FIELDS = ("text", "completion", "prompt")  # a file of texts to score
-PROMPT_FIELDS = ("prompt", "text")  # provenance probes: a row that also holds its answer still gives the prompt
+# Which field of a .jsonl row holds the text, by what the file is: what a model wrote (never the
+# row's prompt, which a log of requests also holds), prompts (a row with its answer still gives
+# the prompt) or probe texts to teacher-force (any text).
+ANSWER_FIELDS = ("completion", "answer", "response", "text")
+PROMPT_FIELDS = ("prompt", "text")
+TEXT_FIELDS = ("text", "completion", "prompt")
 
 
-def _read_texts(path: Path, fields: tuple[str, ...] = TEXT_FIELDS) -> list[str]:
+def _read_texts(path: Path, fields: tuple[str, ...]) -> list[str]:
     """Texts from .txt (blank-line separated) or .jsonl (the first of `fields` a row has)."""
     if not path.is_file():
         raise StillhouseError(f"file not found: {path}")
@@ -110,7 +114,7 @@ def detect(
     k = _key(key, key_env)
     if (text is None) == (file is None):
         raise StillhouseError("give exactly one of TEXT or --file")
-    texts = [text] if text is not None else _read_texts(file)
+    texts = [text] if text is not None else _read_texts(file, ANSWER_FIELDS)
     tok = _load(tokenizer, "watermarking model").tokenizer
     s = detect_text(k, texts, tok, scheme, gamma, streams)
     what = f"{s.green} green" if scheme == "greenlist" else f"score {s.score:.1f}"
@@ -139,14 +143,14 @@ def radioactivity(
     k = _key(key, key_env)
     if mode not in ("open", "api"):
         raise StillhouseError(f"--mode must be open or api, got {mode!r}")
-    texts = _read_texts(prompts)
+    texts = _read_texts(prompts, TEXT_FIELDS if mode == "open" else PROMPT_FIELDS)
     ref_tok = _load(teacher, "watermarking model").tokenizer
     contexts = None
     if served is not None:
-        contexts = ra.watermark_contexts([ref_tok(t, add_special_tokens=False)["input_ids"] for t in _read_texts(served)])
+        contexts = ra.watermark_contexts([ref_tok(t, add_special_tokens=False)["input_ids"] for t in _read_texts(served, ANSWER_FIELDS)])
     answers_file = Path(suspect)
     if mode == "api" and answers_file.suffix in (".jsonl", ".txt") and answers_file.is_file():
-        gens = [ref_tok(t, add_special_tokens=False)["input_ids"] for t in _read_texts(answers_file)]
+        gens = [ref_tok(t, add_special_tokens=False)["input_ids"] for t in _read_texts(answers_file, ANSWER_FIELDS)]
         s = ra.score_generations(k, gens, gamma, contexts)
     else:
         lm = _load(suspect, "suspect")
@@ -163,9 +167,6 @@ def radioactivity(
            f"{mode}: z = {s.z:.2f}, p = {s.p_value:.3g} ({s.green} green of {s.scored} distinct pairs)")
 
 
-ANSWER_FIELDS = ("completion", "answer", "response", "text")
-
-
 def _suspect_answers(path: Path, probes: list[str] | None) -> tuple[list[str], list[str]]:
     """(probes, answers) from a file of a suspect's answers collected from its API: .jsonl rows
     {"prompt": ..., "completion": ...} (the prompts are the probes; without prompts the rows
@@ -173,7 +174,7 @@ def _suspect_answers(path: Path, probes: list[str] | None) -> tuple[list[str], l
     if not path.is_file():
         raise StillhouseError(f"file not found: {path}")
     if path.suffix != ".jsonl":
-        texts = _read_texts(path)
+        texts = _read_texts(path, ANSWER_FIELDS)
         return _match(path, probes, [None] * len(texts), texts)
     prompts, texts = [], []
     for n, row in _json_rows(path):
