@@ -870,12 +870,14 @@ class RealModels:
 STRENGTH_TEXTS, STRENGTH_CHARS, STRENGTH_PROMPT = 40, 300, "Write a paragraph of technical documentation."
 
 
-def real_pairs(rm: RealModels, settings: dict) -> list[dict]:
-    """Every model against each parent that is not itself, at every setting; references for
-    parent P are all the other models without P in their lineage. Seen pairs also carry the grid
-    the headline was chosen on (every statistic and window; seen references only)."""
+def real_pairs(rm: RealModels, settings: dict, fresh_only: bool = False) -> list[dict]:
+    """Every model (every fresh one) against each parent that is not itself, at every setting;
+    references for parent P are all the other models without P in their lineage. Seen pairs also
+    carry the grid the headline was chosen on (every statistic and window; seen references only)."""
     pairs = []
     for mid in rm.answers:
+        if fresh_only and mid not in REAL_FRESH:
+            continue
         for pk, pid in REAL_PARENTS.items():
             if mid == pid or pid not in rm.answers:
                 continue
@@ -942,17 +944,20 @@ def real_provenance(cfg: dict, out: dict) -> None:
         return
     settings = REAL_PROV_SETTINGS
     windows = sorted({chars for statistic, chars, _ in settings.values() if statistic != "agreement"})
+    fresh_only = cfg.get("fresh_only", False)
     if cfg.get("suspects"):  # score only: these suspects' likelihoods of every other model's answers, and their strength
         for mid in sorted(cfg["suspects"] & set(rm.answers)):
+            # a fresh pair needs its suspect's row and the column of its answers in every other row
+            srcs = None if mid in REAL_FRESH or not fresh_only else [src for src in rm.answers if src in REAL_FRESH]
             for chars in windows:
-                rm.logliks(mid, chars)
-            if mid not in REAL_FRESH:  # the seen grid's other window, over seen models only
+                rm.logliks(mid, chars, srcs)
+            if mid not in REAL_FRESH and not fresh_only:  # the seen grid's other window, over seen models only
                 rm.logliks(mid, 40, [src for src in rm.answers if src != mid and src not in REAL_FRESH])
             rm.strength(mid)
         print(f"  --suspects {','.join(sorted(cfg['suspects']))}: scored; run without --suspects to test every pair", flush=True)
         return
 
-    pairs = real_pairs(rm, settings)
+    pairs = real_pairs(rm, settings, fresh_only)
 
     def summarise(rows):
         return {name: {"pairs": sum(name in r for r in rows),
@@ -960,6 +965,8 @@ def real_provenance(cfg: dict, out: dict) -> None:
                 for name in settings}
 
     summary = {split: summarise([r for r in pairs if r["split"] == split]) for split in ("fresh", "seen")}
+    for batch, name in ((REAL_FRESH - REAL_FRESH_2, "fresh, first batch"), (REAL_FRESH_2, "fresh, second batch")):
+        summary[name] = summarise([r for r in pairs if r["suspect"] in batch])
     seen = [r for r in pairs if "grid" in r]
     grid = {f"{key}, alpha {a}": confusion([(r["grid"][key] < a, r["derived"]) for r in seen])
             for key in (seen[0]["grid"] if seen else {}) for a in (0.001, 0.01, 0.05)}
@@ -1070,6 +1077,8 @@ def main() -> None:
                     "reading the others from --cache ('cached': none); without it every suspect is built and all pairs are tested")
     ap.add_argument("--suspects", default="", help="real provenance section: only score these suspects' likelihoods of "
                     "every other model's answers (into --cache), so processes can share the scoring; a run without it tests the pairs")
+    ap.add_argument("--fresh-only", action="store_true", help="real provenance section: score (--suspects) and test only "
+                    "what the fresh pairs need (their suspects' rows, every model's scores of their answers)")
     ap.add_argument("--real-seeds", default="", help="real radioactivity section: train these student seeds (e.g. 1,2) "
                     "instead of the setting's 0..seeds-1")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,realradio,prov,real")
@@ -1092,6 +1101,7 @@ def main() -> None:
     cfg["cache"], cfg["arms"] = args.cache, set(filter(None, args.arms.split(",")))
     cfg["models"] = set(filter(None, args.models.split(",")))
     cfg["suspects"] = set(filter(None, args.suspects.split(",")))
+    cfg["fresh_only"] = args.fresh_only
     if (cfg["arms"] or cfg["models"]) and not args.cache:
         ap.error("--arms and --models need --cache (the other arms' or models' results are read from it)")
     for flag in ("models", "suspects"):
@@ -1103,7 +1113,7 @@ def main() -> None:
     if args.doses:
         cfg["doses"] = [float(d) for d in args.doses.split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms", "models", "suspects")},
+    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms", "models", "suspects", "fresh_only")},
                  "times": {}}
     start = time.perf_counter()
 
