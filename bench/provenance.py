@@ -700,6 +700,7 @@ REAL_SUSPECTS = {
 # The first six fresh models came in stop 28, the last seven (REAL_FRESH_2) in stop 29.
 REAL_FRESH_2 = {"s-sft-3", "s-ft-0", "g-ft-0", "s-lora-of-g", "g-lora-of-s", "s-ft-csum", "g-lora-csum"}
 REAL_FRESH = {"g-sft-0", "g-sft-of-s", "s-sft-2", "s-lora-0", "g-ft-gcd", "s-sft-of-s-student"} | REAL_FRESH_2
+REAL_PAIR_SETS = {"fresh": REAL_FRESH, "second": REAL_FRESH_2}  # --pairs: test only the pairs of these suspects
 REAL_PARENTS = {"S": "smollm2", "G": "gemma3"}
 REAL_BUILTINS = {"S": "smollm2-135m-instruct", "G": "gemma3-270m"}  # what models.load reads for each parent
 # (statistic, window in characters, alpha). The first is the headline: of every statistic,
@@ -870,13 +871,13 @@ class RealModels:
 STRENGTH_TEXTS, STRENGTH_CHARS, STRENGTH_PROMPT = 40, 300, "Write a paragraph of technical documentation."
 
 
-def real_pairs(rm: RealModels, settings: dict, fresh_only: bool = False) -> list[dict]:
-    """Every model (every fresh one) against each parent that is not itself, at every setting;
+def real_pairs(rm: RealModels, settings: dict, only: set | None = None) -> list[dict]:
+    """Every model (or those in `only`) against each parent that is not itself, at every setting;
     references for parent P are all the other models without P in their lineage. Seen pairs also
     carry the grid the headline was chosen on (every statistic and window; seen references only)."""
     pairs = []
     for mid in rm.answers:
-        if fresh_only and mid not in REAL_FRESH:
+        if only is not None and mid not in only:
             continue
         for pk, pid in REAL_PARENTS.items():
             if mid == pid or pid not in rm.answers:
@@ -944,20 +945,20 @@ def real_provenance(cfg: dict, out: dict) -> None:
         return
     settings = REAL_PROV_SETTINGS
     windows = sorted({chars for statistic, chars, _ in settings.values() if statistic != "agreement"})
-    fresh_only = cfg.get("fresh_only", False)
+    focus = REAL_PAIR_SETS.get(cfg.get("pairs", "all"))  # None: every pair
     if cfg.get("suspects"):  # score only: these suspects' likelihoods of every other model's answers, and their strength
         for mid in sorted(cfg["suspects"] & set(rm.answers)):
-            # a fresh pair needs its suspect's row and the column of its answers in every other row
-            srcs = None if mid in REAL_FRESH or not fresh_only else [src for src in rm.answers if src in REAL_FRESH]
+            # a pair needs its suspect's row and the column of its answers in every other row
+            srcs = None if focus is None or mid in focus else [src for src in rm.answers if src in focus]
             for chars in windows:
                 rm.logliks(mid, chars, srcs)
-            if mid not in REAL_FRESH and not fresh_only:  # the seen grid's other window, over seen models only
+            if mid not in REAL_FRESH and focus is None:  # the seen grid's other window, over seen models only
                 rm.logliks(mid, 40, [src for src in rm.answers if src != mid and src not in REAL_FRESH])
             rm.strength(mid)
         print(f"  --suspects {','.join(sorted(cfg['suspects']))}: scored; run without --suspects to test every pair", flush=True)
         return
 
-    pairs = real_pairs(rm, settings, fresh_only)
+    pairs = real_pairs(rm, settings, focus)
 
     def summarise(rows):
         return {name: {"pairs": sum(name in r for r in rows),
@@ -1077,8 +1078,9 @@ def main() -> None:
                     "reading the others from --cache ('cached': none); without it every suspect is built and all pairs are tested")
     ap.add_argument("--suspects", default="", help="real provenance section: only score these suspects' likelihoods of "
                     "every other model's answers (into --cache), so processes can share the scoring; a run without it tests the pairs")
-    ap.add_argument("--fresh-only", action="store_true", help="real provenance section: score (--suspects) and test only "
-                    "what the fresh pairs need (their suspects' rows, every model's scores of their answers)")
+    ap.add_argument("--pairs", choices=sorted(REAL_PAIR_SETS) + ["all"], default="all", help="real provenance section: score "
+                    "(--suspects) and test only what these pairs need (their suspects' rows, every model's scores of their "
+                    "answers): the fresh ones, or the second fresh batch's")
     ap.add_argument("--real-seeds", default="", help="real radioactivity section: train these student seeds (e.g. 1,2) "
                     "instead of the setting's 0..seeds-1")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: cost,radio,realradio,prov,real")
@@ -1101,7 +1103,7 @@ def main() -> None:
     cfg["cache"], cfg["arms"] = args.cache, set(filter(None, args.arms.split(",")))
     cfg["models"] = set(filter(None, args.models.split(",")))
     cfg["suspects"] = set(filter(None, args.suspects.split(",")))
-    cfg["fresh_only"] = args.fresh_only
+    cfg["pairs"] = args.pairs
     if (cfg["arms"] or cfg["models"]) and not args.cache:
         ap.error("--arms and --models need --cache (the other arms' or models' results are read from it)")
     for flag in ("models", "suspects"):
@@ -1113,7 +1115,7 @@ def main() -> None:
     if args.doses:
         cfg["doses"] = [float(d) for d in args.doses.split(",")]
     skip = set(filter(None, args.skip.split(",")))
-    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms", "models", "suspects", "fresh_only")},
+    out: dict = {"setting": setting, "config": {k: v for k, v in cfg.items() if k not in ("cache", "arms", "models", "suspects", "pairs")},
                  "times": {}}
     start = time.perf_counter()
 
