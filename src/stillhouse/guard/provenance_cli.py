@@ -61,17 +61,20 @@ def _read_texts(path: Path, fields: tuple[str, ...]) -> list[str]:
     if not path.is_file():
         raise StillhouseError(f"file not found: {path}")
     if path.suffix == ".jsonl":
-        out = []
-        for n, row in _json_rows(path):
-            val = next((row[k] for k in fields if isinstance(row, dict) and k in row), None)
-            if not isinstance(val, str):
-                raise StillhouseError(f"{path}:{n}: no string field {' / '.join(fields)}")
-            out.append(val)
+        out = [_field(path, n, row, fields) for n, row in _json_rows(path)]
     else:
         out = [t.strip() for t in path.read_text().split("\n\n") if t.strip()]
     if not out:
         raise StillhouseError(f"{path} holds no texts")
     return out
+
+
+def _field(path: Path, n: int, row, fields: tuple[str, ...], what: str = "") -> str:
+    """The first of `fields` that row n of a .jsonl file has, which must be a string."""
+    val = next((row[k] for k in fields if isinstance(row, dict) and k in row), None)
+    if not isinstance(val, str):
+        raise StillhouseError(f"{path}:{n}: no string field {' / '.join(fields)}{what}")
+    return val
 
 
 def _json_rows(path: Path):
@@ -178,9 +181,7 @@ def _suspect_answers(path: Path, probes: list[str] | None) -> tuple[list[str], l
         return _match(path, probes, [None] * len(texts), texts)
     prompts, texts = [], []
     for n, row in _json_rows(path):
-        text = next((row[k] for k in ANSWER_FIELDS if isinstance(row, dict) and k in row), None)
-        if not isinstance(text, str):
-            raise StillhouseError(f"{path}:{n}: no string field {' / '.join(ANSWER_FIELDS)} (the suspect's answer)")
+        text = _field(path, n, row, ANSWER_FIELDS, " (the suspect's answer)")
         prompt = row.get("prompt")  # row is a dict: its answer field was found
         if prompt is not None and not isinstance(prompt, str):
             raise StillhouseError(f"{path}:{n}: prompt is not a string")
