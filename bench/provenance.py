@@ -1071,9 +1071,10 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="the setting that runs in minutes on a shared 2-core machine")
     ap.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--setting", choices=sorted(SETTINGS), help="small, medium (a larger real-model radioactivity section) or full")
-    ap.add_argument("--cache", type=Path, help="real-model section: keep teacher answers and each student's results here (resume; --arms)")
-    ap.add_argument("--arms", default="", help="real-model section: run only these arm ids (wm100,para,plain,wm50,wm25,base,teacher,"
-                    "other; 'cached': none), reading the others from --cache; without it every arm runs and all are summarised")
+    ap.add_argument("--cache", type=Path, help="real-model sections: keep teacher answers, models and scores here (resume; --arms, --models, --suspects); "
+                    "put it outside the checkout, which a fresh clone does not carry")
+    ap.add_argument("--arms", default="", help="real-model section: run only these arm ids (wm100, para, plain, wmNN for each "
+                    "other dose NN%%, base, teacher, other; 'cached': none), reading the others from --cache; without it every arm runs and all are summarised")
     ap.add_argument("--models", default="", help="real provenance section: build only these suspects (REAL_SUSPECTS ids), "
                     "reading the others from --cache ('cached': none); without it every suspect is built and all pairs are tested")
     ap.add_argument("--suspects", default="", help="real provenance section: only score these suspects' likelihoods of "
