@@ -1012,7 +1012,9 @@ def print_real(r: dict) -> None:
 
 
 def _arm_panel(ax, rows: list[dict], modes: list[tuple[str, str]], title: str) -> None:
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    order = list(dict.fromkeys(r["arm"] for r in rows))
+    dose = {r["arm"]: r["dose"] for r in rows if r.get("dose") and r["arm"].startswith("watermarked")}
+    arms = sorted(order, key=lambda a: (0, -dose[a]) if a in dose else (1, order.index(a)))  # watermarked by dose, then the rest
     width = 0.6 / max(1, len(modes))
     for j, (key, label) in enumerate(modes):
         for i, arm in enumerate(arms):
@@ -1091,12 +1093,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "provenance-results.json")
     ap.add_argument("--picture", type=Path, default=ROOT / "docs" / "provenance.png")
     ap.add_argument("--picture-from", nargs="+", type=Path, metavar="JSON",
-                    help="run nothing: draw the picture from saved results (later files override earlier ones)")
+                    help="run nothing: draw the picture from saved results (later files override earlier ones, except "
+                    "the real radioactivity students, which add up: pass each medium run that trained its own)")
     args = ap.parse_args()
     if args.picture_from:
         merged: dict = {}
         for f in args.picture_from:
-            merged.update(json.loads(f.read_text()))
+            res = json.loads(f.read_text())
+            res["real_radioactivity"] = merged.get("real_radioactivity", []) + res.get("real_radioactivity", [])
+            merged.update(res)
         picture(merged, args.picture)
         return
     setting = args.setting or ("smoke" if args.smoke else "small" if args.small else "full")
