@@ -901,8 +901,9 @@ def real_pairs(rm: RealModels, settings: dict, only: set | None = None) -> list[
 
 
 # The reverse direction assumes the parent is not much stronger than the references (a stronger
-# model finds any fluent text likelier). Each pair again, with only some of its references, by
-# strength: those weaker than the parent, the weakest one, the strongest one.
+# model finds any fluent text likelier); the forward one, that the references answer about as
+# fluently as the parent. Each pair again, with only some of its references, by strength: those
+# weaker than the parent, the weakest one, the strongest one.
 REFERENCE_SUBSETS = {
     "weaker than the parent": lambda refs, parent, s: [r for r in refs if s[r] < s[parent]],
     "the weakest": lambda refs, parent, s: sorted(refs, key=s.get)[:1],
@@ -911,7 +912,7 @@ REFERENCE_SUBSETS = {
 
 
 def strength_check(rm: RealModels, pairs: list[dict], chars: int = 80, alpha: float = 0.01) -> dict:
-    """Per statistic (reverse, both) and reference subset: the verdicts on every pair whose
+    """Per statistic (forward, reverse, both) and reference subset: the verdicts on every pair whose
     subset is not empty, and the models' strengths."""
     s = {mid: rm.strength(mid) for mid in rm.answers}
     s = {mid: v for mid, v in s.items() if v is not None}
@@ -923,7 +924,7 @@ def strength_check(rm: RealModels, pairs: list[dict], chars: int = 80, alpha: fl
         row = {"suspect": p["suspect"], "parent": p["parent"], "derived": p["derived"], "split": p["split"]}
         for subset, pick in REFERENCE_SUBSETS.items():
             chosen = pick(refs, p["parent"], s)
-            for statistic in ("likelihood-reverse", "likelihood-both"):
+            for statistic in ("likelihood", "likelihood-reverse", "likelihood-both"):
                 v = rm.decide(p["suspect"], p["parent"], chosen, statistic, chars, alpha) if chosen else None
                 if v is not None:
                     row[f"{statistic}, {subset}"] = {"references": chosen, "p_value": v.p_value, "derived": v.derived}

@@ -276,6 +276,17 @@ def test_cli_provenance(family, cli):
         assert json.loads(r.stdout)["derived"] is False
 
 
+def test_cli_provenance_warns_about_a_single_reference(family, cli):
+    d = _with_unrelated(family)
+    args = ["provenance", str(d["r7"]), "--parent", str(d["teacher"]), "-r", str(d["r5"])]
+    r = cli([*args, "--json"])
+    assert r.returncode == 0, r.stderr
+    json.loads(r.stdout)  # the warning stays off stdout
+    assert "warning: one --reference" in r.stderr
+    r = cli([*args, "-r", str(d["r6"])])
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
 def test_cli_provenance_from_answers_collected_from_an_api(family, cli):
     """A suspect known only by its answers (a .jsonl from its API): the reverse test needs no
     weights, and gives the same p-value as on the model itself."""
