@@ -255,7 +255,7 @@ def _with_unrelated(family) -> dict:
     from stillhouse import models
 
     d = dict(family["dirs"])
-    for s in (5, 6, 7):
+    for s in (5, 6, 7, 8, 9, 10):
         d[f"r{s}"] = family["root"] / f"r{s}"
         if not d[f"r{s}"].exists():
             models.save(build_tiny_model(family["tok"], seed=s), family["tok"], d[f"r{s}"])
@@ -276,14 +276,17 @@ def test_cli_provenance(family, cli):
         assert json.loads(r.stdout)["derived"] is False
 
 
-def test_cli_provenance_warns_about_a_single_reference(family, cli):
+def test_cli_provenance_warns_about_few_references(family, cli):
+    from stillhouse.guard.provenance_cli import FEW_REFERENCES
+
     d = _with_unrelated(family)
-    args = ["provenance", str(d["r7"]), "--parent", str(d["teacher"]), "-r", str(d["r5"])]
-    r = cli([*args, "--json"])
+    refs = [str(d[f"r{s}"]) for s in (5, 6, 8, 9, 10)][:FEW_REFERENCES]
+    args = ["provenance", str(d["r7"]), "--parent", str(d["teacher"])]
+    r = cli([*args, *(x for ref in refs[:-1] for x in ("-r", ref)), "-r", refs[0], "--json"])  # a repeat does not count
     assert r.returncode == 0, r.stderr
     json.loads(r.stdout)  # the warning stays off stdout
-    assert "warning: one --reference" in r.stderr
-    r = cli([*args, "-r", str(d["r6"])])
+    assert f"warning: {FEW_REFERENCES - 1} --reference" in r.stderr
+    r = cli([*args, *(x for ref in refs for x in ("-r", ref))])
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
 
 

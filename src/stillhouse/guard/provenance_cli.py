@@ -222,13 +222,18 @@ def probes(n: int = typer.Option(60, "-n", help="How many of the built-in probes
         typer.echo(json.dumps({"prompt": p}))
 
 
+# Fewer references than this: warn. On the real pairs, random reference sets of 1, 2 and 3 called
+# 56%, 29% and 11% of unrelated tests derived, sets of 5 about 1% (docs/provenance.md).
+FEW_REFERENCES = 5
+
+
 def provenance(
     suspect: str = typer.Argument(..., help="Suspect model spec, or a .jsonl/.txt of its answers to the probes collected "
                                   "from its API (`stillhouse guard probes`); then the default statistic is likelihood-reverse."),
     parent: str = typer.Option(..., "--parent", help="The model it may derive from."),
-    reference: list[str] = typer.Option(..., "--reference", "-r", help="A model unrelated to the parent; repeatable. Give several, of "
-                                       "several families and as strong as the parent: one reference can make an "
-                                       "unrelated suspect look derived (docs/provenance.md); more is stricter."),
+    reference: list[str] = typer.Option(..., "--reference", "-r", help="A model unrelated to the parent; repeatable. Give 5 or more, of "
+                                       "several families and as strong as the parent: with fewer, unrelated suspects "
+                                       "were often called derived (docs/provenance.md); more is stricter."),
     probes: Optional[Path] = typer.Option(None, "--probes", help="Probe prompts (.txt or .jsonl); default: 60 built-in ones."),
     statistic: Optional[str] = typer.Option(None, help="likelihood-both (both directions below; the default for a "
                                             "model), likelihood or likelihood-zlib (the suspect's weights score the parent's "
@@ -270,7 +275,8 @@ def provenance(
         line += "; " + ", ".join(f"{k} p = {q:.3g}" for k, q in v.parts.items())
     if lineage is not None:
         line += f"; lineage graph: {'derived' if lineage else 'not derived'} ({'agrees' if lineage == v.derived else 'DISAGREES'})"
-    if len(reference) == 1:  # on real models one reference made unrelated suspects look derived (docs/provenance.md)
-        typer.echo("stillhouse: warning: one --reference: a single reference of another family (or a weak one) can make an "
-                   "unrelated suspect look derived; give several, as strong as the parent (docs/provenance.md)", err=True)
+    if len(set(reference)) < FEW_REFERENCES:
+        typer.echo(f"stillhouse: warning: {len(set(reference))} --reference: with fewer than {FEW_REFERENCES}, unrelated real "
+                   "suspects were often called derived; give more, of several families and as strong as the parent "
+                   "(docs/provenance.md, 'How many references')", err=True)
     _print(result, as_json, line)
