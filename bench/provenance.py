@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import itertools
+import json
 import math
 import os
 import random
