@@ -937,7 +937,7 @@ def strength_check(rm: RealModels, pairs: list[dict], chars: int = 80, alpha: fl
 
 # How many references does a verdict need? Each pair again with random subsets of k of its
 # references (up to REFERENCE_DRAWS per pair and k, seeded): the share of unrelated pairs called
-# derived and of derived pairs found, per statistic. The headline uses all (7 to 13 here).
+# derived and of derived pairs found, per statistic. The headline uses all (6 to 11 here).
 REFERENCE_COUNTS, REFERENCE_DRAWS = (1, 2, 3, 5), 15
 
 
