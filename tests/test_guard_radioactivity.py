@@ -284,10 +284,10 @@ def test_cli_provenance_warns_about_few_references(family, cli):
     args = ["provenance", str(d["r7"]), "--parent", str(d["teacher"])]
     r = cli([*args, *(x for ref in refs[:-1] for x in ("-r", ref)), "-r", refs[0], "--json"])  # a repeat does not count
     assert r.returncode == 0, r.stderr
-    json.loads(r.stdout)  # the warning stays off stdout
     assert f"warning: {FEW_REFERENCES - 1} --reference" in r.stderr
-    r = cli([*args, *(x for ref in refs for x in ("-r", ref))])
-    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    assert [w.startswith(f"{FEW_REFERENCES - 1} --reference") for w in json.loads(r.stdout)["warnings"]] == [True]
+    r = cli([*args, *(x for ref in refs for x in ("-r", ref)), "--json"])
+    assert r.returncode == 0 and "warning" not in r.stderr and json.loads(r.stdout)["warnings"] == [], r.stderr
 
 
 def test_cli_provenance_from_answers_collected_from_an_api(family, cli):

@@ -275,8 +275,11 @@ def provenance(
         line += "; " + ", ".join(f"{k} p = {q:.3g}" for k, q in v.parts.items())
     if lineage is not None:
         line += f"; lineage graph: {'derived' if lineage else 'not derived'} ({'agrees' if lineage == v.derived else 'DISAGREES'})"
+    result["warnings"] = []
     if len(set(reference)) < FEW_REFERENCES:
-        typer.echo(f"stillhouse: warning: {len(set(reference))} --reference: with fewer than {FEW_REFERENCES}, unrelated real "
-                   "suspects were often called derived; give more, of several families and as strong as the parent "
-                   "(docs/provenance.md, 'How many references')", err=True)
+        result["warnings"].append(f"{len(set(reference))} --reference: with fewer than {FEW_REFERENCES}, unrelated real suspects "
+                                  "were often called derived; give more, of several families and as strong as the parent "
+                                  "(docs/provenance.md, 'How many references')")
+    for w in result["warnings"]:  # on stderr too, so --json consumers and readers both see it
+        typer.echo(f"stillhouse: warning: {w}", err=True)
     _print(result, as_json, line)
