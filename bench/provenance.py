@@ -905,6 +905,7 @@ def real_pairs(rm: RealModels, settings: dict, only: set | None = None) -> list[
 # model finds any fluent text likelier); the forward one, that the references answer about as
 # fluently as the parent. Each pair again, with only some of its references, by strength: those
 # weaker than the parent, the weakest one, the strongest one.
+CHECKED_STATISTICS = ("likelihood", "likelihood-reverse", "likelihood-both")  # the directions the checks below compare
 REFERENCE_SUBSETS = {
     "weaker than the parent": lambda refs, parent, s: [r for r in refs if s[r] < s[parent]],
     "the weakest": lambda refs, parent, s: sorted(refs, key=s.get)[:1],
@@ -925,7 +926,7 @@ def strength_check(rm: RealModels, pairs: list[dict], chars: int = 80, alpha: fl
         row = {"suspect": p["suspect"], "parent": p["parent"], "derived": p["derived"], "split": p["split"]}
         for subset, pick in REFERENCE_SUBSETS.items():
             chosen = pick(refs, p["parent"], s)
-            for statistic in ("likelihood", "likelihood-reverse", "likelihood-both"):
+            for statistic in CHECKED_STATISTICS:
                 v = rm.decide(p["suspect"], p["parent"], chosen, statistic, chars, alpha) if chosen else None
                 if v is not None:
                     row[f"{statistic}, {subset}"] = {"references": chosen, "p_value": v.p_value, "derived": v.derived}
@@ -945,14 +946,14 @@ def reference_count_check(rm: RealModels, pairs: list[dict], chars: int = 80, al
     rng = random.Random(seed)
     rows = {}
     for k in REFERENCE_COUNTS:
-        draws = []  # (pair index, references)
-        for i, p in enumerate(pairs):
+        draws = []  # (pair, references)
+        for p in pairs:
             subsets = [list(c) for c in itertools.combinations(p["references"], k)]
             rng.shuffle(subsets)
-            draws += [(i, sub) for sub in subsets[:REFERENCE_DRAWS]]
-        for statistic in ("likelihood", "likelihood-reverse", "likelihood-both"):
-            verdicts = [(v.derived, pairs[i]["derived"]) for i, sub in draws
-                        if (v := rm.decide(pairs[i]["suspect"], pairs[i]["parent"], sub, statistic, chars, alpha)) is not None]
+            draws += [(p, sub) for sub in subsets[:REFERENCE_DRAWS]]
+        for statistic in CHECKED_STATISTICS:
+            verdicts = [(v.derived, p["derived"]) for p, sub in draws
+                        if (v := rm.decide(p["suspect"], p["parent"], sub, statistic, chars, alpha)) is not None]
             rows[f"{statistic}, {k} random"] = confusion(verdicts)
     return rows
 

@@ -247,6 +247,7 @@ def run(load, suspect: str | None, parent: str, references: list[str], probes: l
     None; only the statistics that need no suspect weights apply to it."""
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    references = list(dict.fromkeys(references))  # a repeated reference would be loaded and scored again for nothing
     if suspect_answers is not None:
         if statistic in SCORED_BY_SUSPECT:
             raise ValueError(f"statistic {statistic} needs the suspect's weights; with its answers only use "

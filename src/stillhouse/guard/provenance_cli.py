@@ -276,8 +276,8 @@ def provenance(
     if lineage is not None:
         line += f"; lineage graph: {'derived' if lineage else 'not derived'} ({'agrees' if lineage == v.derived else 'DISAGREES'})"
     result["warnings"] = []
-    if len(set(reference)) < FEW_REFERENCES:
-        result["warnings"].append(f"{len(set(reference))} --reference: with fewer than {FEW_REFERENCES}, unrelated real suspects "
+    if (n_refs := len(set(reference))) < FEW_REFERENCES:
+        result["warnings"].append(f"{n_refs} --reference: with fewer than {FEW_REFERENCES}, unrelated real suspects "
                                   "were often called derived; give more, of several families and as strong as the parent "
                                   "(docs/provenance.md, 'How many references')")
     for w in result["warnings"]:  # on stderr too, so --json consumers and readers both see it
